@@ -1,0 +1,100 @@
+"""nbkit's own event loop, on one daemon thread, shared by all of nbkit's I/O.
+
+Why: ipykernel 7 stalls asyncio tasks left on the kernel's loop once a cell finishes, and an
+``httpx.AsyncClient`` must stay on the loop that made it. So every coroutine of nbkit runs on
+this loop, and callers bridge to it::
+
+    from nbkit.loop import run, wrap
+    run(coro)            # blocking: scripts, notebook cells, nbmake, other threads
+    await wrap(coro)     # awaitable: from any other running loop (a notebook cell, asyncio.run)
+
+The thread also spawns nbkit's child processes, so a parent-death signal tied to the spawning
+thread (PR_SET_PDEATHSIG) only fires when the whole process dies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Any, Callable, Coroutine, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The background loop, started on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _loop.is_closed() or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def _run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            _thread = threading.Thread(target=_run, name="nbkit-loop", daemon=True)
+            _thread.start()
+            ready.wait()
+            _loop = loop
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Schedule ``coro`` on the background loop; returns a concurrent future."""
+    return asyncio.run_coroutine_threadsafe(coro, get_loop())
+
+
+def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run ``coro`` on the background loop and block until it is done.
+
+    Cancels the coroutine if the caller is interrupted (KeyboardInterrupt in a notebook).
+    """
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("nbkit: a blocking call was made from nbkit's own loop; use the async form")
+    fut = submit(coro)
+    try:
+        return fut.result(timeout)
+    except BaseException:
+        fut.cancel()
+        raise
+
+
+async def wrap(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` (which runs on the background loop) from whatever loop the caller is on."""
+    if in_loop_thread():
+        return await coro
+    fut = submit(coro)
+    try:
+        return await asyncio.wrap_future(fut)
+    except asyncio.CancelledError:
+        fut.cancel()
+        raise
+
+
+def call_soon(fn: Callable[..., Any], *args: Any) -> None:
+    """Call ``fn(*args)`` on the background loop's thread."""
+    get_loop().call_soon_threadsafe(fn, *args)
+
+
+def run_in_loop_thread(fn: Callable[[], T]) -> T:
+    """Call a plain function on the loop's thread and return its result (blocking)."""
+    if in_loop_thread():
+        return fn()
+
+    async def _call() -> T:
+        return fn()
+
+    return run(_call())
+
