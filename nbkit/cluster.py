@@ -1,0 +1,414 @@
+"""The Cluster: start, watch, restart, scale and stop pinned vLLM replicas from a kernel or script.
+
+Blocking and awaitable forms of every action; both work in a Jupyter kernel (ipykernel 7),
+under nbmake and in plain scripts, because the work runs on nbkit's own loop thread::
+
+    from nbkit import Cluster
+    with Cluster.replicas(n=2) as cluster:          # the tiny model on 2 cores when no GPU
+        cluster.status()                            # one row per replica
+        url = cluster.ranks[0].url                  # http://127.0.0.1:8100
+        print(cluster.logs(1))                      # tail of replica 1's log
+
+    cluster = Cluster.replicas("meta-llama/Llama-3.1-8B", n=4, tp=2)   # 8 GPUs: 4 x TP2
+    await cluster.astart(); await cluster.arestart(0); await cluster.astop()
+
+Validation happens when the Cluster is built and again when it starts: nothing is launched for
+a spec that cannot run. A replica that fails to start stops the whole start and raises
+:class:`~nbkit.launch.ReplicaStartError` quoting its log; nothing is left running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import httpx
+
+from . import loop
+from .launch import ReplicaProcess, ReplicaStartError
+from .metrics import EngineMetrics, scrape
+from .plan import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover,
+                   plan_replicas, port_is_free, resolve_device)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """One routable engine: a replica, or one DP rank of a data-parallel group."""
+
+    replica: int
+    dp_rank: int
+    url: str
+    name: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass
+class ReplicaStatus:
+    index: int
+    name: str
+    state: str  # starting | healthy | unhealthy | failed | stopped
+    url: str
+    pinning: str
+    tp_size: int
+    dp_ranks: tuple[int, ...]
+    pid: int | None
+    uptime_s: float | None
+    returncode: int | None
+    rss_gib: float
+    log: str
+
+
+class Cluster:
+    """A set of vLLM replicas described by :class:`~nbkit.plan.ReplicaSpec` s."""
+
+    def __init__(self, specs: Sequence[ReplicaSpec] | ReplicaSpec, *, run_dir: str | os.PathLike | None = None,
+                 port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
+                 stop_grace: float = 15.0, inventory: Inventory | None = None):
+        if isinstance(specs, ReplicaSpec):
+            specs = [specs]
+        self._specs: list[ReplicaSpec] = list(specs)
+        self._inventory = inventory or discover()
+        self.port_start = port_start
+        self.startup_timeout = startup_timeout
+        self.stop_grace = stop_grace
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.gettempdir()) / "nbkit" / (
+            time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{id(self) % 10000:04d}")
+        self.plans: list[LaunchPlan] = self._plan(self._specs)  # validates before anything starts
+        self._procs: list[ReplicaProcess | None] = [None] * len(self.plans)
+        self._health: dict[int, bool] = {}
+        self._lock: asyncio.Lock | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @classmethod
+    def replicas(cls, model: str | None = None, n: int = 2, tp: int = 1, *, device: str = "auto",
+                 cluster_kwargs: dict | None = None, **spec_kwargs) -> "Cluster":
+        """``n`` identical replicas of ``model`` with tensor-parallel size ``tp``, placed automatically.
+
+        ``model`` defaults to ``$NBKIT_MODEL``, else the generated tiny model on CPU. Other keyword
+        arguments are :class:`ReplicaSpec` fields (``extra_args``, ``kv_cache_gib``, ...);
+        Cluster options go in ``cluster_kwargs`` (or use ``run_dir``/``port_start``/... directly).
+        """
+        if not isinstance(n, int) or n < 1:
+            raise SpecError("n", n, "the number of replicas must be a positive integer")
+        ckw = dict(cluster_kwargs or {})
+        for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory"):
+            if k in spec_kwargs:
+                ckw[k] = spec_kwargs.pop(k)
+        inventory = ckw.get("inventory") or discover()
+        ckw["inventory"] = inventory
+        model = model or os.environ.get("NBKIT_MODEL") or None
+        if model is None:
+            if resolve_device(device, inventory) == "gpu":
+                raise SpecError("model", None, "give a model (or set NBKIT_MODEL) when running on GPUs")
+            from .tiny import tiny_model
+            model = str(tiny_model())
+        spec = ReplicaSpec(model=model, tp_size=tp, device=device, **spec_kwargs)
+        return cls([spec] * n, **ckw)
+
+    def _plan(self, specs: Sequence[ReplicaSpec], own_ports: set[int] = frozenset()) -> list[LaunchPlan]:
+        def free(host: str, port: int) -> bool:
+            return port in own_ports or port_is_free(host, port)
+
+        return plan_replicas(specs, self._inventory, port_start=self.port_start, port_free=free)
+
+    # -- views -------------------------------------------------------------------------------
+    @property
+    def specs(self) -> list[ReplicaSpec]:
+        return list(self._specs)
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    @property
+    def running(self) -> bool:
+        return any(p is not None and p.alive for p in self._procs)
+
+    @property
+    def urls(self) -> list[str]:
+        """Base URL of each replica that serves HTTP."""
+        return [p.url for p in self.plans if not p.headless]
+
+    @property
+    def ranks(self) -> list[Rank]:
+        """Every routable engine; a DP group contributes one Rank per DP rank (pinned by header)."""
+        out = []
+        for p in self.plans:
+            for r in p.http_ranks:
+                if p.dp_size > 1:
+                    out.append(Rank(p.index, r, p.url, f"{p.name}/dp{r}", (("X-data-parallel-rank", str(r)),)))
+                else:
+                    out.append(Rank(p.index, r, p.url, p.name))
+        return out
+
+    @property
+    def model(self) -> str:
+        """The served model name (the ``model`` field of requests)."""
+        return self.plans[0].model
+
+    def log_path(self, i: int) -> Path:
+        return self.run_dir / f"{self.plans[i].name}.log"
+
+    def logs(self, i: int, n: int = 30) -> str:
+        """The last ``n`` lines of replica ``i``'s log."""
+        self._check_index(i)
+        from .launch import tail
+        return tail(self.log_path(i), n)
+
+    def process(self, i: int) -> ReplicaProcess | None:
+        self._check_index(i)
+        return self._procs[i]
+
+    def _check_index(self, i: int) -> None:
+        if not isinstance(i, int) or not 0 <= i < len(self.plans):
+            raise IndexError(f"replica index {i!r} out of range 0..{len(self.plans) - 1}")
+
+    def _state(self, i: int) -> str:
+        proc = self._procs[i]
+        if proc is None or proc.stopped:
+            return "stopped"
+        if not proc.alive:
+            return "failed"
+        h = self._health.get(i)
+        return "starting" if h is None else ("healthy" if h else "unhealthy")
+
+    # -- async API -----------------------------------------------------------------------------
+    def _alock(self) -> asyncio.Lock:
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        return self._lock
+
+    async def _start_some(self, idx: Sequence[int], timeout: float) -> None:
+        for i in idx:
+            proc = ReplicaProcess(self.plans[i], self.log_path(i))
+            self._procs[i] = proc
+            self._health.pop(i, None)
+            proc.spawn()
+        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
+            results = await asyncio.gather(
+                *(self._procs[i].wait_healthy(timeout, client) for i in idx), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            await asyncio.gather(*(self._procs[i].stop(self.stop_grace) for i in idx))
+            for i in idx:
+                self._health.pop(i, None)
+            first = errors[0]
+            if len(errors) > 1 and isinstance(first, ReplicaStartError):
+                others = ", ".join(e.name for e in errors[1:] if isinstance(e, ReplicaStartError))
+                first.args = (first.args[0] + f"\n(also failed: {others})",)
+            raise first
+        for i, took in zip(idx, results):
+            self._health[i] = True
+
+    async def _astart(self, timeout: float | None = None) -> "Cluster":
+        """Start every replica in parallel and wait until all are healthy."""
+        async with self._alock():
+            if self.running:
+                raise RuntimeError("cluster is already running; stop() it first or use restart()/scale()")
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.plans = self._plan(self._specs)  # re-check ports etc. right before launching
+            self._procs = [None] * len(self.plans)
+            try:
+                await self._start_some(range(len(self.plans)), timeout or self.startup_timeout)
+            except BaseException:
+                await self._stop_some(range(len(self.plans)))
+                raise
+        return self
+
+    async def _stop_some(self, idx: Sequence[int]) -> None:
+        procs = [(i, self._procs[i]) for i in idx if self._procs[i] is not None]
+        await asyncio.gather(*(p.stop(self.stop_grace) for _, p in procs))
+        for i, _ in procs:
+            self._health.pop(i, None)
+
+    async def _astop(self) -> None:
+        """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
+        async with self._alock():
+            await self._stop_some(range(len(self._procs)))
+
+    async def _arestart(self, i: int, timeout: float | None = None) -> None:
+        """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
+        self._check_index(i)
+        async with self._alock():
+            await self._stop_some([i])
+            await self._start_some([i], timeout or self.startup_timeout)
+
+    def scale_plan(self, n: int) -> list[tuple[str, int, str]]:
+        """What :meth:`scale` would do: ``[(action, index, detail)]``, action in keep/restart/start/stop."""
+        _, plans, actions = self._scale_target(n)
+        return actions
+
+    def _scale_target(self, n: int):
+        if not isinstance(n, int) or n < 1:
+            raise SpecError("n", n, "the number of replicas must be a positive integer")
+        old = self.plans
+        if n <= len(self._specs):
+            specs = self._specs[:n]
+        else:
+            t = self._specs[-1]
+            template = t.model_copy(update={"cores": None, "devices": None, "port": None, "name": None})
+            specs = self._specs + [template] * (n - len(self._specs))
+        own = {p.port for i, p in enumerate(old) if self._procs[i] is not None and self._procs[i].alive}
+        # keep running replicas on their ports
+        specs = [s.model_copy(update={"port": old[i].port}) if i < len(old) and s.port is None
+                 and self._procs[i] is not None and self._procs[i].alive else s for i, s in enumerate(specs)]
+        plans = self._plan(specs, own_ports=own)
+        actions = []
+        for i in range(max(n, len(old))):
+            if i >= n:
+                actions.append(("stop", i, f"{old[i].name} ({old[i].pinning})"))
+            elif i >= len(old) or self._procs[i] is None or not self._procs[i].alive:
+                actions.append(("start", i, f"{plans[i].name} on {plans[i].pinning}, port {plans[i].port}"))
+            elif old[i].same_process(plans[i]):
+                actions.append(("keep", i, f"{old[i].name} ({old[i].pinning})"))
+            else:
+                actions.append(("restart", i, f"{old[i].name}: {old[i].pinning} -> {plans[i].pinning}"))
+        return specs, plans, actions
+
+    async def _ascale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
+        """Grow or shrink to ``n`` replicas (copies of the last spec, placed automatically).
+
+        Replicas whose pinning must change to make room (e.g. 1 replica on 2 cores -> 2 replicas
+        on 1 core each) are restarted; the others keep serving. Returns the actions taken.
+        """
+        async with self._alock():
+            specs, plans, actions = self._scale_target(n)
+            to_stop = [i for a, i, _ in actions if a in ("stop", "restart")]
+            await self._stop_some(to_stop)
+            self._specs, self.plans = specs, plans
+            self._procs = (self._procs + [None] * n)[:n]
+            to_start = [i for a, i, _ in actions if a in ("start", "restart")]
+            if to_start:
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+                await self._start_some(to_start, timeout or self.startup_timeout)
+            return actions
+
+    async def _acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
+        """Probe ``/health`` of every live replica now; updates :meth:`status`."""
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            async def probe(i: int) -> tuple[int, bool | None]:
+                proc = self._procs[i]
+                if proc is None or not proc.alive:
+                    return i, None
+                if self.plans[i].headless:
+                    return i, True
+                try:
+                    return i, (await client.get(f"{self.plans[i].url}/health")).status_code == 200
+                except httpx.HTTPError:
+                    return i, False
+            for i, ok in await asyncio.gather(*(probe(i) for i in range(len(self.plans)))):
+                if ok is None:
+                    self._health.pop(i, None)
+                else:
+                    self._health[i] = ok
+        return dict(self._health)
+
+    async def _ametrics(self) -> dict[str, EngineMetrics]:
+        """Scrape every replica's ``/metrics`` now: ``{rank name: EngineMetrics}``."""
+        out: dict[str, EngineMetrics] = {}
+        async with httpx.AsyncClient(timeout=5.0) as client:
+            plans = [p for p in self.plans if not p.headless and self._procs[p.index] is not None
+                     and self._procs[p.index].alive]
+            results = await asyncio.gather(*(scrape(client, p.url) for p in plans), return_exceptions=True)
+        for p, res in zip(plans, results):
+            if isinstance(res, BaseException):
+                continue
+            for engine, m in res.items():
+                name = f"{p.name}/dp{engine}" if p.dp_size > 1 else p.name
+                out[name] = m
+        return out
+
+    # -- awaitable API (runs on nbkit's loop, awaitable from any loop) -------------------------
+    async def astart(self, timeout: float | None = None) -> "Cluster":
+        """Start every replica in parallel and wait until all are healthy."""
+        return await loop.wrap(self._astart(timeout))
+
+    async def astop(self) -> None:
+        """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
+        await loop.wrap(self._astop())
+
+    async def arestart(self, i: int, timeout: float | None = None) -> None:
+        """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
+        await loop.wrap(self._arestart(i, timeout))
+
+    async def ascale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
+        """Grow or shrink to ``n`` replicas; see :meth:`scale`."""
+        return await loop.wrap(self._ascale(n, timeout))
+
+    async def acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
+        """Probe ``/health`` of every live replica now."""
+        return await loop.wrap(self._acheck_health(timeout))
+
+    async def ametrics(self) -> dict[str, EngineMetrics]:
+        """Scrape every replica's ``/metrics`` now: ``{rank name: EngineMetrics}``."""
+        return await loop.wrap(self._ametrics())
+
+    # -- blocking API --------------------------------------------------------------------------
+    def start(self, timeout: float | None = None) -> "Cluster":
+        """Blocking :meth:`astart`."""
+        return loop.run(self._astart(timeout))
+
+    def stop(self) -> None:
+        """Blocking :meth:`astop`."""
+        loop.run(self._astop())
+
+    def restart(self, i: int, timeout: float | None = None) -> None:
+        """Blocking :meth:`arestart`."""
+        loop.run(self._arestart(i, timeout))
+
+    def scale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
+        """Blocking :meth:`ascale`."""
+        return loop.run(self._ascale(n, timeout))
+
+    def metrics(self) -> dict[str, EngineMetrics]:
+        """Blocking :meth:`ametrics`."""
+        return loop.run(self._ametrics())
+
+    def status(self, probe: bool = True) -> list[ReplicaStatus]:
+        """One :class:`ReplicaStatus` per replica (probes ``/health`` first unless ``probe=False``)."""
+        if probe and self.running:
+            loop.run(self._acheck_health())
+        out = []
+        for i, p in enumerate(self.plans):
+            proc = self._procs[i]
+            alive = proc is not None and proc.alive
+            out.append(ReplicaStatus(
+                index=i, name=p.name, state=self._state(i), url=p.url if not p.headless else "(headless)",
+                pinning=p.pinning, tp_size=p.tp_size, dp_ranks=p.dp_ranks,
+                pid=proc.pid if proc else None,
+                uptime_s=round(time.time() - proc.started_at, 1) if alive and proc.started_at else None,
+                returncode=proc.returncode if proc else None,
+                rss_gib=round(proc.rss_bytes() / 2**30, 2) if alive else 0.0,
+                log=str(self.log_path(i)),
+            ))
+        return out
+
+    def status_frame(self, probe: bool = True):
+        """:meth:`status` as a pandas DataFrame."""
+        import pandas as pd
+        from dataclasses import asdict
+        return pd.DataFrame([asdict(s) for s in self.status(probe)]).set_index("index")
+
+    # -- context managers ----------------------------------------------------------------------
+    def __enter__(self) -> "Cluster":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> "Cluster":
+        return await self.astart()
+
+    async def __aexit__(self, *exc) -> None:
+        await self.astop()
+
+    def __repr__(self) -> str:
+        states = ", ".join(f"{p.name}:{self._state(i)}" for i, p in enumerate(self.plans))
+        return f"Cluster({len(self.plans)} replicas: {states})"
+
+    def _repr_html_(self) -> str:
+        return self.status_frame(probe=False).to_html()

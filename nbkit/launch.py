@@ -1,0 +1,237 @@
+"""Processes: start one vLLM server from a :class:`~nbkit.plan.LaunchPlan`, wait for it, stop it.
+
+Each replica runs in a new session (its own process group), writes one log file, and is
+registered with the parent-death watchdog (:mod:`nbkit.watchdog`). Stopping sends SIGTERM to
+the group, then SIGKILL after a grace period, and only ever touches that group and the
+replica's own descendants.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import os
+import signal
+import subprocess
+import threading
+import time
+import weakref
+from collections import deque
+from pathlib import Path
+
+import httpx
+import psutil
+
+from .plan import LaunchPlan
+from .watchdog import _group_alive, guard
+
+LOG_TAIL_LINES = 30
+
+
+class ReplicaStartError(RuntimeError):
+    """A replica exited or did not become healthy in time. The message quotes its log tail."""
+
+    def __init__(self, name: str, reason: str, log_tail: str, log_path: Path | None = None):
+        self.name, self.reason, self.log_tail, self.log_path = name, reason, log_tail, log_path
+        where = f" (log: {log_path})" if log_path else ""
+        super().__init__(f"{name} {reason}{where}. Last {LOG_TAIL_LINES} lines of its log:\n{log_tail}")
+
+
+def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
+    """The last ``n`` lines of a text file ('' if it does not exist)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - 256 * 1024))
+            lines = deque(f.read().decode(errors="replace").splitlines(), maxlen=n)
+    except FileNotFoundError:
+        return ""
+    return "\n".join(lines)
+
+
+_live: "weakref.WeakSet[ReplicaProcess]" = weakref.WeakSet()
+
+
+class ReplicaProcess:
+    """One vLLM process of a plan. Not restartable: make a new one to restart."""
+
+    def __init__(self, plan: LaunchPlan, log_path: Path):
+        self.plan = plan
+        self.log_path = Path(log_path)
+        self.proc: subprocess.Popen | None = None
+        self.started_at: float | None = None
+        self.stopped = False
+        self._tree: set[int] = set()
+
+    # -- start -----------------------------------------------------------------------------
+    def spawn(self) -> None:
+        """Start the process (new session, stdout+stderr to the log). Returns at once."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ)
+        env.update(self.plan.env)
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== nbkit {time.strftime('%Y-%m-%d %H:%M:%S')} start {self.plan.name}: "
+                      f"{' '.join(self.plan.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                list(self.plan.argv), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+            )
+        self.started_at = time.time()
+        guard().register(self.proc.pid)
+        _live.add(self)
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    @property
+    def returncode(self) -> int | None:
+        return self.proc.poll() if self.proc else None
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return tail(self.log_path, n)
+
+    def processes(self) -> list[psutil.Process]:
+        """The replica's process and all its descendants (API server, engine cores, workers)."""
+        if not self.alive:
+            return []
+        try:
+            root = psutil.Process(self.proc.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for p in self.processes():
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        return total
+
+    async def wait_healthy(self, timeout: float, client: httpx.AsyncClient | None = None,
+                           interval: float = 0.5) -> float:
+        """Poll ``/health`` until it answers 200. Returns seconds since spawn.
+
+        Raises :class:`ReplicaStartError` (with the log tail) if the process exits or the
+        timeout passes.
+        """
+        assert self.proc is not None, "spawn() first"
+        own = client is None
+        client = client or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                rc = self.proc.poll()
+                if rc is not None:
+                    raise ReplicaStartError(self.plan.name, f"exited with code {rc} before it was healthy",
+                                            self.tail(), self.log_path)
+                if self.plan.headless:
+                    return time.time() - (self.started_at or time.time())
+                try:
+                    r = await client.get(f"{self.plan.url}/health")
+                    if r.status_code == 200:
+                        return time.time() - (self.started_at or time.time())
+                except httpx.HTTPError:
+                    pass
+                if time.monotonic() > deadline:
+                    raise ReplicaStartError(self.plan.name, f"was not healthy after {timeout:.0f} s",
+                                            self.tail(), self.log_path)
+                await asyncio.sleep(interval)
+        finally:
+            if own:
+                await client.aclose()
+
+    # -- stop ------------------------------------------------------------------------------
+    def _signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in list(self._tree):  # descendants that left the group, if any
+            try:
+                p = psutil.Process(pid)
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    p.send_signal(sig)
+            except psutil.Error:
+                self._tree.discard(pid)
+
+    def _gone(self) -> bool:
+        if self.proc is None:
+            return True
+        self.proc.poll()  # reap the leader
+        if _group_alive(self.proc.pid):
+            return False
+        for pid in list(self._tree):
+            try:
+                if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                    return False
+            except psutil.Error:
+                pass
+            self._tree.discard(pid)
+        return True
+
+    def _snapshot_tree(self) -> None:
+        self._tree = {p.pid for p in self.processes()}
+
+    async def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the group, SIGKILL after ``grace`` seconds; returns when all are gone."""
+        if self.proc is None or self.stopped:
+            return
+        self._snapshot_tree()
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while not self._gone() and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        if not self._gone():
+            self._signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not self._gone() and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+        self._finish()
+
+    def stop_sync(self, grace: float = 5.0) -> None:
+        """Blocking stop without an event loop (atexit, signal handlers)."""
+        if self.proc is None or self.stopped:
+            return
+        self._snapshot_tree()
+        self._signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while not self._gone() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not self._gone():
+            self._signal(signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while not self._gone() and time.monotonic() < deadline:
+                time.sleep(0.1)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.stopped = True
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+            guard().unregister(self.proc.pid)
+        _live.discard(self)
+
+
+_atexit_lock = threading.Lock()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    """A script or kernel that exits normally stops what it started (the watchdog covers kills)."""
+    with _atexit_lock:
+        for r in list(_live):
+            r.stop_sync(grace=5.0)
