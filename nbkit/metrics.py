@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-# sample name -> attribute; the first name found wins (new names before old ones)
+# sample name -> attribute; for several names of one attribute, the first listed wins
 _GAUGES = {
     "vllm:num_requests_running": "running",
     "vllm:num_requests_waiting": "waiting",
@@ -35,6 +35,7 @@ _COUNTERS = {
     "vllm:gpu_prefix_cache_hits_total": "prefix_cache_hits",
     "vllm:external_prefix_cache_hits_total": "external_prefix_cache_hits",
 }
+_PRIORITY = {name: k for k, name in enumerate([*_GAUGES, *_COUNTERS])}
 
 
 @dataclass
@@ -52,38 +53,35 @@ class EngineMetrics:
     prefix_cache_hits: float = 0.0
     external_prefix_cache_hits: float = 0.0
     scraped_at: float = field(default_factory=time.time)
-    _seen: set = field(default_factory=set, repr=False, compare=False)
 
 
 def parse_metrics(text: str, scraped_at: float | None = None) -> dict[str, EngineMetrics]:
-    """Parse Prometheus text into ``{engine label: EngineMetrics}`` (label '0' if absent)."""
+    """Parse Prometheus text into ``{engine label: EngineMetrics}`` (label '0' if absent).
+
+    When a metric appears under several names (new and old), the name listed first in
+    ``_GAUGES``/``_COUNTERS`` wins, whatever order the text has. Counters with extra labels
+    (``finished_reason``, ...) are summed.
+    """
     at = scraped_at if scraped_at is not None else time.time()
-    out: dict[str, EngineMetrics] = {}
+    # engine -> attr -> (priority, name) chosen so far, and the running value per (attr, name)
+    values: dict[str, dict[tuple[str, str], float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
-            attr = _GAUGES.get(s.name)
-            counter = False
-            if attr is None:
-                attr = _COUNTERS.get(s.name)
-                counter = True
-            if attr is None:
-                continue
-            engine = s.labels.get("engine", "0")
-            m = out.get(engine)
-            if m is None:
-                m = out[engine] = EngineMetrics(engine=engine, scraped_at=at)
-            if counter:
-                # counters with extra labels (finished_reason, ...) are summed
-                key = (attr, s.name)
-                if attr in m._seen and key not in m._seen:
-                    continue  # an older alias of a counter already read
-                m._seen.update({attr, key})
-                setattr(m, attr, getattr(m, attr) + s.value)
+            if s.name in _GAUGES:
+                attr, counter = _GAUGES[s.name], False
+            elif s.name in _COUNTERS:
+                attr, counter = _COUNTERS[s.name], True
             else:
-                if attr in m._seen:
-                    continue
-                m._seen.add(attr)
-                setattr(m, attr, s.value)
+                continue
+            per = values.setdefault(s.labels.get("engine", "0"), {})
+            key = (attr, s.name)
+            per[key] = per.get(key, 0.0) + s.value if counter else s.value
+    out: dict[str, EngineMetrics] = {}
+    for engine, per in values.items():
+        m = out[engine] = EngineMetrics(engine=engine, scraped_at=at)
+        for attr in {a for a, _ in per}:
+            best = min((n for a, n in per if a == attr), key=_PRIORITY.__getitem__)
+            setattr(m, attr, per[(attr, best)])
     return out
 
 

@@ -459,11 +459,20 @@ def _gpu_memory_split(specs, gpu_idx, assigned) -> dict[int, float]:
     util: dict[int, float] = {}
     for i in gpu_idx:
         s = specs[i]
-        n = max(len(sharing[d]) for d in assigned[i])
         if s.gpu_memory_utilization is not None:
             util[i] = s.gpu_memory_utilization
-        elif n > 1:
-            util[i] = round(SHARED_GPU_BUDGET / n, 4)
+            continue
+        share = []
+        for d in assigned[i]:
+            users = sharing[d]
+            if len(users) < 2:
+                continue
+            given = sum(specs[u].gpu_memory_utilization or 0.0 for u in users)
+            unset = sum(1 for u in users if specs[u].gpu_memory_utilization is None)
+            # 0.92/N each, or what the explicit shares leave if that is less
+            share.append(min(SHARED_GPU_BUDGET / len(users), (MAX_GPU_MEMORY_TOTAL - given) / unset))
+        if share:
+            util[i] = round(min(share), 4)
     for d, users in sharing.items():
         for i in users:
             u = util.get(i, 0.9)
@@ -471,7 +480,7 @@ def _gpu_memory_split(specs, gpu_idx, assigned) -> dict[int, float]:
                 raise SpecError(f"replicas[{i}].gpu_memory_utilization", u,
                                 f"below the floor of {MIN_GPU_MEMORY_UTILIZATION} ({len(users)} replicas share GPU {d})")
         total = sum(util.get(i, 0.9) for i in users)
-        if len(users) > 1 and total > MAX_GPU_MEMORY_TOTAL + 1e-9:
+        if len(users) > 1 and total > MAX_GPU_MEMORY_TOTAL + 1e-3:
             i = users[-1]
             raise SpecError(f"replicas[{i}].gpu_memory_utilization", util.get(i, 0.9),
                             f"replicas {users} on GPU {d} ask for {total:.2f} of its memory in total "
@@ -529,6 +538,9 @@ def _assign_ports(specs, port_start: int, port_free) -> list[int]:
             raise SpecError(f"replicas[{i}].port", s.port, f"already in use on {s.host}")
         taken.add(s.port)
     rpc = {s.dp_rpc_port for s in specs if s.dp_rpc_port}
+    for i, s in enumerate(specs):
+        if s.port is not None and s.port in rpc and not s.headless:
+            raise SpecError(f"replicas[{i}].port", s.port, "is also a dp_rpc_port of this cluster")
     nxt = port_start
     for i, s in enumerate(specs):
         if ports[i] is not None:

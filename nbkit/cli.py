@@ -1,0 +1,120 @@
+"""``nbkit`` command line: ``tiny-model``, ``serve``, ``demo``.
+
+    nbkit tiny-model ~/models/tiny
+    nbkit serve ~/models/tiny --num-instances 2 --port-start 8100 -- --max-num-seqs 64
+    nbkit demo --requests 300
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import threading
+import time
+
+
+def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    if "--" in argv:
+        k = argv.index("--")
+        return argv[:k], argv[k + 1:]
+    return argv, []
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="nbkit", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    t = sub.add_parser("tiny-model", help="build the tiny random-weight Llama (cached)")
+    t.add_argument("path", nargs="?", default=None, help="target folder (default: ~/.cache/nbkit/tiny-llama)")
+    t.add_argument("--force", action="store_true", help="rebuild even if present")
+
+    s = sub.add_parser("serve", help="start N replicas and keep them up until SIGINT/SIGTERM",
+                       epilog="Everything after -- goes to every `vllm serve` verbatim.")
+    s.add_argument("model", nargs="?", default=None, help="model path or id (default: the tiny model on CPU)")
+    s.add_argument("--num-instances", "-n", type=int, default=1)
+    s.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each instance")
+    s.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
+    s.add_argument("--port", type=int, default=8000,
+                   help="with one instance the replica serves here; with more, the routed endpoint "
+                        "(see the routing docs); replicas then use --port-start")
+    s.add_argument("--port-start", type=int, default=None, help="first port of the replicas (default: port+1)")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: VLLM_CPU_KVCACHE_SPACE per instance")
+    s.add_argument("--startup-timeout", type=float, default=600.0)
+
+    d = sub.add_parser("demo", help="replicas up, routed load, per-replica summary, clean stop")
+    d.add_argument("--instances", "-n", type=int, default=2)
+    d.add_argument("--requests", type=int, default=300)
+    d.add_argument("--concurrency", type=int, default=32)
+    d.add_argument("--max-tokens", type=int, default=32)
+    d.add_argument("--model", default=None)
+    return ap
+
+
+def _serve(args, passthrough: list[str]) -> int:
+    from .cluster import Cluster
+
+    n = args.num_instances
+    spec_kwargs = dict(tp=args.tp, device=args.device, host=args.host, extra_args=tuple(passthrough),
+                       kv_cache_gib=args.kv_cache_gib)
+    if n == 1:
+        spec_kwargs["port"] = args.port
+    port_start = args.port_start if args.port_start is not None else args.port + 1
+    cluster = Cluster.replicas(args.model, n=n, port_start=port_start,
+                               startup_timeout=args.startup_timeout, **spec_kwargs)
+    stop = threading.Event()
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    t = time.perf_counter()
+    print(f"nbkit: starting {n} instance(s) of {cluster.model} (logs in {cluster.run_dir})", flush=True)
+    try:
+        cluster.start()
+        print(f"nbkit: {n} instance(s) healthy in {time.perf_counter() - t:.1f} s", flush=True)
+        for st in cluster.status(probe=False):
+            print(f"  {st.name}: {st.url}  {st.pinning}  pid {st.pid}", flush=True)
+        while not stop.wait(1.0):
+            dead = [st.name for st in cluster.status(probe=False) if st.state == "failed"]
+            if dead:
+                print(f"nbkit: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
+                for i, st in enumerate(cluster.status(probe=False)):
+                    if st.state == "failed":
+                        print(cluster.logs(i), file=sys.stderr)
+                return 1
+    finally:
+        print("nbkit: stopping", flush=True)
+        cluster.stop()
+        print("nbkit: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, passthrough = _split_passthrough(argv)
+    args = build_parser().parse_args(own)
+    from .plan import SpecError
+    from .launch import ReplicaStartError
+    try:
+        if args.cmd == "tiny-model":
+            from .tiny import tiny_model
+            print(tiny_model(args.path, force=args.force))
+            return 0
+        if args.cmd == "serve":
+            return _serve(args, passthrough)
+        if args.cmd == "demo":
+            from .demo import run_demo
+            run_demo(n=args.instances, requests=args.requests, concurrency=args.concurrency,
+                     max_tokens=args.max_tokens, model=args.model)
+            return 0
+    except (SpecError, ValueError, ReplicaStartError) as e:
+        print(f"nbkit: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
