@@ -1,0 +1,270 @@
+"""RoutedClient: one async client over all replicas of a Cluster, routed by a policy.
+
+    from nbkit import Cluster, RoutedClient
+    cluster = Cluster.replicas(n=2); cluster.start()
+    client = RoutedClient(cluster, policy="least_load", max_per_rank=32)
+
+    out = await client.complete("Hello", max_tokens=16)              # in a notebook cell
+    out = await client.chat([{"role": "user", "content": "Hi"}], rank=1)
+    async for chunk in client.stream_chat([{"role": "user", "content": "Hi"}]):
+        print(chunk["choices"][0]["delta"].get("content", ""), end="")
+    client.sync.complete("Hello")                                     # blocking, for scripts
+    client.policy = "prefix_affinity"                                 # switch live
+    client.records_frame()                                            # one row per request
+
+All HTTP runs on nbkit's loop thread (:mod:`nbkit.loop`), so the awaitables work from a notebook
+cell, ``asyncio.run`` or any other loop, and streams are bridged chunk by chunk. Closing a stream
+early (``break``, ``aclose()``, cancelling the task) closes the connection to the replica and
+vLLM aborts the request there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, AsyncIterator, Sequence
+
+import httpx
+
+from . import loop
+from .forward import Forwarder, request_info
+from .router import RequestRecord, Router
+
+
+class RoutedClientError(RuntimeError):
+    """A replica answered with an error status; ``status_code`` and ``body`` tell which."""
+
+    def __init__(self, status_code: int, body: str, rank: str):
+        self.status_code, self.body, self.rank = status_code, body, rank
+        super().__init__(f"HTTP {status_code} from {rank}: {body[:500]}")
+
+
+def _ranks_of(target) -> list:
+    return list(target.ranks) if hasattr(target, "ranks") else list(target)
+
+
+class RoutedClient:
+    """Completions, chat and streaming over the replicas of ``target`` (a Cluster or a list of Ranks)."""
+
+    def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
+                 max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
+                 api_key: str | None = None, seed: int | None = None, **router_options):
+        self.target = target
+        self.model = model or getattr(target, "model", None)
+        self.api_key = api_key
+        self.timeout = httpx.Timeout(timeout, connect=10.0)
+        self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
+                             seed=seed, **router_options)
+        self.retries = retries
+        self._http: httpx.AsyncClient | None = None
+        self._forwarder: Forwarder | None = None
+        self._started = False
+        self.sync = _Sync(self)
+
+    # -- configuration -----------------------------------------------------------------------------
+    @property
+    def policy(self):
+        return self.router.policy
+
+    @policy.setter
+    def policy(self, spec) -> None:
+        loop.call_soon(setattr, self.router, "policy", spec) if self._started else setattr(self.router, "policy", spec)
+
+    @property
+    def records(self) -> list[RequestRecord]:
+        return list(self.router.records)
+
+    def records_frame(self):
+        """The request records as a pandas DataFrame (one row per request)."""
+        import pandas as pd
+        from dataclasses import asdict
+        return pd.DataFrame([asdict(r) for r in self.router.records])
+
+    def refresh_ranks(self) -> None:
+        """Pick up the target Cluster's current ranks (after ``cluster.scale``)."""
+        loop.call_soon(self.router.set_ranks, _ranks_of(self.target))
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    async def _ensure(self) -> Forwarder:
+        if self._forwarder is None:
+            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+            self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+            await self.router.start()
+            self._forwarder = Forwarder(self.router, self._http, retries=self.retries)
+            self._started = True
+        return self._forwarder
+
+    async def _aclose(self) -> None:
+        await self.router.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+        self._http = self._forwarder = None
+        self._started = False
+
+    async def aclose(self) -> None:
+        await loop.wrap(self._aclose())
+
+    def close(self) -> None:
+        loop.run(self._aclose())
+
+    async def __aenter__(self) -> "RoutedClient":
+        await loop.wrap(self._ensure())
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.aclose()
+
+    def __enter__(self) -> "RoutedClient":
+        loop.run(self._ensure())
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- requests ----------------------------------------------------------------------------------
+    def _headers(self, extra: dict | None) -> dict[str, str]:
+        h = {"content-type": "application/json"}
+        if self.api_key:
+            h["authorization"] = f"Bearer {self.api_key}"
+        h.update(extra or {})
+        return h
+
+    def _body(self, body: dict) -> dict:
+        if "model" not in body or body["model"] is None:
+            if not self.model:
+                raise ValueError("model: give model= to RoutedClient or to the call")
+            body["model"] = self.model
+        return body
+
+    async def _request(self, path: str, body: dict, rank, session, headers) -> dict:
+        fwd = await self._ensure()
+        body = self._body(body)
+        hdrs = self._headers(headers)
+        if session is not None:
+            hdrs["x-session-id"] = str(session)
+        up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
+                            info=request_info(body, hdrs), rank=rank, stream=False)
+        if up.status_code >= 400:
+            raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
+        out = json.loads(up.body)
+        out.setdefault("nbkit", {}).update(rank=up.lease.rank.name, request_id=up.record.id)
+        return out
+
+    async def _stream(self, path: str, body: dict, rank, session, headers) -> AsyncIterator[dict]:
+        fwd = await self._ensure()
+        body = self._body(dict(body, stream=True))
+        hdrs = self._headers(headers)
+        if session is not None:
+            hdrs["x-session-id"] = str(session)
+        up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
+                            info=request_info(body, hdrs), rank=rank, stream=True)
+        if up.status_code >= 400:
+            raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
+        buf = b""
+        agen = up.aiter()
+        try:
+            async for chunk in agen:
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    for line in event.splitlines():
+                        if line.startswith(b"data:"):
+                            data = line[5:].strip()
+                            if data == b"[DONE]":
+                                return
+                            obj = json.loads(data)
+                            if obj.get("usage") and obj["usage"].get("completion_tokens") is not None:
+                                up.record.tokens_out = obj["usage"]["completion_tokens"]
+                            yield obj
+        finally:
+            await agen.aclose()
+
+    async def complete(self, prompt, *, max_tokens: int = 16, rank=None, session=None, model: str | None = None,
+                       headers: dict | None = None, **params: Any) -> dict:
+        """POST /v1/completions through the router. ``rank=`` pins a rank (index or name)."""
+        body = dict(params, prompt=prompt, max_tokens=max_tokens, model=model)
+        return await loop.wrap(self._request("/v1/completions", body, rank, session, headers))
+
+    async def chat(self, messages: Sequence[dict], *, max_tokens: int = 64, rank=None, session=None,
+                   model: str | None = None, headers: dict | None = None, **params: Any) -> dict:
+        """POST /v1/chat/completions through the router."""
+        body = dict(params, messages=list(messages), max_tokens=max_tokens, model=model)
+        return await loop.wrap(self._request("/v1/chat/completions", body, rank, session, headers))
+
+    def stream_complete(self, prompt, *, max_tokens: int = 16, rank=None, session=None, model: str | None = None,
+                        headers: dict | None = None, **params: Any) -> AsyncIterator[dict]:
+        """Stream /v1/completions: an async iterator of parsed SSE chunks."""
+        body = dict(params, prompt=prompt, max_tokens=max_tokens, model=model)
+        return _bridge(self._stream("/v1/completions", body, rank, session, headers))
+
+    def stream_chat(self, messages: Sequence[dict], *, max_tokens: int = 64, rank=None, session=None,
+                    model: str | None = None, headers: dict | None = None, **params: Any) -> AsyncIterator[dict]:
+        """Stream /v1/chat/completions: an async iterator of parsed SSE chunks."""
+        body = dict(params, messages=list(messages), max_tokens=max_tokens, model=model)
+        return _bridge(self._stream("/v1/chat/completions", body, rank, session, headers))
+
+
+class _Bridge:
+    """An async iterator on the caller's loop over an async generator running on nbkit's loop."""
+
+    def __init__(self, agen):
+        self._agen = agen
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        try:
+            return await loop.wrap(self._agen.__anext__())
+        except StopAsyncIteration:
+            raise
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        await loop.wrap(self._agen.aclose())
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.aclose()
+
+
+def _bridge(agen) -> _Bridge:
+    return _Bridge(agen)
+
+
+class _Sync:
+    """Blocking forms: ``client.sync.complete(...)``, ``client.sync.chat(...)``, ``client.sync.stream_chat(...)``."""
+
+    def __init__(self, client: RoutedClient):
+        self._c = client
+
+    def complete(self, prompt, **kw) -> dict:
+        return loop.run(self._c._request("/v1/completions", dict(_body_kw(kw), prompt=prompt),
+                                         kw.get("rank"), kw.get("session"), kw.get("headers")))
+
+    def chat(self, messages, **kw) -> dict:
+        return loop.run(self._c._request("/v1/chat/completions",
+                                         dict(_body_kw(kw), messages=list(messages)),
+                                         kw.get("rank"), kw.get("session"), kw.get("headers")))
+
+    def stream_chat(self, messages, **kw):
+        agen = self._c._stream("/v1/chat/completions", dict(_body_kw(kw), messages=list(messages)),
+                               kw.get("rank"), kw.get("session"), kw.get("headers"))
+        try:
+            while True:
+                try:
+                    yield loop.run(agen.__anext__())
+                except StopAsyncIteration:
+                    return
+        finally:
+            loop.run(agen.aclose())
+
+
+def _body_kw(kw: dict) -> dict:
+    body = {k: v for k, v in kw.items() if k not in ("rank", "session", "headers")}
+    body.setdefault("max_tokens", 16)
+    return body

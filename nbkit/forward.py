@@ -1,0 +1,199 @@
+"""One routed HTTP exchange, shared by the in-kernel client and the endpoint.
+
+:class:`Forwarder` asks the router for a rank, sends the request there, and retries on another
+rank on connection errors, 5xx or 429 *before the first byte reaches the caller*: a non-streamed
+response is read whole before it is handed over, and for a stream the first chunk is read before
+the stream is handed over. After that, the caller owns an :class:`Upstream` whose ``aiter()``
+yields raw bytes, keeps the lease's token accounting up to date, and releases the lease in a
+``finally`` (end, error, or the caller closing the stream — which closes the connection, and
+vLLM then aborts the request).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import dataclass
+from typing import AsyncIterator, Mapping
+
+import httpx
+
+from .policies import RequestInfo
+from .router import Lease, RequestRecord, Router
+
+RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
+                        "transfer-encoding", "upgrade", "host", "content-length"})
+CHARS_PER_TOKEN = 4
+
+
+def request_info(body: Mapping | None, headers: Mapping[str, str] | None = None) -> RequestInfo:
+    """Estimate what the policies need from an OpenAI-style request body (no tokenizer needed)."""
+    if not body:
+        return RequestInfo(prompt_tokens=0, max_tokens=0)
+    prefix = ""
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        prefix, tokens = prompt, len(prompt) // CHARS_PER_TOKEN + 1
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        prefix, tokens = " ".join(map(str, prompt[:4096])), len(prompt)
+    elif isinstance(prompt, list):
+        prefix = "".join(str(p) for p in prompt)
+        tokens = len(prefix) // CHARS_PER_TOKEN + 1
+    else:
+        msgs = body.get("messages") or []
+        parts = []
+        for m in msgs:
+            c = m.get("content", "") if isinstance(m, dict) else ""
+            if isinstance(c, list):
+                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
+            parts.append(f"{m.get('role', '') if isinstance(m, dict) else ''}:{c}\n")
+        prefix = "".join(parts)
+        tokens = len(prefix) // CHARS_PER_TOKEN + 4 * len(parts)
+    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or (16 if "prompt" in body else 256)
+    session = None
+    if headers:
+        session = headers.get("x-session-id") or headers.get("X-Session-Id")
+    session = session or body.get("user")
+    return RequestInfo(prompt_tokens=int(tokens), max_tokens=int(max_tokens), prefix=prefix or None,
+                       session=str(session) if session else None)
+
+
+def sse_events(chunk: bytes) -> int:
+    """Data events in a raw SSE chunk, not counting ``[DONE]`` (each is about one token in vLLM)."""
+    n = chunk.count(b"data:")
+    if n and b"[DONE]" in chunk:
+        n -= 1
+    return n
+
+
+@dataclass
+class Upstream:
+    """A response that has started: status, headers, and the body (whole or as a stream)."""
+
+    lease: Lease
+    response: httpx.Response
+    stream: bool
+    body: bytes = b""
+    first: bytes = b""
+    _it: AsyncIterator[bytes] | None = None
+    _router: Router | None = None
+
+    @property
+    def status_code(self) -> int:
+        return self.response.status_code
+
+    @property
+    def record(self) -> RequestRecord:
+        return self.lease.record
+
+    def headers(self) -> dict[str, str]:
+        h = {k: v for k, v in self.response.headers.items() if k.lower() not in HOP_BY_HOP
+             and k.lower() != "content-encoding"}
+        h["x-nbkit-rank"] = self.lease.rank.name
+        return h
+
+    async def aiter(self) -> AsyncIterator[bytes]:
+        """The stream's raw bytes; releases the lease however the iteration ends."""
+        outcome, error = "ok", ""
+        try:
+            if self.first:
+                self._account(self.first)
+                yield self.first
+            async for chunk in self._it:
+                self._account(chunk)
+                yield chunk
+        except (asyncio.CancelledError, GeneratorExit):
+            outcome = "cancelled"
+            raise
+        except httpx.HTTPError as e:
+            outcome, error = "error", repr(e)
+            raise
+        finally:
+            if self.status_code >= 400 and outcome == "ok":
+                outcome = f"http_{self.status_code}"
+            await self.response.aclose()
+            self.lease.release(outcome, error)
+
+    def _account(self, chunk: bytes) -> None:
+        n = sse_events(chunk)
+        if n:
+            self.lease.token(n)
+
+    def finish(self) -> None:
+        """For a body read whole: take the token counts from ``usage`` and release (done by open())."""
+        outcome = "ok" if self.status_code < 400 else f"http_{self.status_code}"
+        try:
+            usage = json.loads(self.body).get("usage") or {}
+            if usage.get("prompt_tokens") is not None:
+                self.record.tokens_in = usage["prompt_tokens"]
+            if usage.get("completion_tokens") is not None:
+                self.record.tokens_out = usage["completion_tokens"]
+        except (ValueError, AttributeError):
+            pass
+        if self.record.ttft_s is None and self.status_code < 400:
+            self.lease.first_token()
+        self.lease.release(outcome)
+
+
+class Forwarder:
+    """Send requests through a :class:`Router` with retries before the first byte."""
+
+    def __init__(self, router: Router, client: httpx.AsyncClient, *, retries: int = 2):
+        if retries < 0:
+            raise ValueError(f"retries={retries!r}: must be >= 0")
+        self.router, self.client, self.retries = router, client, retries
+
+    async def open(self, method: str, path: str, *, content: bytes | None = None,
+                   headers: Mapping[str, str] | None = None, info: RequestInfo | None = None, rank=None,
+                   stream: bool = False, timeout: httpx.Timeout | None = None) -> Upstream:
+        info = info or RequestInfo(prompt_tokens=0, max_tokens=0)
+        record = self.router.new_record(path, info)
+        tried: set[str] = set()
+        attempt = 0
+        while True:
+            lease = await self.router.acquire(info, rank=rank, exclude=tried, record=record)
+            record.attempts = attempt + 1
+            hdrs = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
+            hdrs.update(dict(lease.rank.headers))
+            can_retry = rank is None and attempt < self.retries and len(tried) + 1 < len(self.router.states)
+            resp = None
+            try:
+                req = self.client.build_request(method, lease.rank.url + path, content=content, headers=hdrs,
+                                                timeout=timeout or self.client.timeout)
+                resp = await self.client.send(req, stream=True)
+                if resp.status_code in RETRY_STATUS and can_retry:
+                    raise _Retry(f"HTTP {resp.status_code}")
+                up = Upstream(lease, resp, stream, _router=self.router)
+                if stream and resp.status_code < 400:
+                    up._it = resp.aiter_raw()
+                    try:
+                        up.first = await up._it.__anext__()
+                    except StopAsyncIteration:
+                        up.first = b""
+                else:
+                    up.stream = False
+                    up.body = await resp.aread()
+                    await resp.aclose()
+                    up.finish()
+                return up
+            except (httpx.TransportError, _Retry) as e:
+                if resp is not None:
+                    await resp.aclose()
+                self.router.report_failure(lease.state)
+                if not can_retry:
+                    lease.release("error", repr(e))
+                    raise
+                lease.release("retry", repr(e))
+                self.router.counters["retries"] += 1
+                tried.add(lease.rank.name)
+                attempt += 1
+            except BaseException as e:
+                if resp is not None:
+                    await resp.aclose()
+                lease.release("cancelled" if isinstance(e, asyncio.CancelledError) else "error", repr(e))
+                raise
+
+
+class _Retry(Exception):
+    pass

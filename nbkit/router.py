@@ -1,0 +1,413 @@
+"""The router's mechanism: per-rank accounting, a FIFO admission queue, load scraping, health and
+circuit breaking. Which rank gets a request is the policy's business (:mod:`nbkit.policies`).
+
+    router = Router(cluster.ranks, policy="least_load", max_per_rank=64, max_concurrency=256)
+    await router.start()                       # on nbkit's loop: scraper + health checker
+    lease = await router.acquire(RequestInfo(prompt_tokens=120, max_tokens=64))
+    ... send to lease.rank.url ...
+    lease.first_token(); lease.token(); lease.release("ok")
+    router.records[-1]                         # what happened, and why
+
+Accounting: a lease adds ``in_flight``, the prompt's tokens to ``pending_prefill_tokens`` and
+``max_tokens`` to ``pending_decode_tokens`` at dispatch; the first token moves the prompt out of
+prefill, each streamed token takes one off decode, and :meth:`Lease.release` (called in a
+``finally``: success, error, cancel, stream end) removes what is left. Every
+``scrape_interval`` (250 ms) each replica's ``/metrics`` is read concurrently; a reading older
+than two intervals is stale and ignored by the policies.
+
+Admission: with ``max_per_rank`` and/or ``max_concurrency`` set, requests that cannot be placed
+wait in one FIFO queue (never dropped); when a slot frees, the oldest request that can be placed
+picks among the ranks with room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import httpx
+
+from .metrics import EngineMetrics, parse_metrics
+from .policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
+
+#: Consecutive failures that open a rank's circuit breaker.
+BREAKER_FAILURES = 3
+#: Seconds an open breaker keeps a rank out before a request may try it again.
+BREAKER_OPEN_S = 5.0
+#: Records kept in memory.
+MAX_RECORDS = 20_000
+
+
+@dataclass
+class RequestRecord:
+    """One request's story: where it went, why, and how it went."""
+
+    id: int
+    path: str
+    policy: str
+    rank: str = ""
+    replica: int = -1
+    dp_rank: int = 0
+    reason: str = ""
+    arrival: float = 0.0          # time.time() at arrival
+    queue_wait_s: float = 0.0
+    ttft_s: float | None = None
+    itl_s: list[float] = field(default_factory=list)
+    e2e_s: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    outcome: str = "pending"      # ok | error | cancelled | http_<status>
+    attempts: int = 1
+    error: str = ""
+
+
+@dataclass
+class RankState:
+    """Mechanism-side state of one rank (the policy sees a :class:`RankLoad` view of it)."""
+
+    rank: object                  # nbkit.cluster.Rank
+    index: int
+    in_flight: int = 0
+    pending_prefill_tokens: int = 0
+    pending_decode_tokens: int = 0
+    scraped: EngineMetrics | None = None
+    healthy: bool = True
+    added_at: float = field(default_factory=time.monotonic)
+    failures: int = 0
+    open_until: float = 0.0
+    picks: int = 0
+
+    @property
+    def key(self) -> str:
+        return self.rank.name
+
+    def view(self, stale_after: float, now: float) -> RankLoad:
+        m = self.scraped
+        stale = m is None or now - m.scraped_at > stale_after
+        return RankLoad(
+            key=self.key, index=self.index, in_flight=self.in_flight,
+            pending_prefill_tokens=self.pending_prefill_tokens, pending_decode_tokens=self.pending_decode_tokens,
+            running=m.running if m else 0.0, waiting=m.waiting if m else 0.0,
+            kv_cache_usage=m.kv_cache_usage if m else 0.0, stale=stale,
+            healthy=self.healthy and time.monotonic() >= self.open_until,
+        )
+
+
+class Lease:
+    """A request's hold on a rank. Update it as the response arrives; release it exactly once."""
+
+    def __init__(self, router: "Router", state: RankState, choice: Choice, info: RequestInfo, record: RequestRecord):
+        self.router, self.state, self.choice, self.info, self.record = router, state, choice, info, record
+        self._t0 = time.perf_counter()
+        self._last = None
+        self._prefill = info.prompt_tokens
+        self._decode = info.max_tokens
+        self.released = False
+
+    @property
+    def rank(self):
+        return self.state.rank
+
+    def first_token(self) -> None:
+        if self._prefill:
+            self.state.pending_prefill_tokens -= self._prefill
+            self._prefill = 0
+        now = time.perf_counter()
+        if self.record.ttft_s is None:
+            self.record.ttft_s = now - self._t0
+        self._last = now
+
+    def token(self, n: int = 1) -> None:
+        """``n`` tokens arrived (streaming)."""
+        if self._prefill:
+            self.first_token()
+        now = time.perf_counter()
+        if self._last is not None and self.record.tokens_out:
+            self.record.itl_s.append(now - self._last)
+        self._last = now
+        self.record.tokens_out += n
+        take = min(n, self._decode)
+        self._decode -= take
+        self.state.pending_decode_tokens -= take
+
+    def release(self, outcome: str = "ok", error: str = "") -> None:
+        if self.released:
+            return
+        self.released = True
+        s = self.state
+        s.in_flight -= 1
+        s.pending_prefill_tokens -= self._prefill
+        s.pending_decode_tokens -= self._decode
+        self._prefill = self._decode = 0
+        self.record.e2e_s = time.perf_counter() - self._t0
+        self.record.outcome = outcome
+        if error:
+            self.record.error = error
+        if outcome == "ok":
+            s.failures = 0
+        self.router._finished(self)
+
+
+class Router:
+    """Routes requests over ranks with a policy; see the module docstring."""
+
+    def __init__(self, ranks: Sequence, policy: str | Policy | Callable = "least_load", *,
+                 max_per_rank: int | None = None, max_concurrency: int | None = None,
+                 scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
+                 seed: int | None = None, client: httpx.AsyncClient | None = None):
+        if max_per_rank is not None and max_per_rank < 1:
+            raise ValueError(f"max_per_rank={max_per_rank!r}: must be >= 1 or None")
+        if max_concurrency is not None and max_concurrency < 1:
+            raise ValueError(f"max_concurrency={max_concurrency!r}: must be >= 1 or None")
+        if scrape_interval <= 0 or scrape_interval > 0.25:
+            raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
+        self._seed = seed
+        self._policy = get_policy(policy, seed=seed) if not isinstance(policy, Policy) else policy
+        self.max_per_rank = max_per_rank
+        self.max_concurrency = max_concurrency
+        self.scrape_interval = scrape_interval
+        self.health_interval = health_interval
+        self.startup_grace = startup_grace
+        self.states: list[RankState] = []
+        self.set_ranks(ranks)
+        self.records: deque[RequestRecord] = deque(maxlen=MAX_RECORDS)
+        self.listeners: list[Callable[[RequestRecord], None]] = []
+        self._queue: deque[tuple[asyncio.Future, RequestInfo, object, frozenset, RequestRecord]] = deque()
+        self._ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self._client = client
+        self._own_client = client is None
+        self.counters = {"requests": 0, "retries": 0, "failures": 0}
+
+    # -- configuration ---------------------------------------------------------------------------
+    @property
+    def policy(self) -> Policy:
+        return self._policy
+
+    @policy.setter
+    def policy(self, spec) -> None:
+        """Switch policy live (by name, instance, class or callable)."""
+        p = get_policy(spec, seed=self._seed) if not isinstance(spec, Policy) else spec
+        p.on_ranks_changed([s.key for s in self.states])
+        self._policy = p
+
+    def set_ranks(self, ranks: Iterable) -> None:
+        """Replace the rank set (after a scale); keeps state of ranks that stay."""
+        old = {s.key: s for s in self.states}
+        new = []
+        for i, r in enumerate(ranks):
+            s = old.get(r.name)
+            if s is None or s.rank.url != r.url:
+                s = RankState(rank=r, index=i)
+            s.rank, s.index = r, i
+            new.append(s)
+        if not new:
+            raise ValueError("ranks: a router needs at least one rank")
+        self.states = new
+        self._policy.on_ranks_changed([s.key for s in new])
+
+    @property
+    def in_flight(self) -> int:
+        return sum(s.in_flight for s in self.states)
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
+    def loads(self) -> list[RankLoad]:
+        now = time.time()
+        return [s.view(2 * self.scrape_interval, now) for s in self.states]
+
+    # -- admission -------------------------------------------------------------------------------
+    def _has_room(self, s: RankState) -> bool:
+        return self.max_per_rank is None or s.in_flight < self.max_per_rank
+
+    def _global_room(self) -> bool:
+        return self.max_concurrency is None or self.in_flight < self.max_concurrency
+
+    def _place(self, info: RequestInfo, rank, exclude: frozenset) -> tuple[RankState, Choice] | None:
+        if not self._global_room():
+            return None
+        if rank is not None:
+            s = self._resolve(rank)
+            if not self._has_room(s):
+                return None
+            return s, Choice(s.index, s.key, f"explicit rank={rank!r}")
+        now = time.time()
+        cands = [s for s in self.states if s.key not in exclude and self._has_room(s)]
+        if not cands:
+            return None
+        views = [s.view(2 * self.scrape_interval, now) for s in cands]
+        choice = self._policy.select(views, info)
+        return self.states[choice.index], choice
+
+    def _resolve(self, rank) -> RankState:
+        if isinstance(rank, int) and not isinstance(rank, bool):
+            if not 0 <= rank < len(self.states):
+                raise ValueError(f"rank={rank!r}: out of range 0..{len(self.states) - 1}")
+            return self.states[rank]
+        key = getattr(rank, "name", rank)
+        for s in self.states:
+            if s.key == key:
+                return s
+        raise ValueError(f"rank={rank!r}: no such rank (have {[s.key for s in self.states]})")
+
+    def _grant(self, s: RankState, choice: Choice, info: RequestInfo, record: RequestRecord) -> Lease:
+        s.in_flight += 1
+        s.pending_prefill_tokens += info.prompt_tokens
+        s.pending_decode_tokens += info.max_tokens
+        s.picks += 1
+        record.rank, record.replica, record.dp_rank = s.key, s.rank.replica, s.rank.dp_rank
+        record.reason = choice.reason
+        record.queue_wait_s = time.time() - record.arrival
+        self._policy.on_dispatch(choice, info)
+        return Lease(self, s, choice, info, record)
+
+    async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
+                      path: str = "", record: RequestRecord | None = None) -> Lease:
+        """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room."""
+        exclude = frozenset(exclude)
+        if rank is not None:
+            self._resolve(rank)  # fail fast on a bad rank
+        if record is None:
+            record = self.new_record(path, info)
+        if not self._queue:
+            placed = self._place(info, rank, exclude)
+            if placed is not None:
+                return self._grant(*placed, info, record)
+        fut = asyncio.get_running_loop().create_future()
+        self._queue.append((fut, info, rank, exclude, record))
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                fut.result().release("cancelled")
+            else:
+                try:
+                    self._queue.remove(next(q for q in self._queue if q[0] is fut))
+                except (StopIteration, ValueError):
+                    pass
+            raise
+
+    def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
+        self.counters["requests"] += 1
+        return RequestRecord(id=next(self._ids), path=path, policy=self._policy.name, arrival=time.time(),
+                             tokens_in=info.prompt_tokens)
+
+    def _finished(self, lease: Lease) -> None:
+        """A lease was released: publish its record (unless the request is being retried), admit more."""
+        if lease.record.outcome != "retry":
+            self.records.append(lease.record)
+            if lease.record.outcome not in ("ok", "cancelled"):
+                self.counters["failures"] += 1
+            for fn in list(self.listeners):
+                try:
+                    fn(lease.record)
+                except Exception:  # noqa: BLE001 - a listener must not break routing
+                    pass
+        self._pump()
+
+    def _pump(self) -> None:
+        """Place the oldest waiting requests that can be placed now."""
+        if not self._queue:
+            return
+        kept = deque()
+        while self._queue:
+            item = self._queue.popleft()
+            fut, info, rank, exclude, record = item
+            if fut.done():
+                continue
+            try:
+                placed = self._place(info, rank, exclude)
+            except Exception as e:  # noqa: BLE001 - hand the error to the waiter
+                fut.set_exception(e)
+                continue
+            if placed is None:
+                kept.append(item)
+                if not self._global_room():
+                    kept.extend(self._queue)
+                    self._queue.clear()
+                    break
+                continue
+            fut.set_result(self._grant(*placed, info, record))
+        self._queue = kept
+
+    def report_failure(self, state: RankState) -> None:
+        """A connection error / 5xx / 429 on ``state``: count it towards its circuit breaker."""
+        state.failures += 1
+        in_grace = time.monotonic() - state.added_at < self.startup_grace and state.scraped is None
+        if state.failures >= BREAKER_FAILURES and not in_grace:
+            state.open_until = time.monotonic() + BREAKER_OPEN_S
+
+    # -- background: scrape and health -----------------------------------------------------------
+    async def start(self) -> None:
+        """Start scraping and health checks on the current (nbkit's) loop."""
+        if self._tasks:
+            return
+        if self._client is None:
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(2.0), limits=httpx.Limits(max_connections=64))
+        self._tasks = [asyncio.ensure_future(self._scrape_loop()), asyncio.ensure_future(self._health_loop())]
+
+    async def aclose(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for fut, *_ in self._queue:
+            if not fut.done():
+                fut.set_exception(NoCandidateError("router closed"))
+        self._queue.clear()
+        if self._own_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def scrape_once(self) -> None:
+        by_url: dict[str, list[RankState]] = {}
+        for s in self.states:
+            by_url.setdefault(s.rank.url, []).append(s)
+
+        async def one(url: str, states: list[RankState]) -> None:
+            try:
+                r = await self._client.get(f"{url}/metrics")
+                if r.status_code != 200:
+                    return
+                snaps = parse_metrics(r.text)
+            except (httpx.HTTPError, ValueError):
+                return
+            for s in states:
+                m = snaps.get(str(s.rank.dp_rank)) if len(states) > 1 else next(iter(snaps.values()), None)
+                if m is not None:
+                    s.scraped = m
+
+        await asyncio.gather(*(one(u, ss) for u, ss in by_url.items()))
+
+    async def _scrape_loop(self) -> None:
+        while True:
+            t = time.monotonic()
+            await self.scrape_once()
+            await asyncio.sleep(max(0.0, self.scrape_interval - (time.monotonic() - t)))
+
+    async def check_health_once(self) -> None:
+        async def one(s: RankState) -> None:
+            try:
+                ok = (await self._client.get(f"{s.rank.url}/health")).status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            in_grace = time.monotonic() - s.added_at < self.startup_grace
+            if ok:
+                s.healthy, s.failures, s.open_until = True, 0, 0.0
+            elif not in_grace:
+                s.healthy = False
+            if ok or not in_grace:
+                self._pump()
+
+        await asyncio.gather(*(one(s) for s in self.states))
+
+    async def _health_loop(self) -> None:
+        while True:
+            await self.check_health_once()
+            await asyncio.sleep(self.health_interval)
