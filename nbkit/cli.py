@@ -36,10 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each instance")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
     s.add_argument("--port", type=int, default=8000,
-                   help="with one instance the replica serves here; with more, the routed endpoint "
-                        "(see the routing docs); replicas then use --port-start")
+                   help="with one instance the replica serves here; with more, the routed "
+                        "OpenAI-compatible endpoint, and the replicas use --port-start")
     s.add_argument("--port-start", type=int, default=None, help="first port of the replicas (default: port+1)")
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address of the endpoint and replicas")
+    s.add_argument("--policy", default="least_load", help="routing policy of the endpoint (N > 1)")
+    s.add_argument("--enable-request-affinity", action="store_true",
+                   help="sticky routing: requests with the same X-Session-Id header or `user` field go to "
+                        "the same instance (policy 'session', least_load for requests without a key)")
     s.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: VLLM_CPU_KVCACHE_SPACE per instance")
     s.add_argument("--startup-timeout", type=float, default=600.0)
 
@@ -61,9 +65,17 @@ def _serve(args, passthrough: list[str]) -> int:
     if n == 1:
         spec_kwargs["port"] = args.port
     port_start = args.port_start if args.port_start is not None else args.port + 1
+    from .policies import get_policy
+    policy = "session" if args.enable_request_affinity else args.policy
+    get_policy(policy)  # fail on a bad name before launching anything
+    if n > 1:
+        from .plan import port_is_free
+        if not port_is_free(args.host, args.port):
+            raise ValueError(f"port={args.port!r}: already in use on {args.host}")
     cluster = Cluster.replicas(args.model, n=n, port_start=port_start,
                                startup_timeout=args.startup_timeout, **spec_kwargs)
     stop = threading.Event()
+    endpoint = None
 
     def on_signal(signum, _frame):
         stop.set()
@@ -77,6 +89,10 @@ def _serve(args, passthrough: list[str]) -> int:
         print(f"nbkit: {n} instance(s) healthy in {time.perf_counter() - t:.1f} s", flush=True)
         for st in cluster.status(probe=False):
             print(f"  {st.name}: {st.url}  {st.pinning}  pid {st.pid}", flush=True)
+        if n > 1:
+            endpoint = cluster.endpoint(port=args.port, host=args.host, policy=policy)
+            print(f"nbkit: endpoint {endpoint.url} (OpenAI-compatible, policy {policy}) over {n} instances",
+                  flush=True)
         while not stop.wait(1.0):
             dead = [st.name for st in cluster.status(probe=False) if st.state == "failed"]
             if dead:
@@ -87,6 +103,8 @@ def _serve(args, passthrough: list[str]) -> int:
                 return 1
     finally:
         print("nbkit: stopping", flush=True)
+        if endpoint is not None:
+            endpoint.stop()
         cluster.stop()
         print("nbkit: stopped", flush=True)
     return 0

@@ -153,6 +153,7 @@ class RoutedClient:
     async def _stream(self, path: str, body: dict, rank, session, headers) -> AsyncIterator[dict]:
         fwd = await self._ensure()
         body = self._body(dict(body, stream=True))
+        body.setdefault("stream_options", {"include_usage": True})  # exact token counts in the record
         hdrs = self._headers(headers)
         if session is not None:
             hdrs["x-session-id"] = str(session)

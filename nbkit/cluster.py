@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import weakref
 import tempfile
 import time
 from dataclasses import dataclass
@@ -76,12 +77,13 @@ class Cluster:
         self.port_start = port_start
         self.startup_timeout = startup_timeout
         self.stop_grace = stop_grace
-        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.gettempdir()) / "nbkit" / (
+        self.run_dir = Path(run_dir) if run_dir else Path(tempfile.gettempdir()) / "nbkit-runs" / (
             time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{id(self) % 10000:04d}")
         self.plans: list[LaunchPlan] = self._plan(self._specs)  # validates before anything starts
         self._procs: list[ReplicaProcess | None] = [None] * len(self.plans)
         self._health: dict[int, bool] = {}
         self._lock: asyncio.Lock | None = None
+        self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -282,9 +284,13 @@ class Cluster:
             self._specs, self.plans = specs, plans
             self._procs = (self._procs + [None] * n)[:n]
             to_start = [i for a, i, _ in actions if a in ("start", "restart")]
-            if to_start:
-                self.run_dir.mkdir(parents=True, exist_ok=True)
-                await self._start_some(to_start, timeout or self.startup_timeout)
+            try:
+                if to_start:
+                    self.run_dir.mkdir(parents=True, exist_ok=True)
+                    await self._start_some(to_start, timeout or self.startup_timeout)
+            finally:
+                for r in list(self._routers):
+                    r.set_ranks(self.ranks)
             return actions
 
     async def _acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
@@ -392,6 +398,22 @@ class Cluster:
         import pandas as pd
         from dataclasses import asdict
         return pd.DataFrame([asdict(s) for s in self.status(probe)]).set_index("index")
+
+    # -- routing ---------------------------------------------------------------------------------
+    def client(self, policy="least_load", **options):
+        """A :class:`~nbkit.client.RoutedClient` over this cluster's ranks (follows scale())."""
+        from .client import RoutedClient
+        c = RoutedClient(self, policy, **options)
+        self._routers.add(c.router)
+        return c
+
+    def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy="least_load", start: bool = True,
+                 **options):
+        """An OpenAI-compatible :class:`~nbkit.dispatch.Endpoint` over this cluster (started unless start=False)."""
+        from .dispatch import Endpoint
+        ep = Endpoint(self, host=host, port=port, policy=policy, **options)
+        self._routers.add(ep.router)
+        return ep.start() if start else ep
 
     # -- context managers ----------------------------------------------------------------------
     def __enter__(self) -> "Cluster":

@@ -166,7 +166,7 @@ class Router:
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
         self._seed = seed
-        self._policy = get_policy(policy, seed=seed) if not isinstance(policy, Policy) else policy
+        self._policy = self._make_policy(policy)
         self.max_per_rank = max_per_rank
         self.max_concurrency = max_concurrency
         self.scrape_interval = scrape_interval
@@ -191,9 +191,14 @@ class Router:
     @policy.setter
     def policy(self, spec) -> None:
         """Switch policy live (by name, instance, class or callable)."""
-        p = get_policy(spec, seed=self._seed) if not isinstance(spec, Policy) else spec
+        p = self._make_policy(spec)
         p.on_ranks_changed([s.key for s in self.states])
         self._policy = p
+
+    def _make_policy(self, spec) -> Policy:
+        if isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy)):
+            return get_policy(spec, seed=self._seed)
+        return get_policy(spec)
 
     def set_ranks(self, ranks: Iterable) -> None:
         """Replace the rank set (after a scale); keeps state of ranks that stay."""

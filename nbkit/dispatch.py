@@ -1,0 +1,199 @@
+"""One OpenAI-compatible endpoint over the replicas, on the same router as :class:`RoutedClient`.
+
+    ep = Endpoint(cluster, port=8000, policy="least_load")    # or: cluster.endpoint(port=8000)
+    ep.start()                                                 # serves on nbkit's loop thread
+    # any OpenAI client: OpenAI(base_url=ep.url + "/v1", api_key="EMPTY")
+    ep.stop()
+
+Every path is forwarded (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
+``/tokenize``, ``/pooling``, ...); SSE streams pass through chunk by chunk; a body without
+``model`` gets the cluster's model; the caller's
+``Authorization`` header goes to the replica. Its own routes: ``GET /health`` (200 while at
+least one replica is healthy, else 503) and ``GET /metrics`` (Prometheus, ``nbkit_`` prefix:
+requests, retries, picks per rank, queue wait, in-flight per rank). A header
+``X-nbkit-rank: <index or name>`` pins a request to a rank. Binds 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import httpx
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from . import loop
+from .forward import Forwarder, request_info
+from .router import RequestRecord, Router
+
+ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
+               "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
+
+
+class Endpoint:
+    """An HTTP server (uvicorn + starlette) in front of a Router."""
+
+    def __init__(self, target, *, host: str = "127.0.0.1", port: int = 8000, policy="least_load",
+                 router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
+                 max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
+                 log_level: str = "warning"):
+        if not 0 < port < 65536:
+            raise ValueError(f"port={port!r}: must be in 1..65535")
+        self.target = target
+        self.default_model = getattr(target, "model", None)
+        ranks = list(target.ranks) if hasattr(target, "ranks") else list(target)
+        self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
+                                       seed=seed)
+        self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
+        self.timeout = httpx.Timeout(timeout, connect=10.0)
+        self.registry = CollectorRegistry()
+        self._m_requests = Counter("nbkit_requests", "Requests through the endpoint", ["path", "outcome"],
+                                   registry=self.registry)
+        self._m_picks = Counter("nbkit_picks", "Requests dispatched per rank", ["rank"], registry=self.registry)
+        self._m_retries = Gauge("nbkit_retries_total", "Retries on another rank before the first byte",
+                                registry=self.registry)
+        self._m_queue = Histogram("nbkit_queue_wait_seconds", "Time waiting for admission", registry=self.registry,
+                                  buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
+        self._m_ttft = Histogram("nbkit_time_to_first_token_seconds", "TTFT seen by the endpoint",
+                                 registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self._m_inflight = Gauge("nbkit_in_flight", "In-flight requests per rank", ["rank"], registry=self.registry)
+        self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that pass health checks", registry=self.registry)
+        self.router.listeners.append(self._observe)
+        self._server = None
+        self._task: asyncio.Task | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._fwd: Forwarder | None = None
+        self.app = Starlette(routes=[
+            Route("/health", self._health, methods=["GET"]),
+            Route("/metrics", self._metrics, methods=["GET"]),
+            Route("/{path:path}", self._proxy, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
+        ])
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def _observe(self, rec: RequestRecord) -> None:
+        self._m_requests.labels(rec.path, rec.outcome).inc()
+        if rec.rank:
+            self._m_picks.labels(rec.rank).inc()
+        self._m_queue.observe(rec.queue_wait_s)
+        if rec.ttft_s is not None and rec.outcome == "ok":
+            self._m_ttft.observe(rec.ttft_s)
+
+    # -- handlers --------------------------------------------------------------------------------
+    async def _health(self, request: Request) -> Response:
+        healthy = [s.key for s in self.router.states if s.healthy]
+        return JSONResponse({"healthy": healthy, "ranks": len(self.router.states)},
+                            status_code=200 if healthy else 503)
+
+    async def _metrics(self, request: Request) -> Response:
+        self._m_retries.set(self.router.counters["retries"])
+        for s in self.router.states:
+            self._m_inflight.labels(s.key).set(s.in_flight)
+        self._m_healthy.set(sum(1 for s in self.router.states if s.healthy))
+        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
+
+    async def _proxy(self, request: Request) -> Response:
+        path = request.url.path
+        if request.url.query:
+            path += "?" + request.url.query
+        body = await request.body()
+        parsed = None
+        if request.method == "POST" and body and request.url.path in ROUTED_POST:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                return JSONResponse({"error": {"message": "request body is not valid JSON", "type": "BadRequest"}},
+                                    status_code=400)
+        if isinstance(parsed, dict) and not parsed.get("model") and self.default_model:
+            parsed["model"] = self.default_model  # so curl users may leave "model" out
+            body = json.dumps(parsed).encode()
+        info = request_info(parsed if isinstance(parsed, dict) else None, request.headers)
+        stream = bool(isinstance(parsed, dict) and parsed.get("stream"))
+        rank = request.headers.get("x-nbkit-rank")
+        if rank is not None and rank.isdigit():
+            rank = int(rank)
+        try:
+            up = await self._fwd.open(request.method, path, content=body or None, headers=request.headers,
+                                      info=info, rank=rank, stream=stream, timeout=self.timeout)
+        except ValueError as e:
+            return JSONResponse({"error": {"message": str(e), "type": "BadRequest"}}, status_code=400)
+        except httpx.HTTPError as e:
+            return JSONResponse({"error": {"message": f"no replica could serve the request: {e!r}",
+                                           "type": "ServiceUnavailable"}}, status_code=503)
+        if up.stream:
+            return StreamingResponse(up.aiter(), status_code=up.status_code, headers=up.headers())
+        return Response(up.body, status_code=up.status_code, headers=up.headers())
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def _astart(self) -> "Endpoint":
+        import uvicorn
+
+        if self._task is not None:
+            return self
+        self._http = httpx.AsyncClient(timeout=self.timeout,
+                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+        self._fwd = Forwarder(self.router, self._http, retries=self.retries)
+        await self.router.start()
+        config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
+                                access_log=False, lifespan="off", loop="none", timeout_graceful_shutdown=5)
+        self._server = uvicorn.Server(config)
+        self._server.install_signal_handlers = lambda: None  # not ours: the kernel/script owns signals
+        self._task = asyncio.ensure_future(self._server.serve())
+        t = time.monotonic()
+        while not self._server.started:
+            if self._task.done():
+                exc = self._task.exception()
+                self._task = None
+                raise RuntimeError(f"endpoint could not listen on {self.host}:{self.port}: {exc!r}")
+            if time.monotonic() - t > 30:
+                raise RuntimeError(f"endpoint did not start on {self.host}:{self.port} within 30 s")
+            await asyncio.sleep(0.02)
+        return self
+
+    async def _astop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._task is not None:
+            try:
+                await asyncio.wait_for(self._task, 10)
+            except (asyncio.TimeoutError, Exception):
+                self._task.cancel()
+        self._task = self._server = None
+        await self.router.aclose()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def start(self) -> "Endpoint":
+        from .plan import port_is_free
+        if not port_is_free(self.host, self.port):
+            raise ValueError(f"port={self.port!r}: already in use on {self.host}")
+        return loop.run(self._astart())
+
+    def stop(self) -> None:
+        loop.run(self._astop())
+
+    async def astart(self) -> "Endpoint":
+        return await loop.wrap(self._astart())
+
+    async def astop(self) -> None:
+        await loop.wrap(self._astop())
+
+    def __enter__(self) -> "Endpoint":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def records_frame(self):
+        import pandas as pd
+        from dataclasses import asdict
+        return pd.DataFrame([asdict(r) for r in self.router.records])
