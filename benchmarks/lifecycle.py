@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from nbkit import Cluster, loop
-from nbkit.demo import spread_load
+from nbkit.demo import closed_loop
 
 
 def measure(name: str, cluster: Cluster, args, load: bool = True) -> dict:
@@ -32,15 +32,17 @@ def measure(name: str, cluster: Cluster, args, load: bool = True) -> dict:
            "cold_start_s": round(cold, 1)}
     try:
         if load:
-            # warm-up, then the measured run
-            loop.run(spread_load(cluster.ranks, cluster.model, requests=len(cluster.ranks) * 4,
-                                 concurrency=8, max_tokens=8))
-            results, wall = loop.run(spread_load(cluster.ranks, cluster.model, requests=args.requests,
-                                                 concurrency=args.concurrency, max_tokens=args.max_tokens))
-            ok = [r for r in results if r.ok]
-            row.update(requests=len(results), failed=len(results) - len(ok), wall_s=round(wall, 2),
-                       gen_tok_per_s=round(sum(r.completion_tokens for r in ok) / wall, 1),
-                       mean_latency_s=round(sum(r.latency_s for r in ok) / max(1, len(ok)), 3))
+            with cluster.client("round_robin") as client:
+                # warm-up, then the measured run
+                loop.run(closed_loop(client, requests=len(cluster.ranks) * 4, concurrency=8, max_tokens=8))
+                client.router.records.clear()
+                wall = loop.run(closed_loop(client, requests=args.requests, concurrency=args.concurrency,
+                                            max_tokens=args.max_tokens))
+                recs = client.records
+            ok = [r for r in recs if r.outcome == "ok"]
+            row.update(requests=len(recs), failed=len(recs) - len(ok), wall_s=round(wall, 2),
+                       gen_tok_per_s=round(sum(r.tokens_out for r in ok) / wall, 1),
+                       mean_latency_s=round(sum(r.e2e_s for r in ok) / max(1, len(ok)), 3))
     finally:
         cluster.stop()
     print(row, flush=True)

@@ -172,7 +172,7 @@ class RoutedClient:
                         if line.startswith(b"data:"):
                             data = line[5:].strip()
                             if data == b"[DONE]":
-                                return
+                                continue  # let the upstream end by itself, so the record says "ok"
                             obj = json.loads(data)
                             if obj.get("usage") and obj["usage"].get("completion_tokens") is not None:
                                 up.record.tokens_out = obj["usage"]["completion_tokens"]

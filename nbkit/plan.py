@@ -556,7 +556,7 @@ def _assign_ports(specs, port_start: int, port_free) -> list[int]:
 
 
 def data_parallel_specs(model: str, *, dp_size: int, nodes: int, address: str = "127.0.0.1",
-                        rpc_port: int = 13345, **common) -> list[ReplicaSpec]:
+                        rpc_port: int | None = None, **common) -> list[ReplicaSpec]:
     """The multi-node DP layout: a head (API server + first ranks) and ``nodes - 1`` headless nodes.
 
     Each node runs ``dp_size // nodes`` ranks. On real machines run spec 0 on the head node and
@@ -565,6 +565,8 @@ def data_parallel_specs(model: str, *, dp_size: int, nodes: int, address: str = 
     if nodes < 1 or dp_size % nodes:
         raise SpecError("nodes", nodes, f"dp_size={dp_size} must split evenly over the nodes")
     local = dp_size // nodes
+    if rpc_port is None:  # the first free port from 13345 (on this machine: the head's, when rehearsing)
+        rpc_port = next(p for p in range(13345, 14345) if port_is_free("127.0.0.1", p))
     specs = []
     for k in range(nodes):
         specs.append(ReplicaSpec(model=model, dp_size=dp_size, dp_size_local=local, dp_start_rank=k * local,

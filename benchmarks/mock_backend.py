@@ -1,0 +1,131 @@
+"""A minimal OpenAI-ish HTTP backend that answers at once, for measuring router overhead.
+
+    .venv/bin/python benchmarks/mock_backend.py --port 18001 [--host 127.0.0.1] [--parent-pid PID]
+
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (a small fixed JSON body with
+``usage``), ``GET /health`` (200), ``GET /v1/models``, ``GET /metrics`` (a tiny vLLM-style
+Prometheus text, all gauges 0), and any other GET -> 200 ``{}`` (peers probe paths such as
+``/get_server_info``); any other POST -> the completion body. Bodies are pre-encoded bytes, so the
+backend's own cost is as small as uvicorn + starlette allow. With ``--parent-pid`` it exits when
+that process is gone (no orphan if the benchmark is killed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+JSON = "application/json"
+
+COMPLETION = json.dumps({
+    "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": "m",
+    "choices": [{"index": 0, "text": "!", "logprobs": None, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}).encode()
+
+CHAT = json.dumps({
+    "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": "m",
+    "choices": [{"index": 0, "message": {"role": "assistant", "content": "!"}, "finish_reason": "length"}],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}).encode()
+
+MODELS = json.dumps({"object": "list", "data": [
+    {"id": "m", "object": "model", "created": 0, "owned_by": "mock", "root": "m", "max_model_len": 2048}]}).encode()
+
+_LABELS = '{engine="0",model_name="m"}'
+METRICS = (
+    "# HELP vllm:num_requests_running Number of requests in model execution batches.\n"
+    "# TYPE vllm:num_requests_running gauge\n"
+    f"vllm:num_requests_running{_LABELS} 0.0\n"
+    "# HELP vllm:num_requests_waiting Number of requests waiting to be processed.\n"
+    "# TYPE vllm:num_requests_waiting gauge\n"
+    f"vllm:num_requests_waiting{_LABELS} 0.0\n"
+    "# HELP vllm:kv_cache_usage_perc KV-cache usage. 1 means 100 percent usage.\n"
+    "# TYPE vllm:kv_cache_usage_perc gauge\n"
+    f"vllm:kv_cache_usage_perc{_LABELS} 0.0\n"
+).encode()
+
+
+async def completions(request: Request) -> Response:
+    await request.body()
+    return Response(COMPLETION, media_type=JSON)
+
+
+async def chat(request: Request) -> Response:
+    await request.body()
+    return Response(CHAT, media_type=JSON)
+
+
+async def health(request: Request) -> Response:
+    return Response(b"", status_code=200)
+
+
+async def models(request: Request) -> Response:
+    return Response(MODELS, media_type=JSON)
+
+
+async def metrics(request: Request) -> Response:
+    return Response(METRICS, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def other(request: Request) -> Response:
+    if request.method == "POST":
+        await request.body()
+        return Response(COMPLETION, media_type=JSON)
+    return Response(b"{}", media_type=JSON)
+
+
+def build_app(parent_pid: int | None = None) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        task = asyncio.ensure_future(_watch_parent(parent_pid)) if parent_pid else None
+        yield
+        if task is not None:
+            task.cancel()
+
+    return Starlette(lifespan=lifespan, routes=[
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/{path:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
+    ])
+
+
+async def _watch_parent(pid: int) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            os._exit(0)
+        except PermissionError:
+            pass
+
+
+def main() -> None:
+    import uvicorn
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--parent-pid", type=int, default=None)
+    args = ap.parse_args()
+
+    app = build_app(args.parent_pid)
+    # uvloop + httptools when installed (uvicorn's "auto"); no access log.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False,
+                lifespan="on")
+
+
+if __name__ == "__main__":
+    main()

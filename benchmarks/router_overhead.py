@@ -1,0 +1,576 @@
+"""Added latency of nbkit's in-process client and endpoint vs calling a replica directly, side by side
+with sglang-router and vllm-router, over the same two minimal local HTTP backends, in one run.
+
+    .venv/bin/python benchmarks/router_overhead.py [--quick] [--peers-venv .bench-venv]
+                                                  [--paths direct,client-rr,...] [--rates 50,200]
+
+The peers live in a separate venv so they do not disturb the project's:
+    python3 -m venv .bench-venv && .bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17
+A peer that is missing or fails to start is reported and skipped; the others still run.
+
+What runs (all on 127.0.0.1):
+  backends   2 processes of benchmarks/mock_backend.py (uvicorn + starlette), answering at once
+  direct     httpx.AsyncClient -> backend (alternating the two)
+  client-*   nbkit.client.RoutedClient (on nbkit's loop thread, in this process) -> backend
+  endpoint-* nbkit.dispatch.Endpoint in its own process; httpx -> endpoint -> backend
+  sglang-*   sglang-router launch ...; httpx -> router -> backend
+  vllm-*     vllm-router ...; httpx -> router -> backend
+Load: open loop, request i is sent at t0 + i/rate whatever happened to the others, after a
+warm-up that is discarded. Latency is time.perf_counter() around the call. Right before each
+(path, rate) a direct baseline runs at the same rate; "added" = path - that baseline (p50, p99).
+Prints a table and the issue's goals, and writes benchmarks/results/router_overhead.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Awaitable, Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+BODY = {"model": "m", "prompt": "hi", "max_tokens": 1}
+BODY_BYTES = json.dumps(BODY).encode()
+HEADERS = {"content-type": "application/json"}
+REQUEST_TIMEOUT_S = 10.0
+
+GOAL_CLIENT_P50_MS = 0.2
+GOAL_ENDPOINT_P99_MS = 1.0
+GOAL_RATE = 200.0
+
+# name -> (kind, policy)
+ALL_PATHS = {
+    "direct": ("direct", None),
+    "client-rr": ("client", "round_robin"),
+    "client-ll": ("client", "least_load"),
+    "endpoint-rr": ("endpoint", "round_robin"),
+    "endpoint-ll": ("endpoint", "least_load"),
+    "sglang-rr": ("sglang", "round_robin"),
+    "sglang-ca": ("sglang", "cache_aware"),
+    "vllm-rr": ("vllm", "round_robin"),
+}
+LABELS = {
+    "direct": "direct",
+    "client": "nbkit client",
+    "endpoint": "nbkit endpoint",
+    "sglang": "sglang-router",
+    "vllm": "vllm-router",
+}
+
+
+# -- small helpers ---------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def percentile(sorted_xs: list[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_xs:
+        return float("nan")
+    k = (len(sorted_xs) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(sorted_xs) - 1)
+    return sorted_xs[lo] + (sorted_xs[hi] - sorted_xs[lo]) * (k - lo)
+
+
+def machine() -> dict:
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {"cpu_model": cpu or platform.processor(), "cores_online": os.cpu_count(), "cores_usable": affinity,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "loadavg_at_start": list(os.getloadavg())}
+
+
+def versions(peers_venv: Path | None) -> dict:
+    from importlib import metadata
+    out = {}
+    for pkg in ("nbkit", "httpx", "uvicorn", "starlette", "httptools", "uvloop"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    py = peers_venv / "bin" / "python" if peers_venv else None
+    for pkg in ("sglang-router", "vllm-router"):
+        out[pkg] = None
+        if py and py.exists():
+            try:
+                r = subprocess.run([str(py), "-c", f"import importlib.metadata as m; print(m.version({pkg!r}))"],
+                                   capture_output=True, text=True, timeout=30)
+                out[pkg] = r.stdout.strip() or None
+            except (OSError, subprocess.SubprocessError):
+                pass
+    return out
+
+
+# -- child processes -------------------------------------------------------------------------------
+class Children:
+    """Processes this benchmark started: each in its own session (process group), logged to a file,
+    killed by process group at the end; with setpriv (util-linux) they also get SIGKILL if this
+    process dies without cleaning up."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir = log_dir
+        self.procs: list[tuple[str, subprocess.Popen, Path]] = []
+        self._setpriv = shutil.which("setpriv")
+
+    def start(self, name: str, argv: list[str], env: dict | None = None) -> subprocess.Popen:
+        log = self.log_dir / f"{name}.log"
+        full = ([self._setpriv, "--pdeathsig", "KILL", "--"] if self._setpriv else []) + argv
+        with open(log, "wb") as f:
+            p = subprocess.Popen(full, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
+                                 start_new_session=True, env=env, cwd=str(ROOT))
+        self.procs.append((name, p, log))
+        return p
+
+    def log_tail(self, p: subprocess.Popen, chars: int = 1500) -> str:
+        for _, q, log in self.procs:
+            if q is p:
+                try:
+                    return log.read_text(errors="replace")[-chars:]
+                except OSError:
+                    return ""
+        return ""
+
+    def stop(self, p: subprocess.Popen, grace: float = 5.0) -> None:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                p.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+        # the group may hold more than the leader (a launcher's children): kill what is left
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self.procs = [t for t in self.procs if t[1] is not p]
+
+    def stop_all(self) -> None:
+        for _, p, _ in list(reversed(self.procs)):
+            self.stop(p)
+
+
+async def wait_ready(client, url: str, proc: subprocess.Popen | None, timeout: float) -> str | None:
+    """Poll a real completion through ``url`` until it answers 200; None when ready, else why not."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return f"exited with code {proc.returncode}"
+        try:
+            r = await client.post(url + "/v1/completions", content=BODY_BYTES, headers=HEADERS, timeout=2.0)
+            if r.status_code == 200:
+                return None
+            last = f"HTTP {r.status_code}: {r.text[:300]}"
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = repr(e)
+        await asyncio.sleep(0.2)
+    return f"not ready after {timeout:.0f} s (last: {last})"
+
+
+# -- load generation -------------------------------------------------------------------------------
+async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int) -> dict:
+    """Send ``n`` requests at ``rate``/s, open loop; per-request latency around ``send``."""
+    lat: list[float] = []
+    lag: list[float] = []
+    errors: list[str] = []
+
+    async def one(i: int) -> None:
+        t = time.perf_counter()
+        try:
+            ok = await send(i)
+            err = "" if ok is True else str(ok)
+        except Exception as e:  # noqa: BLE001 - counted as an error
+            err = repr(e)
+        dt = time.perf_counter() - t
+        if err:
+            errors.append(err)
+        else:
+            lat.append(dt)
+
+    tasks = []
+    t0 = time.perf_counter() + 0.005
+    for i in range(n):
+        target = t0 + i / rate
+        d = target - time.perf_counter()
+        if d > 0:
+            await asyncio.sleep(d)
+        lag.append(time.perf_counter() - target)
+        tasks.append(asyncio.ensure_future(one(i)))
+    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5)
+    for t in pending:
+        t.cancel()
+        errors.append("no answer (cancelled)")
+    wall = time.perf_counter() - t0
+    lat.sort()
+    lag.sort()
+    return {
+        "n": n, "ok": len(lat), "errors": len(errors), "error_sample": sorted(set(errors))[:3],
+        "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
+        "p99_ms": percentile(lat, 99) * 1e3, "max_ms": (lat[-1] * 1e3) if lat else float("nan"),
+        "mean_ms": (sum(lat) / len(lat) * 1e3) if lat else float("nan"),
+        "send_lag_p99_ms": percentile(lag, 99) * 1e3, "wall_s": wall, "achieved_rate": n / wall if wall else 0.0,
+    }
+
+
+def http_client():
+    import httpx
+    return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S,
+                             limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024))
+
+
+def http_sender(client, urls: list[str]) -> Callable[[int], Awaitable[bool]]:
+    targets = [u + "/v1/completions" for u in urls]
+
+    async def send(i: int):
+        r = await client.post(targets[i % len(targets)], content=BODY_BYTES, headers=HEADERS)
+        if r.status_code != 200:
+            return f"HTTP {r.status_code}: {r.text[:200]}"
+        return True
+
+    return send
+
+
+# -- paths -----------------------------------------------------------------------------------------
+class Path_:
+    """A measured path: start() -> (send, error or None); stop()."""
+
+    def __init__(self, name: str, kind: str, policy: str | None):
+        self.name, self.kind, self.policy = name, kind, policy
+        self.label = LABELS[kind] + (f" ({policy})" if policy else "")
+
+
+async def start_path(p: Path_, ctx: dict) -> tuple[Callable | None, Callable[[], Awaitable[None]] | None, str | None]:
+    """Start a path. Returns (send, stop, error)."""
+    backends: list[str] = ctx["backends"]
+    children: Children = ctx["children"]
+    startup_timeout = ctx["startup_timeout"]
+
+    if p.kind == "direct":
+        return http_sender(ctx["direct_client"], backends), None, None
+
+    if p.kind == "client":
+        from nbkit.client import RoutedClient
+        from nbkit.cluster import Rank
+        ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
+        rc = RoutedClient(ranks, policy=p.policy, model="m")
+
+        async def send(i: int):
+            out = await rc.complete("hi", max_tokens=1, model="m")
+            return True if out.get("choices") else f"bad body: {str(out)[:200]}"
+
+        async def stop():
+            await rc.aclose()
+
+        try:
+            await rc.__aenter__()
+            await send(0)
+        except Exception as e:  # noqa: BLE001
+            await stop()
+            return None, None, f"RoutedClient failed: {e!r}"
+        return send, stop, None
+
+    port = free_port()
+    if p.kind == "endpoint":
+        argv = [sys.executable, str(Path(__file__).resolve()), "--serve-endpoint", "--port", str(port),
+                "--policy", p.policy, "--parent-pid", str(os.getpid()), "--urls", *backends]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+    else:
+        venv: Path | None = ctx["peers_venv"]
+        exe = venv / "bin" / ("sglang-router" if p.kind == "sglang" else "vllm-router") if venv else None
+        if exe is None or not exe.exists():
+            return None, None, (f"{exe or p.kind + '-router'} not found; install with: python3 -m venv .bench-venv && "
+                                ".bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17 "
+                                "and pass --peers-venv .bench-venv")
+        prom = str(free_port())
+        common = ["--host", "127.0.0.1", "--port", str(port), "--worker-urls", *backends, "--policy", p.policy,
+                  "--prometheus-host", "127.0.0.1", "--prometheus-port", prom,
+                  "--worker-startup-check-interval", "1", "--worker-startup-timeout-secs", str(int(startup_timeout))]
+        if p.kind == "sglang":
+            argv = [str(exe), "launch", *common, "--log-level", "warn"]
+        else:
+            argv = [str(exe), *common, "--log-level", "warning"]
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+    proc = children.start(p.name, argv, env=env)
+    url = f"http://127.0.0.1:{port}"
+    client = http_client()
+    err = await wait_ready(client, url, proc, startup_timeout)
+    if err:
+        tail = children.log_tail(proc)
+        await client.aclose()
+        children.stop(proc)
+        return None, None, f"{' '.join(argv[:2])} ...: {err}\n--- log tail ---\n{tail}"
+
+    async def stop_proc():
+        await client.aclose()
+        children.stop(proc)
+
+    return http_sender(client, [url]), stop_proc, None
+
+
+# -- nbkit endpoint in its own process -------------------------------------------------------------
+def serve_endpoint(args) -> None:
+    from nbkit.cluster import Rank
+    from nbkit.dispatch import Endpoint
+
+    ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(args.urls)]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning")
+    ep.start()
+    print(f"nbkit endpoint on {ep.url} policy={args.policy}", flush=True)
+    try:
+        while not stop.wait(0.5):
+            if args.parent_pid:
+                try:
+                    os.kill(args.parent_pid, 0)
+                except ProcessLookupError:
+                    break
+    finally:
+        ep.stop()
+
+
+# -- main ------------------------------------------------------------------------------------------
+def fmt(x: float | None, width: int = 8) -> str:
+    if x is None or x != x:
+        return " " * (width - 1) + "-"
+    return f"{x:{width}.3f}"
+
+
+async def run(args) -> dict:
+    log_dir = Path(tempfile.mkdtemp(prefix="nbkit-router-bench-"))
+    children = Children(log_dir)
+    deadline = time.monotonic() + args.max_seconds
+    rows: list[dict] = []
+    failures: dict[str, str] = {}
+    started = time.time()
+    direct_client = None
+    try:
+        ports = [free_port(), free_port()]
+        backends = [f"http://127.0.0.1:{p}" for p in ports]
+        procs = [children.start(f"backend{i}", [sys.executable, str(HERE / "mock_backend.py"), "--port", str(p),
+                                                 "--parent-pid", str(os.getpid())])
+                 for i, p in enumerate(ports)]
+        direct_client = http_client()
+        for url, proc in zip(backends, procs):
+            err = await wait_ready(direct_client, url, proc, 30)
+            if err:
+                raise RuntimeError(f"backend {url}: {err}\n{children.log_tail(proc)}")
+        print(f"backends: {' '.join(backends)}  (logs in {log_dir})", flush=True)
+        ctx = {"backends": backends, "children": children, "peers_venv": args.peers_venv,
+               "startup_timeout": args.startup_timeout, "direct_client": direct_client}
+        direct_send = http_sender(direct_client, backends)
+
+        def n_for(rate: float) -> int:
+            if args.requests:
+                return args.requests
+            if args.quick:
+                return 200
+            return 2000 if rate >= 200 else 500 if rate <= 50 else int(rate * 10)
+
+        for name in args.paths:
+            kind, policy = ALL_PATHS[name]
+            path = Path_(name, kind, policy)
+            est = sum(n_for(r) * (1 + args.baseline_frac) / r + 2 * args.warmup_s for r in args.rates)
+            if time.monotonic() + est > deadline:
+                failures[path.label] = f"skipped: would pass --max-seconds {args.max_seconds:.0f}"
+                print(f"[{path.label}] {failures[path.label]}", flush=True)
+                continue
+            t = time.perf_counter()
+            send, stop, err = await start_path(path, ctx)
+            if err:
+                failures[path.label] = err
+                print(f"[{path.label}] FAILED TO START: {err}", flush=True)
+                continue
+            print(f"[{path.label}] ready in {time.perf_counter() - t:.1f} s", flush=True)
+            try:
+                for rate in args.rates:
+                    n = n_for(rate)
+                    base = None
+                    if kind != "direct":
+                        nb = max(50, int(n * args.baseline_frac))
+                        await open_loop(direct_send, rate, max(1, int(rate * args.warmup_s / 4)))
+                        base = await open_loop(direct_send, rate, nb)
+                    await open_loop(send, rate, max(1, int(rate * args.warmup_s)))
+                    res = await open_loop(send, rate, n)
+                    if base is None:  # the direct path is its own baseline
+                        base = res
+                    row = {"path": name, "label": path.label, "kind": kind, "policy": policy, "rate": rate, **res,
+                           "baseline": {k: base[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")},
+                           "added_p50_ms": res["p50_ms"] - base["p50_ms"],
+                           "added_p99_ms": res["p99_ms"] - base["p99_ms"]}
+                    rows.append(row)
+                    print(f"  {rate:5.0f} req/s  n={n:5d}  p50 {res['p50_ms']:.3f}  p99 {res['p99_ms']:.3f}  "
+                          f"(direct p50 {base['p50_ms']:.3f} p99 {base['p99_ms']:.3f})  errors {res['errors']}"
+                          + (f"  e.g. {res['error_sample'][0]}" if res["error_sample"] else "")
+                          + (f"  [generator late: p99 {res['send_lag_p99_ms']:.1f} ms]"
+                             if res["send_lag_p99_ms"] > 2 else ""), flush=True)
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                failures[path.label] = f"failed while measuring: {e!r}"
+                print(f"[{path.label}] {failures[path.label]}", flush=True)
+            finally:
+                if stop is not None:
+                    try:
+                        await stop()
+                    except Exception as e:  # noqa: BLE001
+                        print(f"[{path.label}] stop: {e!r}", flush=True)
+    finally:
+        if direct_client is not None:
+            await direct_client.aclose()
+        children.stop_all()
+    return {"rows": rows, "failures": failures, "elapsed_s": time.time() - started, "log_dir": str(log_dir)}
+
+
+def report(out: dict, args) -> list[str]:
+    lines = []
+    hdr = (f"{'path':<30} {'rate':>5} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'base p50':>8} {'base p99':>8} "
+           f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6}")
+    lines += [hdr, "-" * len(hdr)]
+    for r in out["rows"]:
+        direct = r["kind"] == "direct"
+        lines.append(f"{r['label']:<30} {r['rate']:5.0f} {r['n']:5d} {fmt(r['p50_ms'])} {fmt(r['p99_ms'])} "
+                     f"{fmt(r['baseline']['p50_ms'])} {fmt(r['baseline']['p99_ms'])} "
+                     f"{fmt(None if direct else r['added_p50_ms'])} {fmt(None if direct else r['added_p99_ms'])} "
+                     f"{r['errors']:6d}")
+    for label, why in out["failures"].items():
+        first = why.splitlines()[0] if why else ""
+        lines.append(f"{label:<30} not measured: {first}")
+    lines.append("")
+    goals = []
+    for r in out["rows"]:
+        if r["rate"] != GOAL_RATE:
+            continue
+        if r["kind"] == "client":
+            v, goal, what = r["added_p50_ms"], GOAL_CLIENT_P50_MS, "added p50"
+        elif r["kind"] == "endpoint":
+            v, goal, what = r["added_p99_ms"], GOAL_ENDPOINT_P99_MS, "added p99"
+        else:
+            continue
+        ok = r["errors"] == 0 and v <= goal
+        goals.append({"path": r["label"], "metric": what, "value_ms": v, "goal_ms": goal, "pass": ok})
+        lines.append(f"{r['label']} {what} at {GOAL_RATE:.0f} req/s: {v:.3f} ms (goal <= {goal:g} ms): "
+                     f"{'PASS' if ok else 'FAIL'}")
+    if not goals:
+        lines.append(f"goals not checked: no nbkit row at {GOAL_RATE:.0f} req/s")
+    out["goals"] = goals
+    return lines
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--quick", action="store_true", help="200 requests per (path, rate): for development")
+    ap.add_argument("--requests", type=int, default=None,
+                    help="requests per (path, rate) (default 2000 at 200 req/s, 500 at 50 req/s)")
+    ap.add_argument("--rates", default="50,200", help="comma-separated req/s (default 50,200)")
+    ap.add_argument("--paths", default=",".join(ALL_PATHS),
+                    help=f"comma-separated, from {','.join(ALL_PATHS)} (default all)")
+    ap.add_argument("--peers-venv", type=Path, default=ROOT / ".bench-venv",
+                    help="venv with sglang-router and vllm-router (default .bench-venv)")
+    ap.add_argument("--baseline-frac", type=float, default=0.5,
+                    help="size of the direct baseline run before each (path, rate), as a fraction of n")
+    ap.add_argument("--warmup-s", type=float, default=1.0, help="seconds of discarded warm-up load per run")
+    ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds a router may take to be ready")
+    ap.add_argument("--max-seconds", type=float, default=285.0,
+                    help="skip paths that would not finish within this many seconds (default 285)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "router_overhead.json")
+    ap.add_argument("--uvloop", action="store_true", help="run the load generator on uvloop (default: asyncio)")
+    # internal: the nbkit endpoint's own process
+    ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--urls", nargs="*", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+    bad = [p for p in args.paths if p not in ALL_PATHS]
+    if bad:
+        ap.error(f"--paths: unknown {bad}; choose from {list(ALL_PATHS)}")
+    if args.quick:
+        args.warmup_s = min(args.warmup_s, 0.5)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.serve_endpoint:
+        serve_endpoint(args)
+        return 0
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _term)
+    info = machine()
+    print(f"machine: {info['cpu_model']}, {info['cores_usable']} usable cores, python {info['python']}, "
+          f"loadavg {info['loadavg_at_start']}", flush=True)
+    if info["loadavg_at_start"][0] > 0.5 * (info["cores_usable"] or 1):
+        print("note: the machine is busy (loadavg above); latencies will be noisier than on an idle machine",
+              flush=True)
+    if args.uvloop:
+        import uvloop
+        out = uvloop.run(run(args))
+    else:
+        out = asyncio.run(run(args))
+    info["loadavg_at_end"] = list(os.getloadavg())
+    lines = report(out, args)
+    print()
+    print("\n".join(lines))
+    result = {
+        "benchmark": "router_overhead",
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": info,
+        "versions": versions(args.peers_venv),
+        "workload": {"body": BODY, "endpoint": "/v1/completions", "backends": 2,
+                     "backend": "benchmarks/mock_backend.py (uvicorn+starlette, fixed body, answers at once)",
+                     "arrivals": "open loop, constant rate", "rates": args.rates,
+                     "requests": {str(r): (args.requests or (200 if args.quick else
+                                                             2000 if r >= 200 else 500 if r <= 50 else int(r * 10)))
+                                  for r in args.rates},
+                     "warmup_s": args.warmup_s, "baseline_frac": args.baseline_frac,
+                     "generator_loop": "uvloop" if args.uvloop else "asyncio", "quick": args.quick,
+                     "added": "path minus a direct baseline run at the same rate right before it"},
+        "goals": out["goals"], "rows": out["rows"], "not_measured": out["failures"],
+        "elapsed_s": round(out["elapsed_s"], 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"\nwrote {args.out} ({out['elapsed_s']:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
