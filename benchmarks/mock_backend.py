@@ -5,7 +5,8 @@
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (a small fixed JSON body with
 ``usage``), ``GET /health`` (200), ``GET /v1/models``, ``GET /metrics`` (a tiny vLLM-style
 Prometheus text, all gauges 0), and any other GET -> 200 ``{}`` (peers probe paths such as
-``/get_server_info``); any other POST -> the completion body. Bodies are pre-encoded bytes, so the
+``/get_server_info``); any other POST -> the completion body. ``GET /_bench/stats`` counts what
+was asked (completions, metrics scrapes, health checks, other paths). Bodies are pre-encoded bytes, so the
 backend's own cost is as small as uvicorn + starlette allow. With ``--parent-pid`` it exits when
 that process is gone (no orphan if the benchmark is killed).
 """
@@ -54,29 +55,44 @@ METRICS = (
 ).encode()
 
 
+#: what this backend was asked, for the benchmark to check how a router spread the load
+STATS = {"completions": 0, "chat": 0, "metrics": 0, "health": 0, "models": 0, "other": {}}
+
+
 async def completions(request: Request) -> Response:
     await request.body()
+    STATS["completions"] += 1
     return Response(COMPLETION, media_type=JSON)
 
 
 async def chat(request: Request) -> Response:
     await request.body()
+    STATS["chat"] += 1
     return Response(CHAT, media_type=JSON)
 
 
 async def health(request: Request) -> Response:
+    STATS["health"] += 1
     return Response(b"", status_code=200)
 
 
 async def models(request: Request) -> Response:
+    STATS["models"] += 1
     return Response(MODELS, media_type=JSON)
 
 
 async def metrics(request: Request) -> Response:
+    STATS["metrics"] += 1
     return Response(METRICS, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
+async def stats(request: Request) -> Response:
+    return Response(json.dumps(STATS).encode(), media_type=JSON)
+
+
 async def other(request: Request) -> Response:
+    key = f"{request.method} {request.url.path}"
+    STATS["other"][key] = STATS["other"].get(key, 0) + 1
     if request.method == "POST":
         await request.body()
         return Response(COMPLETION, media_type=JSON)
@@ -97,6 +113,7 @@ def build_app(parent_pid: int | None = None) -> Starlette:
         Route("/health", health, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
+        Route("/_bench/stats", stats, methods=["GET"]),
         Route("/{path:path}", other, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD"]),
     ])
 

@@ -126,6 +126,29 @@ def versions(peers_venv: Path | None) -> dict:
     return out
 
 
+def group_cpu_s(pgid: int) -> float:
+    """CPU seconds (user + system) used so far by the processes of process group ``pgid``."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/stat", "rb") as f:
+                st = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        # after "comm)": state ppid pgrp session tty tpgid flags minflt cminflt majflt cmajflt utime stime
+        if int(st[2]) == pgid:
+            total += int(st[11]) + int(st[12])
+    return total / tick
+
+
+def self_cpu_s() -> float:
+    t = os.times()
+    return t.user + t.system
+
+
 # -- child processes -------------------------------------------------------------------------------
 class Children:
     """Processes this benchmark started: each in its own session (process group), logged to a file,
@@ -244,6 +267,30 @@ async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int)
     }
 
 
+async def backend_stats(client, backends: list[str]) -> list[dict] | None:
+    try:
+        return [(await client.get(u + "/_bench/stats", timeout=5.0)).json() for u in backends]
+    except Exception:  # noqa: BLE001 - the numbers are a check, not the measurement
+        return None
+
+
+def stats_delta(before: list[dict] | None, after: list[dict] | None) -> dict | None:
+    """What the backends were asked between two snapshots: completions per backend, and the
+    routers' side traffic (metrics scrapes, health checks, other paths) summed."""
+    if not before or not after:
+        return None
+    side: dict = {"metrics": 0, "health": 0, "models": 0, "other": {}}
+    for b, a in zip(before, after):
+        for k in ("metrics", "health", "models"):
+            side[k] += a[k] - b[k]
+        for k, v in a["other"].items():
+            d = v - b["other"].get(k, 0)
+            if d:
+                side["other"][k] = side["other"].get(k, 0) + d
+    return {"completions_per_backend": [a["completions"] + a["chat"] - b["completions"] - b["chat"]
+                                        for b, a in zip(before, after)], "side_traffic": side}
+
+
 def http_client():
     import httpx
     return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S,
@@ -269,6 +316,17 @@ class Path_:
     def __init__(self, name: str, kind: str, policy: str | None):
         self.name, self.kind, self.policy = name, kind, policy
         self.label = LABELS[kind] + (f" ({policy})" if policy else "")
+        self.proc: subprocess.Popen | None = None
+
+
+def cpu_snapshot(ctx: dict, p: Path_) -> dict:
+    """CPU seconds so far of: this process (load generator, plus nbkit's loop thread for the client
+    path), the path's router process (if any), and the two backends."""
+    snap = {"generator_process": self_cpu_s(),
+            "backends": sum(group_cpu_s(q.pid) for q in ctx["backend_procs"])}
+    if p.proc is not None:
+        snap["router_process"] = group_cpu_s(p.proc.pid)
+    return snap
 
 
 async def start_path(p: Path_, ctx: dict) -> tuple[Callable | None, Callable[[], Awaitable[None]] | None, str | None]:
@@ -322,7 +380,7 @@ async def start_path(p: Path_, ctx: dict) -> tuple[Callable | None, Callable[[],
         else:
             argv = [str(exe), *common, "--log-level", "warning"]
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-    proc = children.start(p.name, argv, env=env)
+    proc = p.proc = children.start(p.name, argv, env=env)
     url = f"http://127.0.0.1:{port}"
     client = http_client()
     err = await wait_ready(client, url, proc, startup_timeout)
@@ -390,7 +448,8 @@ async def run(args) -> dict:
                 raise RuntimeError(f"backend {url}: {err}\n{children.log_tail(proc)}")
         print(f"backends: {' '.join(backends)}  (logs in {log_dir})", flush=True)
         ctx = {"backends": backends, "children": children, "peers_venv": args.peers_venv,
-               "startup_timeout": args.startup_timeout, "direct_client": direct_client}
+               "startup_timeout": args.startup_timeout, "direct_client": direct_client,
+               "backend_procs": procs}
         direct_send = http_sender(direct_client, backends)
 
         def n_for(rate: float) -> int:
@@ -424,7 +483,12 @@ async def run(args) -> dict:
                         await open_loop(direct_send, rate, max(1, int(rate * args.warmup_s / 4)))
                         base = await open_loop(direct_send, rate, nb)
                     await open_loop(send, rate, max(1, int(rate * args.warmup_s)))
+                    before = await backend_stats(direct_client, backends)
+                    cpu0 = cpu_snapshot(ctx, path)
                     res = await open_loop(send, rate, n)
+                    cpu1 = cpu_snapshot(ctx, path)
+                    res["backends"] = stats_delta(before, await backend_stats(direct_client, backends))
+                    res["cpu_ms_per_request"] = {k: (cpu1[k] - cpu0[k]) * 1e3 / n for k in cpu0}
                     if base is None:  # the direct path is its own baseline
                         base = res
                     row = {"path": name, "label": path.label, "kind": kind, "policy": policy, "rate": rate, **res,
@@ -435,6 +499,9 @@ async def run(args) -> dict:
                     print(f"  {rate:5.0f} req/s  n={n:5d}  p50 {res['p50_ms']:.3f}  p99 {res['p99_ms']:.3f}  "
                           f"(direct p50 {base['p50_ms']:.3f} p99 {base['p99_ms']:.3f})  errors {res['errors']}"
                           + (f"  e.g. {res['error_sample'][0]}" if res["error_sample"] else "")
+                          + (f"  split {res['backends']['completions_per_backend']}" if res["backends"] else "")
+                          + "  cpu ms/req " + " ".join(f"{k.split('_')[0]} {v:.2f}"
+                                                       for k, v in res["cpu_ms_per_request"].items())
                           + (f"  [generator late: p99 {res['send_lag_p99_ms']:.1f} ms]"
                              if res["send_lag_p99_ms"] > 2 else ""), flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the others

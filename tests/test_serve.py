@@ -50,3 +50,37 @@ def test_serve_one_instance_on_port_until_sigint(tiny_model_path, tmp_path):
         if proc.poll() is None:
             proc.kill()
         kill_tree(alive(pids))
+
+
+def test_serve_two_instances_behind_one_endpoint(tiny_model_path, tmp_path):
+    out_path = tmp_path / "serve2.out"
+    log = open(out_path, "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "-n", "2", "--port", "8466",
+                             "--port-start", "8467", "--policy", "round_robin", "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, text=True)
+    pids: list[int] = []
+    try:
+        deadline = time.monotonic() + 400
+        while "endpoint http://127.0.0.1:8466" not in out_path.read_text():
+            assert proc.poll() is None, out_path.read_text()
+            assert time.monotonic() < deadline, out_path.read_text()
+            time.sleep(1)
+        pids = [p for p in tree(proc.pid) if p != proc.pid]
+        assert httpx.get("http://127.0.0.1:8466/health").status_code == 200
+        seen = set()
+        for _ in range(4):
+            r = httpx.post("http://127.0.0.1:8466/v1/completions", timeout=120,
+                           json={"prompt": "Hello", "max_tokens": 3})
+            assert r.status_code == 200
+            seen.add(r.headers["x-nbkit-rank"])
+        assert seen == {"replica0", "replica1"}  # round robin over both instances
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 10
+        while alive(pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert alive(pids) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        kill_tree(alive(pids))
