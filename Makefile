@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.nbkit-installed
 PYTEST  := $(BIN)/python -m pytest
 NB_TIMEOUT ?= 1200
 
-.PHONY: venv model demo test test-fast test-vllm test-notebooks bench clean
+.PHONY: venv model chromium demo test test-fast test-vllm test-notebooks bench clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +23,11 @@ venv: $(STAMP)
 model: venv
 	$(BIN)/nbkit tiny-model
 
+# Debian's chromium for the browser test of the panel (Playwright drives it; never `playwright install`)
+chromium:
+	@command -v chromium >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
+
 demo: model
 	$(BIN)/nbkit demo --instances 2 --requests 300
 
@@ -35,7 +40,7 @@ test-vllm: model
 test-notebooks: model
 	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) notebooks
 
-test: model
+test: model chromium
 	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
 
 bench: model

@@ -3,6 +3,9 @@ with sglang-router and vllm-router, over the same two minimal local HTTP backend
 
     .venv/bin/python benchmarks/router_overhead.py [--quick] [--peers-venv .bench-venv]
                                                   [--paths direct,client-rr,...] [--rates 50,200]
+                                                  [--gen-client httpx|aiohttp]
+Defaults: 2000 requests per path at 200 req/s and 500 at 50 req/s, about 4-5 minutes in all
+(--max-seconds skips what would not fit); --quick: 200 per (path, rate), about a minute.
 
 The peers live in a separate venv so they do not disturb the project's:
     python3 -m venv .bench-venv && .bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17
@@ -10,14 +13,18 @@ A peer that is missing or fails to start is reported and skipped; the others sti
 
 What runs (all on 127.0.0.1):
   backends   2 processes of benchmarks/mock_backend.py (uvicorn + starlette), answering at once
-  direct     httpx.AsyncClient -> backend (alternating the two)
+  direct     the generator's client (httpx.AsyncClient; --gen-client aiohttp) -> backend, alternating
   client-*   nbkit.client.RoutedClient (on nbkit's loop thread, in this process) -> backend
-  endpoint-* nbkit.dispatch.Endpoint in its own process; httpx -> endpoint -> backend
-  sglang-*   sglang-router launch ...; httpx -> router -> backend
-  vllm-*     vllm-router ...; httpx -> router -> backend
+  endpoint-* nbkit.dispatch.Endpoint in its own process; generator -> endpoint -> backend
+  sglang-*   sglang-router launch ... in its own process; generator -> router -> backend
+  vllm-*     vllm-router ... in its own process; generator -> router -> backend
+  (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
 Load: open loop, request i is sent at t0 + i/rate whatever happened to the others, after a
-warm-up that is discarded. Latency is time.perf_counter() around the call. Right before each
-(path, rate) a direct baseline runs at the same rate; "added" = path - that baseline (p50, p99).
+warm-up that is discarded. Latency is time.perf_counter() around the call. For each (path, rate)
+a direct baseline runs at the same rate in blocks alternating with the path's blocks (so drift on
+a shared machine hits both); "added" = path - that baseline, at p50 and p99. CPU time per
+request of this process (load generator; plus nbkit's loop thread for the client path) and of the
+router process is recorded too: on a busy machine it is steadier than the latencies.
 Prints a table and the issue's goals, and writes benchmarks/results/router_overhead.json.
 """
 
@@ -44,7 +51,7 @@ ROOT = HERE.parent
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 1}
 BODY_BYTES = json.dumps(BODY).encode()
 HEADERS = {"content-type": "application/json"}
-REQUEST_TIMEOUT_S = 10.0
+REQUEST_TIMEOUT_S = 5.0  # a request slower than this counts as an error (the run is overloaded)
 
 GOAL_CLIENT_P50_MS = 0.2
 GOAL_ENDPOINT_P99_MS = 1.0
@@ -108,7 +115,7 @@ def machine() -> dict:
 def versions(peers_venv: Path | None) -> dict:
     from importlib import metadata
     out = {}
-    for pkg in ("nbkit", "httpx", "uvicorn", "starlette", "httptools", "uvloop"):
+    for pkg in ("nbkit", "httpx", "httpcore", "aiohttp", "uvicorn", "starlette", "httptools", "uvloop"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -243,7 +250,7 @@ async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int)
             lat.append(dt)
 
     tasks = []
-    t0 = time.perf_counter() + 0.005
+    t0 = time.perf_counter() + 0.002
     for i in range(n):
         target = t0 + i / rate
         d = target - time.perf_counter()
@@ -251,19 +258,26 @@ async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int)
             await asyncio.sleep(d)
         lag.append(time.perf_counter() - target)
         tasks.append(asyncio.ensure_future(one(i)))
-    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 5)
+    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 1)
     for t in pending:
         t.cancel()
         errors.append("no answer (cancelled)")
-    wall = time.perf_counter() - t0
-    lat.sort()
-    lag.sort()
+    return {"n": n, "lat": lat, "lag": lag, "errors": errors, "wall": time.perf_counter() - t0}
+
+
+def summarize(parts: list[dict]) -> dict:
+    """Pool the runs of one path (blocks) into percentiles, in ms."""
+    lat = sorted(x for p in parts for x in p["lat"])
+    lag = sorted(x for p in parts for x in p["lag"])
+    errors = [e for p in parts for e in p["errors"]]
+    n = sum(p["n"] for p in parts)
+    wall = sum(p["wall"] for p in parts)
     return {
         "n": n, "ok": len(lat), "errors": len(errors), "error_sample": sorted(set(errors))[:3],
         "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
         "p99_ms": percentile(lat, 99) * 1e3, "max_ms": (lat[-1] * 1e3) if lat else float("nan"),
         "mean_ms": (sum(lat) / len(lat) * 1e3) if lat else float("nan"),
-        "send_lag_p99_ms": percentile(lag, 99) * 1e3, "wall_s": wall, "achieved_rate": n / wall if wall else 0.0,
+        "send_lag_p99_ms": percentile(lag, 99) * 1e3, "achieved_rate": n / wall if wall else 0.0,
     }
 
 
@@ -292,26 +306,49 @@ def stats_delta(before: list[dict] | None, after: list[dict] | None) -> dict | N
 
 
 def http_client():
+    """httpx client for control calls (readiness, backend stats) and, by default, the load."""
     import httpx
     return httpx.AsyncClient(timeout=REQUEST_TIMEOUT_S,
                              limits=httpx.Limits(max_connections=1024, max_keepalive_connections=1024))
 
 
-def http_sender(client, urls: list[str]) -> Callable[[int], Awaitable[bool]]:
-    targets = [u + "/v1/completions" for u in urls]
+class LoadClient:
+    """The load generator's HTTP client: httpx.AsyncClient (default) or aiohttp (lighter on CPU)."""
 
-    async def send(i: int):
-        r = await client.post(targets[i % len(targets)], content=BODY_BYTES, headers=HEADERS)
-        if r.status_code != 200:
-            return f"HTTP {r.status_code}: {r.text[:200]}"
-        return True
+    def __init__(self, kind: str = "httpx"):
+        self.kind = kind
+        if kind == "aiohttp":
+            import aiohttp
+            self._c = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024),
+                                            timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
+        else:
+            self._c = http_client()
 
-    return send
+    def sender(self, urls: list[str]) -> Callable[[int], Awaitable[bool]]:
+        targets = [u + "/v1/completions" for u in urls]
+        c = self._c
+        if self.kind == "aiohttp":
+            async def send(i: int):
+                async with c.post(targets[i % len(targets)], data=BODY_BYTES, headers=HEADERS) as r:
+                    body = await r.read()
+                    return True if r.status == 200 else f"HTTP {r.status}: {body[:200]!r}"
+            return send
+
+        async def send(i: int):
+            r = await c.post(targets[i % len(targets)], content=BODY_BYTES, headers=HEADERS)
+            return True if r.status_code == 200 else f"HTTP {r.status_code}: {r.text[:200]}"
+        return send
+
+    async def aclose(self) -> None:
+        if self.kind == "aiohttp":
+            await self._c.close()
+        else:
+            await self._c.aclose()
 
 
 # -- paths -----------------------------------------------------------------------------------------
-class Path_:
-    """A measured path: start() -> (send, error or None); stop()."""
+class Target:
+    """A measured path (started by :func:`start_path`)."""
 
     def __init__(self, name: str, kind: str, policy: str | None):
         self.name, self.kind, self.policy = name, kind, policy
@@ -319,30 +356,30 @@ class Path_:
         self.proc: subprocess.Popen | None = None
 
 
-def cpu_snapshot(ctx: dict, p: Path_) -> dict:
+def cpu_snapshot(ctx: dict, p: Target | None) -> dict:
     """CPU seconds so far of: this process (load generator, plus nbkit's loop thread for the client
     path), the path's router process (if any), and the two backends."""
     snap = {"generator_process": self_cpu_s(),
             "backends": sum(group_cpu_s(q.pid) for q in ctx["backend_procs"])}
-    if p.proc is not None:
+    if p is not None and p.proc is not None:
         snap["router_process"] = group_cpu_s(p.proc.pid)
     return snap
 
 
-async def start_path(p: Path_, ctx: dict) -> tuple[Callable | None, Callable[[], Awaitable[None]] | None, str | None]:
+async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[], Awaitable[None]] | None, str | None]:
     """Start a path. Returns (send, stop, error)."""
     backends: list[str] = ctx["backends"]
     children: Children = ctx["children"]
     startup_timeout = ctx["startup_timeout"]
 
     if p.kind == "direct":
-        return http_sender(ctx["direct_client"], backends), None, None
+        return ctx["direct_send"], None, None
 
     if p.kind == "client":
         from nbkit.client import RoutedClient
         from nbkit.cluster import Rank
         ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
-        rc = RoutedClient(ranks, policy=p.policy, model="m")
+        rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S)
 
         async def send(i: int):
             out = await rc.complete("hi", max_tokens=1, model="m")
@@ -382,19 +419,19 @@ async def start_path(p: Path_, ctx: dict) -> tuple[Callable | None, Callable[[],
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "warn"))
     proc = p.proc = children.start(p.name, argv, env=env)
     url = f"http://127.0.0.1:{port}"
-    client = http_client()
-    err = await wait_ready(client, url, proc, startup_timeout)
+    err = await wait_ready(ctx["control_client"], url, proc, startup_timeout)
     if err:
         tail = children.log_tail(proc)
-        await client.aclose()
         children.stop(proc)
         return None, None, f"{' '.join(argv[:2])} ...: {err}\n--- log tail ---\n{tail}"
+
+    client = LoadClient(ctx["gen_client"])
 
     async def stop_proc():
         await client.aclose()
         children.stop(proc)
 
-    return http_sender(client, [url]), stop_proc, None
+    return client.sender([url]), stop_proc, None
 
 
 # -- nbkit endpoint in its own process -------------------------------------------------------------
@@ -427,30 +464,93 @@ def fmt(x: float | None, width: int = 8) -> str:
     return f"{x:{width}.3f}"
 
 
-async def run(args) -> dict:
-    log_dir = Path(tempfile.mkdtemp(prefix="nbkit-router-bench-"))
-    children = Children(log_dir)
+async def measure(path: Target, send, direct_send, rate: float, n: int, args, ctx: dict) -> dict:
+    """One (path, rate): warm both up, then alternate direct and path blocks at the same rate, so
+    that drift on a shared machine hits the baseline and the path alike; pool each side's blocks."""
+    is_direct = path.kind == "direct"
+    blocks = max(1, args.blocks)
+    nb = 0 if is_direct else max(50, int(n * args.baseline_frac))
+    if not is_direct:
+        await open_loop(direct_send, rate, max(1, int(rate * args.warmup_s / 4)))
+    await open_loop(send, rate, max(1, int(rate * args.warmup_s)))
+    backends, client = ctx["backends"], ctx["control_client"]
+    parts: list[dict] = []
+    base_parts: list[dict] = []
+    cpu = {}
+    base_cpu = {}
+    split = None
+    for b in range(blocks):
+        if nb:
+            k = nb // blocks + (1 if b < nb % blocks else 0)
+            c0 = cpu_snapshot(ctx, None)
+            base_parts.append(await open_loop(direct_send, rate, k))
+            c1 = cpu_snapshot(ctx, None)
+            for key in c0:
+                base_cpu[key] = base_cpu.get(key, 0.0) + c1[key] - c0[key]
+        k = n // blocks + (1 if b < n % blocks else 0)
+        before = await backend_stats(client, backends)
+        c0 = cpu_snapshot(ctx, path)
+        parts.append(await open_loop(send, rate, k))
+        c1 = cpu_snapshot(ctx, path)
+        d = stats_delta(before, await backend_stats(client, backends))
+        for key in c0:
+            cpu[key] = cpu.get(key, 0.0) + c1[key] - c0[key]
+        if d is not None:
+            if split is None:
+                split = d
+            else:
+                split = {"completions_per_backend": [x + y for x, y in zip(split["completions_per_backend"],
+                                                                           d["completions_per_backend"])],
+                         "side_traffic": _add_side(split["side_traffic"], d["side_traffic"])}
+    res = summarize(parts)
+    res["backends"] = split
+    res["cpu_ms_per_request"] = {k: v * 1e3 / n for k, v in cpu.items()}
+    if is_direct:
+        base = {k: res[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+        base["cpu_ms_per_request"] = res["cpu_ms_per_request"]
+    else:
+        b = summarize(base_parts)
+        base = {k: b[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+        base["cpu_ms_per_request"] = {k: v * 1e3 / nb for k, v in base_cpu.items()}
+    return {"path": path.name, "label": path.label, "kind": path.kind, "policy": path.policy, "rate": rate,
+            "blocks": blocks, **res, "baseline": base, "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "added_p50_ms": res["p50_ms"] - base["p50_ms"], "added_p99_ms": res["p99_ms"] - base["p99_ms"]}
+
+
+def _add_side(a: dict, b: dict) -> dict:
+    out = {k: a[k] + b[k] for k in ("metrics", "health", "models")}
+    out["other"] = dict(a["other"])
+    for k, v in b["other"].items():
+        out["other"][k] = out["other"].get(k, 0) + v
+    return out
+
+
+async def run(args, children: "Children") -> dict:
+    log_dir = children.log_dir
+    # SIGTERM cancels the run like Ctrl-C does, so the finally clauses below stop what was started
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
     deadline = time.monotonic() + args.max_seconds
     rows: list[dict] = []
     failures: dict[str, str] = {}
     started = time.time()
-    direct_client = None
+    control = direct = None
     try:
         ports = [free_port(), free_port()]
         backends = [f"http://127.0.0.1:{p}" for p in ports]
         procs = [children.start(f"backend{i}", [sys.executable, str(HERE / "mock_backend.py"), "--port", str(p),
                                                  "--parent-pid", str(os.getpid())])
                  for i, p in enumerate(ports)]
-        direct_client = http_client()
+        control = http_client()
         for url, proc in zip(backends, procs):
-            err = await wait_ready(direct_client, url, proc, 30)
+            err = await wait_ready(control, url, proc, 30)
             if err:
                 raise RuntimeError(f"backend {url}: {err}\n{children.log_tail(proc)}")
         print(f"backends: {' '.join(backends)}  (logs in {log_dir})", flush=True)
         ctx = {"backends": backends, "children": children, "peers_venv": args.peers_venv,
-               "startup_timeout": args.startup_timeout, "direct_client": direct_client,
-               "backend_procs": procs}
-        direct_send = http_sender(direct_client, backends)
+               "startup_timeout": args.startup_timeout, "control_client": control,
+               "backend_procs": procs, "gen_client": args.gen_client}
+        direct = LoadClient(args.gen_client)
+        direct_send = ctx["direct_send"] = direct.sender(backends)
 
         def n_for(rate: float) -> int:
             if args.requests:
@@ -461,8 +561,8 @@ async def run(args) -> dict:
 
         for name in args.paths:
             kind, policy = ALL_PATHS[name]
-            path = Path_(name, kind, policy)
-            est = sum(n_for(r) * (1 + args.baseline_frac) / r + 2 * args.warmup_s for r in args.rates)
+            path = Target(name, kind, policy)
+            est = min(n_for(r) * (1 + args.baseline_frac) / r + 2 * args.warmup_s for r in args.rates)
             if time.monotonic() + est > deadline:
                 failures[path.label] = f"skipped: would pass --max-seconds {args.max_seconds:.0f}"
                 print(f"[{path.label}] {failures[path.label]}", flush=True)
@@ -476,32 +576,20 @@ async def run(args) -> dict:
             print(f"[{path.label}] ready in {time.perf_counter() - t:.1f} s", flush=True)
             try:
                 for rate in args.rates:
-                    n = n_for(rate)
-                    base = None
-                    if kind != "direct":
-                        nb = max(50, int(n * args.baseline_frac))
-                        await open_loop(direct_send, rate, max(1, int(rate * args.warmup_s / 4)))
-                        base = await open_loop(direct_send, rate, nb)
-                    await open_loop(send, rate, max(1, int(rate * args.warmup_s)))
-                    before = await backend_stats(direct_client, backends)
-                    cpu0 = cpu_snapshot(ctx, path)
-                    res = await open_loop(send, rate, n)
-                    cpu1 = cpu_snapshot(ctx, path)
-                    res["backends"] = stats_delta(before, await backend_stats(direct_client, backends))
-                    res["cpu_ms_per_request"] = {k: (cpu1[k] - cpu0[k]) * 1e3 / n for k in cpu0}
-                    if base is None:  # the direct path is its own baseline
-                        base = res
-                    row = {"path": name, "label": path.label, "kind": kind, "policy": policy, "rate": rate, **res,
-                           "baseline": {k: base[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")},
-                           "added_p50_ms": res["p50_ms"] - base["p50_ms"],
-                           "added_p99_ms": res["p99_ms"] - base["p99_ms"]}
+                    if time.monotonic() + n_for(rate) * (1 + args.baseline_frac) / rate > deadline:
+                        failures[f"{path.label} @ {rate:g} req/s"] = \
+                            f"skipped: would pass --max-seconds {args.max_seconds:.0f}"
+                        continue
+                    row = await measure(path, send, direct_send, rate, n_for(rate), args, ctx)
                     rows.append(row)
-                    print(f"  {rate:5.0f} req/s  n={n:5d}  p50 {res['p50_ms']:.3f}  p99 {res['p99_ms']:.3f}  "
+                    res, base = row, row["baseline"]
+                    print(f"  {rate:5.0f} req/s  n={row['n']:5d}  p50 {res['p50_ms']:.3f}  p99 {res['p99_ms']:.3f}  "
                           f"(direct p50 {base['p50_ms']:.3f} p99 {base['p99_ms']:.3f})  errors {res['errors']}"
                           + (f"  e.g. {res['error_sample'][0]}" if res["error_sample"] else "")
                           + (f"  split {res['backends']['completions_per_backend']}" if res["backends"] else "")
                           + "  cpu ms/req " + " ".join(f"{k.split('_')[0]} {v:.2f}"
                                                        for k, v in res["cpu_ms_per_request"].items())
+                          + f" (direct: generator {base['cpu_ms_per_request']['generator_process']:.2f})"
                           + (f"  [generator late: p99 {res['send_lag_p99_ms']:.1f} ms]"
                              if res["send_lag_p99_ms"] > 2 else ""), flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the others
@@ -514,8 +602,9 @@ async def run(args) -> dict:
                     except Exception as e:  # noqa: BLE001
                         print(f"[{path.label}] stop: {e!r}", flush=True)
     finally:
-        if direct_client is not None:
-            await direct_client.aclose()
+        for c in (direct, control):
+            if c is not None:
+                await c.aclose()
         children.stop_all()
     return {"rows": rows, "failures": failures, "elapsed_s": time.time() - started, "log_dir": str(log_dir)}
 
@@ -523,14 +612,18 @@ async def run(args) -> dict:
 def report(out: dict, args) -> list[str]:
     lines = []
     hdr = (f"{'path':<30} {'rate':>5} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'base p50':>8} {'base p99':>8} "
-           f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6}")
+           f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6} {'cpu/req':>8} {'rtr cpu':>8}")
     lines += [hdr, "-" * len(hdr)]
     for r in out["rows"]:
         direct = r["kind"] == "direct"
         lines.append(f"{r['label']:<30} {r['rate']:5.0f} {r['n']:5d} {fmt(r['p50_ms'])} {fmt(r['p99_ms'])} "
                      f"{fmt(r['baseline']['p50_ms'])} {fmt(r['baseline']['p99_ms'])} "
                      f"{fmt(None if direct else r['added_p50_ms'])} {fmt(None if direct else r['added_p99_ms'])} "
-                     f"{r['errors']:6d}")
+                     f"{r['errors']:6d} {fmt(r['cpu_ms_per_request']['generator_process'])} "
+                     f"{fmt(r['cpu_ms_per_request'].get('router_process'))}")
+    lines.append("(ms; base = direct at the same rate, alternating with the path; + = added vs base; cpu/req = "
+                 "CPU ms per request of the load-generating process, which holds the nbkit client's loop "
+                 "thread; rtr cpu = of the router process)")
     for label, why in out["failures"].items():
         first = why.splitlines()[0] if why else ""
         lines.append(f"{label:<30} not measured: {first}")
@@ -555,6 +648,17 @@ def report(out: dict, args) -> list[str]:
     return lines
 
 
+def _finite(x):
+    """NaN/inf -> None, so the JSON is strict; floats rounded to 4 decimals."""
+    if isinstance(x, float):
+        return round(x, 4) if x == x and abs(x) != float("inf") else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_finite(v) for v in x]
+    return x
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -568,11 +672,15 @@ def parse_args(argv=None):
                     help="venv with sglang-router and vllm-router (default .bench-venv)")
     ap.add_argument("--baseline-frac", type=float, default=0.5,
                     help="size of the direct baseline run before each (path, rate), as a fraction of n")
+    ap.add_argument("--blocks", type=int, default=4,
+                    help="alternate direct and path in this many blocks per (path, rate) (default 4)")
     ap.add_argument("--warmup-s", type=float, default=1.0, help="seconds of discarded warm-up load per run")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds a router may take to be ready")
     ap.add_argument("--max-seconds", type=float, default=285.0,
                     help="skip paths that would not finish within this many seconds (default 285)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "router_overhead.json")
+    ap.add_argument("--gen-client", choices=("httpx", "aiohttp"), default="httpx",
+                    help="the load generator's HTTP client (default httpx; aiohttp takes less CPU)")
     ap.add_argument("--uvloop", action="store_true", help="run the load generator on uvloop (default: asyncio)")
     # internal: the nbkit endpoint's own process
     ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)
@@ -597,21 +705,24 @@ def main(argv=None) -> int:
         serve_endpoint(args)
         return 0
 
-    def _term(*_):
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, _term)
     info = machine()
     print(f"machine: {info['cpu_model']}, {info['cores_usable']} usable cores, python {info['python']}, "
           f"loadavg {info['loadavg_at_start']}", flush=True)
     if info["loadavg_at_start"][0] > 0.5 * (info["cores_usable"] or 1):
         print("note: the machine is busy (loadavg above); latencies will be noisier than on an idle machine",
               flush=True)
-    if args.uvloop:
-        import uvloop
-        out = uvloop.run(run(args))
-    else:
-        out = asyncio.run(run(args))
+    children = Children(Path(tempfile.mkdtemp(prefix="nbkit-router-bench-")))
+    try:
+        if args.uvloop:
+            import uvloop
+            out = uvloop.run(run(args, children))
+        else:
+            out = asyncio.run(run(args, children))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        print("\ninterrupted: stopping the processes this benchmark started", file=sys.stderr, flush=True)
+        return 130
+    finally:
+        children.stop_all()  # idempotent: run() stops them too
     info["loadavg_at_end"] = list(os.getloadavg())
     lines = report(out, args)
     print()
@@ -624,17 +735,17 @@ def main(argv=None) -> int:
         "workload": {"body": BODY, "endpoint": "/v1/completions", "backends": 2,
                      "backend": "benchmarks/mock_backend.py (uvicorn+starlette, fixed body, answers at once)",
                      "arrivals": "open loop, constant rate", "rates": args.rates,
-                     "requests": {str(r): (args.requests or (200 if args.quick else
+                     "requests": {f"{r:g}": (args.requests or (200 if args.quick else
                                                              2000 if r >= 200 else 500 if r <= 50 else int(r * 10)))
                                   for r in args.rates},
-                     "warmup_s": args.warmup_s, "baseline_frac": args.baseline_frac,
-                     "generator_loop": "uvloop" if args.uvloop else "asyncio", "quick": args.quick,
-                     "added": "path minus a direct baseline run at the same rate right before it"},
+                     "warmup_s": args.warmup_s, "baseline_frac": args.baseline_frac, "blocks": args.blocks,
+                     "generator_loop": "uvloop" if args.uvloop else "asyncio", "generator_client": args.gen_client, "quick": args.quick,
+                     "added": "path minus a direct baseline at the same rate, run in blocks alternating with the path's"},
         "goals": out["goals"], "rows": out["rows"], "not_measured": out["failures"],
         "elapsed_s": round(out["elapsed_s"], 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.write_text(json.dumps(_finite(result), indent=1) + "\n")
     print(f"\nwrote {args.out} ({out['elapsed_s']:.0f} s)")
     return 0
 

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same instance (policy 'session', least_load for requests without a key)")
     s.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: VLLM_CPU_KVCACHE_SPACE per instance")
     s.add_argument("--startup-timeout", type=float, default=600.0)
+    s.add_argument("--log-interval", type=float, default=None,
+                   help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
 
     d = sub.add_parser("demo", help="replicas up, routed load, per-replica summary, clean stop")
     d.add_argument("--instances", "-n", type=int, default=2)
@@ -72,8 +74,8 @@ def _serve(args, passthrough: list[str]) -> int:
         from .plan import port_is_free
         if not port_is_free(args.host, args.port):
             raise ValueError(f"port={args.port!r}: already in use on {args.host}")
-    cluster = Cluster.replicas(args.model, n=n, port_start=port_start,
-                               startup_timeout=args.startup_timeout, **spec_kwargs)
+    cluster = Cluster.replicas(args.model, n=n, port_start=port_start, startup_timeout=args.startup_timeout,
+                               log_interval=args.log_interval, **spec_kwargs)
     stop = threading.Event()
     endpoint = None
 

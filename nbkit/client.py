@@ -220,17 +220,30 @@ class _Bridge:
         except StopAsyncIteration:
             raise
         except asyncio.CancelledError:
-            await self.aclose()
+            # The cancel reaches the generator on nbkit's loop asynchronously: close it there
+            # once its current step has unwound (it then releases its lease and connection).
+            loop.submit(_close_when_idle(self._agen))
             raise
 
     async def aclose(self) -> None:
-        await loop.wrap(self._agen.aclose())
+        await loop.wrap(_close_when_idle(self._agen))
 
     async def __aenter__(self):
         return self
 
     async def __aexit__(self, *exc):
         await self.aclose()
+
+
+async def _close_when_idle(agen, tries: int = 200) -> None:
+    for _ in range(tries):
+        try:
+            await agen.aclose()
+            return
+        except RuntimeError as e:  # "aclose(): asynchronous generator is already running"
+            if "already running" not in str(e):
+                raise
+            await asyncio.sleep(0.01)
 
 
 def _bridge(agen) -> _Bridge:

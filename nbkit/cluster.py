@@ -69,7 +69,9 @@ class Cluster:
 
     def __init__(self, specs: Sequence[ReplicaSpec] | ReplicaSpec, *, run_dir: str | os.PathLike | None = None,
                  port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
-                 stop_grace: float = 15.0, inventory: Inventory | None = None):
+                 stop_grace: float = 15.0, inventory: Inventory | None = None, log_interval: float | None = None):
+        if log_interval is not None and log_interval <= 0:
+            raise SpecError("log_interval", log_interval, "must be > 0 seconds (or None)")
         if isinstance(specs, ReplicaSpec):
             specs = [specs]
         self._specs: list[ReplicaSpec] = list(specs)
@@ -84,6 +86,8 @@ class Cluster:
         self._health: dict[int, bool] = {}
         self._lock: asyncio.Lock | None = None
         self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
+        self._monitor = None
+        self.log_interval = log_interval
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -98,7 +102,7 @@ class Cluster:
         if not isinstance(n, int) or n < 1:
             raise SpecError("n", n, "the number of replicas must be a positive integer")
         ckw = dict(cluster_kwargs or {})
-        for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory"):
+        for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory", "log_interval"):
             if k in spec_kwargs:
                 ckw[k] = spec_kwargs.pop(k)
         inventory = ckw.get("inventory") or discover()
@@ -219,6 +223,8 @@ class Cluster:
             except BaseException:
                 await self._stop_some(range(len(self.plans)))
                 raise
+        if self.log_interval:
+            self.monitor().start_logging(self.log_interval)
         return self
 
     async def _stop_some(self, idx: Sequence[int]) -> None:
@@ -229,8 +235,14 @@ class Cluster:
 
     async def _astop(self) -> None:
         """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
+        if self._monitor is not None:
+            self._monitor.stop_logging()
         async with self._alock():
             await self._stop_some(range(len(self._procs)))
+
+    async def _astop_replica(self, i: int) -> None:
+        async with self._alock():
+            await self._stop_some([i])
 
     async def _arestart(self, i: int, timeout: float | None = None) -> None:
         """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
@@ -239,21 +251,27 @@ class Cluster:
             await self._stop_some([i])
             await self._start_some([i], timeout or self.startup_timeout)
 
-    def scale_plan(self, n: int) -> list[tuple[str, int, str]]:
+    def scale_plan(self, n: int, tp: int | None = None) -> list[tuple[str, int, str]]:
         """What :meth:`scale` would do: ``[(action, index, detail)]``, action in keep/restart/start/stop."""
-        _, plans, actions = self._scale_target(n)
+        _, plans, actions = self._scale_target(n, tp)
         return actions
 
-    def _scale_target(self, n: int):
-        if not isinstance(n, int) or n < 1:
+    def _scale_target(self, n: int, tp: int | None = None):
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise SpecError("n", n, "the number of replicas must be a positive integer")
+        if tp is not None and (not isinstance(tp, int) or tp < 1):
+            raise SpecError("tp", tp, "the tensor-parallel size must be a positive integer")
         old = self.plans
-        if n <= len(self._specs):
-            specs = self._specs[:n]
+        base = self._specs
+        if tp is not None and any(s.tp_size != tp for s in base):
+            # a new TP size re-places every replica automatically
+            base = [s.model_copy(update={"tp_size": tp, "cores": None, "devices": None}) for s in base]
+        if n <= len(base):
+            specs = base[:n]
         else:
-            t = self._specs[-1]
+            t = base[-1]
             template = t.model_copy(update={"cores": None, "devices": None, "port": None, "name": None})
-            specs = self._specs + [template] * (n - len(self._specs))
+            specs = base + [template] * (n - len(base))
         own = {p.port for i, p in enumerate(old) if self._procs[i] is not None and self._procs[i].alive}
         # keep running replicas on their ports
         specs = [s.model_copy(update={"port": old[i].port}) if i < len(old) and s.port is None
@@ -271,14 +289,14 @@ class Cluster:
                 actions.append(("restart", i, f"{old[i].name}: {old[i].pinning} -> {plans[i].pinning}"))
         return specs, plans, actions
 
-    async def _ascale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
+    async def _ascale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
         """Grow or shrink to ``n`` replicas (copies of the last spec, placed automatically).
 
         Replicas whose pinning must change to make room (e.g. 1 replica on 2 cores -> 2 replicas
         on 1 core each) are restarted; the others keep serving. Returns the actions taken.
         """
         async with self._alock():
-            specs, plans, actions = self._scale_target(n)
+            specs, plans, actions = self._scale_target(n, tp)
             to_stop = [i for a, i, _ in actions if a in ("stop", "restart")]
             await self._stop_some(to_stop)
             self._specs, self.plans = specs, plans
@@ -341,9 +359,14 @@ class Cluster:
         """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
         await loop.wrap(self._arestart(i, timeout))
 
-    async def ascale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
-        """Grow or shrink to ``n`` replicas; see :meth:`scale`."""
-        return await loop.wrap(self._ascale(n, timeout))
+    async def ascale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
+        """Grow or shrink to ``n`` replicas (optionally with a new TP size); see :meth:`scale`."""
+        return await loop.wrap(self._ascale(n, timeout, tp))
+
+    async def astop_replica(self, i: int) -> None:
+        """Stop replica ``i`` only (it shows as stopped; ``restart(i)`` brings it back)."""
+        self._check_index(i)
+        await loop.wrap(self._astop_replica(i))
 
     async def acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
         """Probe ``/health`` of every live replica now."""
@@ -366,9 +389,14 @@ class Cluster:
         """Blocking :meth:`arestart`."""
         loop.run(self._arestart(i, timeout))
 
-    def scale(self, n: int, timeout: float | None = None) -> list[tuple[str, int, str]]:
+    def scale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
         """Blocking :meth:`ascale`."""
-        return loop.run(self._ascale(n, timeout))
+        return loop.run(self._ascale(n, timeout, tp))
+
+    def stop_replica(self, i: int) -> None:
+        """Blocking :meth:`astop_replica`."""
+        self._check_index(i)
+        loop.run(self._astop_replica(i))
 
     def metrics(self) -> dict[str, EngineMetrics]:
         """Blocking :meth:`ametrics`."""
@@ -414,6 +442,18 @@ class Cluster:
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
         self._routers.add(ep.router)
         return ep.start() if start else ep
+
+    def monitor(self):
+        """The cluster's :class:`~nbkit.monitor.Monitor` (one per cluster)."""
+        if self._monitor is None:
+            from .monitor import Monitor
+            self._monitor = Monitor(self)
+        return self._monitor
+
+    def panel(self, **options):
+        """The live control panel (ipywidgets); see :mod:`nbkit.panel`."""
+        from .panel import Panel
+        return Panel(self, **options)
 
     # -- context managers ----------------------------------------------------------------------
     def __enter__(self) -> "Cluster":

@@ -162,11 +162,13 @@ class Forwarder:
                 req = self.client.build_request(method, lease.rank.url + path, content=content, headers=hdrs,
                                                 timeout=timeout or self.client.timeout)
                 resp = await self.client.send(req, stream=True)
-                if resp.status_code in RETRY_STATUS and can_retry:
-                    raise _Retry(f"HTTP {resp.status_code}")
+                if resp.status_code in RETRY_STATUS:
+                    if can_retry:
+                        raise _Retry(f"HTTP {resp.status_code}")
+                    self.router.report_failure(lease.state)
                 up = Upstream(lease, resp, stream, _router=self.router)
                 if stream and resp.status_code < 400:
-                    up._it = resp.aiter_raw()
+                    up._it = resp.aiter_bytes()  # decoded: the content-encoding header is not passed on
                     try:
                         up.first = await up._it.__anext__()
                     except StopAsyncIteration:

@@ -123,7 +123,7 @@ class Lease:
 
     def token(self, n: int = 1) -> None:
         """``n`` tokens arrived (streaming)."""
-        if self._prefill:
+        if self.record.ttft_s is None:
             self.first_token()
         now = time.perf_counter()
         if self._last is not None and self.record.tokens_out:
@@ -214,6 +214,8 @@ class Router:
             raise ValueError("ranks: a router needs at least one rank")
         self.states = new
         self._policy.on_ranks_changed([s.key for s in new])
+        if getattr(self, "_queue", None):
+            self._pump()  # new ranks may have room for queued requests
 
     @property
     def in_flight(self) -> int:
@@ -276,14 +278,20 @@ class Router:
                       path: str = "", record: RequestRecord | None = None) -> Lease:
         """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room."""
         exclude = frozenset(exclude)
-        if rank is not None:
-            self._resolve(rank)  # fail fast on a bad rank
         if record is None:
             record = self.new_record(path, info)
-        if not self._queue:
+        try:
+            if rank is not None:
+                self._resolve(rank)  # fail fast on a bad rank
+            # The queue only ever holds requests that cannot be placed now (every release pumps
+            # it), so a newcomer that fits somewhere goes at once without overtaking anyone who could.
+            self._pump()
             placed = self._place(info, rank, exclude)
-            if placed is not None:
-                return self._grant(*placed, info, record)
+        except Exception as e:
+            self._abandon(record, "error", repr(e))
+            raise
+        if placed is not None:
+            return self._grant(*placed, info, record)
         fut = asyncio.get_running_loop().create_future()
         self._queue.append((fut, info, rank, exclude, record))
         try:
@@ -296,7 +304,18 @@ class Router:
                     self._queue.remove(next(q for q in self._queue if q[0] is fut))
                 except (StopIteration, ValueError):
                     pass
+                self._abandon(record, "cancelled")
             raise
+        except Exception as e:
+            self._abandon(record, "error", repr(e))
+            raise
+
+    def _abandon(self, record: RequestRecord, outcome: str, error: str = "") -> None:
+        """A request that never got a rank (cancelled while queued, bad rank, router closed)."""
+        if record.outcome == "pending":
+            record.outcome, record.error = outcome, error
+            record.queue_wait_s = time.time() - record.arrival
+            self._publish(record)
 
     def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
         self.counters["requests"] += 1
@@ -306,15 +325,18 @@ class Router:
     def _finished(self, lease: Lease) -> None:
         """A lease was released: publish its record (unless the request is being retried), admit more."""
         if lease.record.outcome != "retry":
-            self.records.append(lease.record)
-            if lease.record.outcome not in ("ok", "cancelled"):
-                self.counters["failures"] += 1
-            for fn in list(self.listeners):
-                try:
-                    fn(lease.record)
-                except Exception:  # noqa: BLE001 - a listener must not break routing
-                    pass
+            self._publish(lease.record)
         self._pump()
+
+    def _publish(self, record: RequestRecord) -> None:
+        self.records.append(record)
+        if record.outcome not in ("ok", "cancelled"):
+            self.counters["failures"] += 1
+        for fn in list(self.listeners):
+            try:
+                fn(record)
+            except Exception:  # noqa: BLE001 - a listener must not break routing
+                pass
 
     def _pump(self) -> None:
         """Place the oldest waiting requests that can be placed now."""
@@ -384,7 +406,9 @@ class Router:
             except (httpx.HTTPError, ValueError):
                 return
             for s in states:
-                m = snaps.get(str(s.rank.dp_rank)) if len(states) > 1 else next(iter(snaps.values()), None)
+                m = snaps.get(str(s.rank.dp_rank))
+                if m is None and len(snaps) == 1:
+                    m = next(iter(snaps.values()))
                 if m is not None:
                     s.scraped = m
 

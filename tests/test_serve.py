@@ -56,7 +56,8 @@ def test_serve_two_instances_behind_one_endpoint(tiny_model_path, tmp_path):
     out_path = tmp_path / "serve2.out"
     log = open(out_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "-n", "2", "--port", "8466",
-                             "--port-start", "8467", "--policy", "round_robin", "--device", "cpu"],
+                             "--port-start", "8467", "--policy", "round_robin", "--device", "cpu",
+                             "--log-interval", "0.5"],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     pids: list[int] = []
     try:
@@ -74,6 +75,9 @@ def test_serve_two_instances_behind_one_endpoint(tiny_model_path, tmp_path):
             assert r.status_code == 200
             seen.add(r.headers["x-nbkit-rank"])
         assert seen == {"replica0", "replica1"}  # round robin over both instances
+        time.sleep(1.5)
+        lines = [l for l in out_path.read_text().splitlines() if l.startswith("[INFO] step=")]
+        assert lines and "inst0_batch=" in lines[-1] and "inst1_batch=" in lines[-1] and "npu_mem=[" in lines[-1]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 10

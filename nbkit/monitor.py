@@ -1,0 +1,237 @@
+"""Live load per rank: samples a Cluster's ``/metrics`` (and its routers' records) about once a
+second into a bounded history. The panel draws it, ``snapshot()`` tabulates it, and the text form
+prints one line per interval in the seed format::
+
+    mon = Monitor(cluster)                       # or cluster.monitor()
+    mon.sample_now()                             # one sample (blocking); the panel runs it every second
+    mon.snapshot()                               # DataFrame, one row per rank
+    mon.start_logging(interval=1.0)              # prints lines like:
+    # [INFO] step=20 inst0_batch=6 inst1_batch=4 prompt_t=2.4k tok/s decode_t=820 tok/s npu_mem=[2.9 GB, 2.9 GB]
+
+On CPU ``npu_mem`` is each replica's resident memory; on GPUs the used memory of its devices.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TextIO
+
+import httpx
+
+from . import loop
+from .metrics import EngineMetrics, parse_metrics
+
+#: Seconds of history kept for charts.
+WINDOW_S = 120.0
+
+
+@dataclass
+class RankRow:
+    """What the panel shows for one rank at one moment."""
+
+    rank: str
+    replica: int
+    state: str
+    pinning: str
+    port: int
+    running: float = 0.0
+    waiting: float = 0.0
+    kv_cache_pct: float = 0.0
+    prompt_tok_s: float = 0.0
+    gen_tok_s: float = 0.0
+    requests_served: int = 0
+    routed: int = 0
+    ttft_p50_s: float | None = None
+    mem_gb: float = 0.0
+    last_error: str = ""
+
+
+def fmt_rate(x: float) -> str:
+    """2400 -> '2.4k', 820 -> '820'."""
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
+
+
+@dataclass
+class Monitor:
+    """Samples a cluster; keeps ``rows`` (latest) and ``history`` (bounded) for views."""
+
+    cluster: object
+    window_s: float = WINDOW_S
+    rows: list[RankRow] = field(default_factory=list)
+    history: deque = field(default_factory=lambda: deque(maxlen=20_000))
+    step: int = 0
+
+    def __post_init__(self) -> None:
+        self._prev: dict[str, tuple[float, EngineMetrics]] = {}
+        self._errors: dict[str, str] = {}
+        self._http: httpx.AsyncClient | None = None
+        self._log_task: asyncio.Task | None = None
+
+    # -- sampling ---------------------------------------------------------------------------------
+    def routers(self) -> list:
+        return list(getattr(self.cluster, "_routers", []))
+
+    def records(self) -> list:
+        recs = [r for router in self.routers() for r in router.records]
+        recs.sort(key=lambda r: r.arrival)
+        return recs
+
+    async def _scrape(self, url: str) -> dict[str, EngineMetrics] | Exception:
+        try:
+            r = await self._http.get(f"{url}/metrics", timeout=2.0)
+            r.raise_for_status()
+            return parse_metrics(r.text)
+        except (httpx.HTTPError, ValueError) as e:
+            return e
+
+    async def sample(self) -> list[RankRow]:
+        """Scrape every live replica once and update ``rows`` and ``history``."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=2.0)
+        c = self.cluster
+        plans = list(c.plans)
+        live = [p for p in plans if not p.headless and c._state(p.index) in ("healthy", "unhealthy", "starting")]
+        results = dict(zip([p.url for p in live], await asyncio.gather(*(self._scrape(p.url) for p in live))))
+        now = time.time()
+        routed: dict[str, int] = {}
+        ttfts: dict[str, list[float]] = {}
+        for rec in self.records():
+            routed[rec.rank] = routed.get(rec.rank, 0) + 1
+            if rec.ttft_s is not None and rec.outcome == "ok" and now - rec.arrival < 30:
+                ttfts.setdefault(rec.rank, []).append(rec.ttft_s)
+            if rec.outcome not in ("ok", "cancelled", "pending") and rec.error:
+                self._errors[rec.rank] = f"{rec.outcome}: {rec.error}"[:200]
+        rows = []
+        for rank in c.ranks:
+            p = plans[rank.replica]
+            state = c._state(rank.replica)
+            res = results.get(p.url)
+            m = None
+            if isinstance(res, Exception):
+                if state == "healthy":
+                    self._errors[rank.name] = f"metrics: {res!r}"[:200]
+            elif res is not None:
+                m = res.get(str(rank.dp_rank)) if p.dp_size > 1 else next(iter(res.values()), None)
+            row = RankRow(rank=rank.name, replica=rank.replica, state=state, pinning=p.pinning, port=p.port,
+                          routed=routed.get(rank.name, 0), last_error=self._errors.get(rank.name, ""))
+            if m is not None:
+                row.running, row.waiting = m.running, m.waiting
+                row.kv_cache_pct = round(100 * m.kv_cache_usage, 1)
+                row.requests_served = int(m.requests_finished)
+                prev = self._prev.get(rank.name)
+                if prev is not None and now > prev[0]:
+                    dt = now - prev[0]
+                    row.prompt_tok_s = max(0.0, (m.prompt_tokens - prev[1].prompt_tokens) / dt)
+                    row.gen_tok_s = max(0.0, (m.generation_tokens - prev[1].generation_tokens) / dt)
+                self._prev[rank.name] = (now, m)
+            t = sorted(ttfts.get(rank.name, []))
+            row.ttft_p50_s = t[len(t) // 2] if t else None
+            row.mem_gb = self._memory_gb(rank.replica)
+            rows.append(row)
+        self.rows = rows
+        self.step += 1
+        for r in rows:
+            self.history.append({"t": now, "rank": r.rank, "gen_tok_s": r.gen_tok_s, "prompt_tok_s": r.prompt_tok_s,
+                                 "running": r.running, "waiting": r.waiting, "ttft_p50_s": r.ttft_p50_s})
+        while self.history and now - self.history[0]["t"] > self.window_s:
+            self.history.popleft()
+        return rows
+
+    def _memory_gb(self, replica: int) -> float:
+        plan = self.cluster.plans[replica]
+        if plan.device == "gpu":
+            return round(_gpu_used_gb(plan.devices), 1)
+        proc = self.cluster.process(replica)
+        return round(proc.rss_bytes() / 1e9, 1) if proc is not None and proc.alive else 0.0
+
+    def sample_now(self) -> list[RankRow]:
+        """Blocking :meth:`sample`."""
+        return loop.run(self.sample())
+
+    async def aclose(self) -> None:
+        self.stop_logging()
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    # -- views ------------------------------------------------------------------------------------
+    def snapshot(self):
+        """The latest rows as a pandas DataFrame indexed by rank."""
+        import pandas as pd
+        from dataclasses import asdict
+        cols = list(RankRow.__dataclass_fields__)
+        return pd.DataFrame([asdict(r) for r in self.rows], columns=cols).set_index("rank")
+
+    def history_frame(self):
+        """The bounded history (last ``window_s`` seconds), one row per (time, rank), plus a 'total' rank."""
+        import pandas as pd
+        df = pd.DataFrame(list(self.history))
+        if df.empty:
+            return pd.DataFrame(columns=["t", "rank", "gen_tok_s", "prompt_tok_s", "running", "waiting", "ttft_p50_s"])
+        total = df.groupby("t", as_index=False)[["gen_tok_s", "prompt_tok_s", "running", "waiting"]].sum()
+        total["rank"] = "total"
+        out = pd.concat([df, total], ignore_index=True)
+        out["time"] = pd.to_datetime(out["t"], unit="s")
+        return out
+
+    def log_line(self) -> str:
+        """One line in the seed format for the latest sample."""
+        by_inst: dict[int, float] = {}
+        for r in self.rows:
+            by_inst[r.replica] = by_inst.get(r.replica, 0.0) + r.running
+        batches = " ".join(f"inst{i}_batch={int(v)}" for i, v in sorted(by_inst.items()))
+        prompt = sum(r.prompt_tok_s for r in self.rows)
+        gen = sum(r.gen_tok_s for r in self.rows)
+        mem: dict[int, float] = {}
+        for r in self.rows:
+            mem[r.replica] = r.mem_gb
+        mems = ", ".join(f"{v:.1f} GB" for _, v in sorted(mem.items()))
+        return (f"[INFO] step={self.step} {batches} prompt_t={fmt_rate(prompt)} tok/s "
+                f"decode_t={fmt_rate(gen)} tok/s npu_mem=[{mems}]")
+
+    # -- text form ----------------------------------------------------------------------------------
+    def start_logging(self, interval: float = 1.0, file: TextIO | None = None) -> None:
+        """Print :meth:`log_line` every ``interval`` seconds (on nbkit's loop) until stop_logging()."""
+        if interval <= 0:
+            raise ValueError(f"log_interval={interval!r}: must be > 0")
+        out = file or sys.stdout
+
+        async def run() -> None:
+            while True:
+                t = time.monotonic()
+                try:
+                    await self.sample()
+                    print(self.log_line(), file=out, flush=True)
+                except Exception as e:  # noqa: BLE001 - keep logging through hiccups
+                    print(f"[WARN] monitor: {e!r}", file=out, flush=True)
+                await asyncio.sleep(max(0.0, interval - (time.monotonic() - t)))
+
+        self.stop_logging()
+
+        def _start() -> None:
+            self._log_task = asyncio.ensure_future(run())
+
+        loop.run_in_loop_thread(_start)
+
+    def stop_logging(self) -> None:
+        task = self._log_task
+        self._log_task = None
+        if task is not None:
+            loop.call_soon(task.cancel)
+
+
+def _gpu_used_gb(devices) -> float:
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        try:
+            return sum(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(d)).used
+                       for d in devices) / 1e9
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # noqa: BLE001 - no NVML: no figure
+        return 0.0

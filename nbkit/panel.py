@@ -1,0 +1,267 @@
+"""The control panel: live load per rank and the knobs, as one ipywidgets layout.
+
+    client = cluster.client("least_load")      # the panel drives every client/endpoint of the cluster
+    panel = cluster.panel()                    # display it (last expression of a cell)
+    panel.snapshot()                           # the table as a DataFrame (for asserts, no browser)
+    panel.close()                              # stops the refresh
+
+What it shows, refreshed about once a second by a task on nbkit's loop (updates keep coming while
+no cell runs): one row per rank (state, pinning, port, running, waiting, KV cache %, prompt and
+generation tok/s, requests served/routed, TTFT p50, memory, last error); a chart of generation
+throughput per rank and in total over the last two minutes, and one of queue depth (waiting) per
+rank; the last routing decisions with their reasons; a log tail per replica.
+
+What it controls: the routing policy (applied live to the cluster's clients and endpoints), the
+max concurrency, the number of instances and the TP size (Apply shows what will happen, Confirm
+does it), and stop/restart per replica. Long actions run on nbkit's loop; the kernel stays free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import time
+
+import ipywidgets as W
+
+from . import loop
+from .monitor import Monitor
+
+_COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "port"), ("running", "running"),
+         ("waiting", "waiting"), ("kv_cache_pct", "KV %"), ("prompt_tok_s", "prompt tok/s"),
+         ("gen_tok_s", "gen tok/s"), ("requests_served", "served"), ("routed", "routed"),
+         ("ttft_p50_s", "TTFT p50 s"), ("mem_gb", "mem GB"), ("last_error", "last error")]
+_STATE_COLOR = {"healthy": "#1a7f37", "starting": "#9a6700", "unhealthy": "#cf222e", "failed": "#cf222e",
+                "stopped": "#6e7781"}
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.2f}".rstrip("0").rstrip(".") or "0"
+    return str(v)
+
+
+def rows_html(rows) -> str:
+    """The rank table as HTML (each row carries data-rank, each cell a class named for its field)."""
+    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in _COLS)
+    body = []
+    for r in rows:
+        cells = []
+        for f, _ in _COLS:
+            v = getattr(r, f)
+            style = f' style="color:{_STATE_COLOR.get(v, "inherit")};font-weight:600"' if f == "state" else ""
+            cells.append(f'<td class="nbkit-{f}"{style}>{html.escape(_fmt(v))}</td>')
+        body.append(f'<tr class="nbkit-row" data-rank="{html.escape(r.rank)}">{"".join(cells)}</tr>')
+    return (f'<table class="nbkit-ranks" style="border-collapse:collapse;font-size:12px">'
+            f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def decisions_html(records, n: int = 8) -> str:
+    recs = list(records)[-n:][::-1]
+    if not recs:
+        return "<i>no routed requests yet</i>"
+    rows = "".join(
+        f"<tr><td>{r.id}</td><td>{html.escape(r.rank)}</td><td>{html.escape(r.policy)}</td>"
+        f"<td>{html.escape(r.reason)}</td><td>{r.queue_wait_s * 1000:.1f}</td>"
+        f"<td>{'-' if r.ttft_s is None else f'{r.ttft_s:.3f}'}</td><td>{html.escape(r.outcome)}</td></tr>"
+        for r in recs)
+    return ('<table class="nbkit-decisions" style="font-size:12px"><thead><tr><th>id</th><th>rank</th>'
+            "<th>policy</th><th>reason</th><th>queue ms</th><th>TTFT s</th><th>outcome</th></tr></thead>"
+            f"<tbody>{rows}</tbody></table>")
+
+
+def charts(history_df):
+    """Altair charts: generation tok/s per rank and total; queue depth (waiting) per rank."""
+    import altair as alt
+
+    df = history_df
+    base = alt.Chart(df).encode(x=alt.X("time:T", title=None), color=alt.Color("rank:N"))
+    thr = base.mark_line().encode(y=alt.Y("gen_tok_s:Q", title="generation tok/s")).properties(
+        width=420, height=160, title="throughput per rank")
+    q = base.transform_filter(alt.datum.rank != "total").mark_line().encode(
+        y=alt.Y("waiting:Q", title="waiting requests")).properties(width=420, height=160, title="queue depth per rank")
+    return alt.hconcat(thr, q)
+
+
+def chart_svg(history_df) -> str:
+    if history_df.empty:
+        return "<i>collecting samples ...</i>"
+    import vl_convert as vlc
+    return vlc.vegalite_to_svg(charts(history_df).to_json())
+
+
+class Panel(W.VBox):
+    """An ipywidgets layout over a Cluster; see the module docstring."""
+
+    def __init__(self, cluster, *, interval: float = 1.0, chart_every: int = 2, decisions: int = 8):
+        self.cluster = cluster
+        self.monitor: Monitor = cluster.monitor()
+        self.interval, self.chart_every, self.n_decisions = interval, chart_every, decisions
+        from .policies import available_policies
+
+        self.title = W.HTML()
+        self.table = W.HTML()
+        self.chart = W.HTML()
+        self.decisions = W.HTML()
+        self.policy = W.Dropdown(options=[p for p in available_policies() if p != "custom"],
+                                 value=self._current_policy() or "least_load", description="policy")
+        self.concurrency = W.IntSlider(value=self._current_concurrency(), min=0, max=512, step=1,
+                                       description="max conc.", tooltip="0 = unlimited")
+        self.instances = W.BoundedIntText(value=len(cluster), min=1, max=64, description="instances")
+        self.tp = W.BoundedIntText(value=cluster.plans[0].tp_size, min=1, max=64, description="TP size")
+        self.apply = W.Button(description="Apply", button_style="warning")
+        self.confirm = W.Button(description="Confirm", button_style="danger", layout=W.Layout(display="none"))
+        self.plan_line = W.HTML()
+        names = [(p.name, p.index) for p in cluster.plans]
+        self.replica = W.Dropdown(options=names, description="replica")
+        self.stop_btn = W.Button(description="Stop", icon="stop")
+        self.restart_btn = W.Button(description="Restart", icon="refresh")
+        self.action_line = W.HTML()
+        self.log = W.HTML()
+        self._pending = None
+        self._task: asyncio.Future | None = None
+        self._tick = 0
+        self.closed = False
+
+        self.policy.observe(self._on_policy, names="value")
+        self.concurrency.observe(self._on_concurrency, names="value")
+        self.apply.on_click(self._on_apply)
+        self.confirm.on_click(self._on_confirm)
+        self.stop_btn.on_click(lambda _: self._run_action("stop", self.replica.value))
+        self.restart_btn.on_click(lambda _: self._run_action("restart", self.replica.value))
+        controls = W.VBox([
+            W.HBox([self.policy, self.concurrency]),
+            W.HBox([self.instances, self.tp, self.apply, self.confirm]), self.plan_line,
+            W.HBox([self.replica, self.stop_btn, self.restart_btn]), self.action_line,
+        ])
+        tabs = W.Tab(children=[self.decisions, self.log])
+        tabs.set_title(0, "routing decisions")
+        tabs.set_title(1, "log tail")
+        super().__init__([self.title, self.table, self.chart, controls, tabs])
+        self.add_class("nbkit-panel")
+        self._render()
+        self._task = loop.submit(self._refresh_loop())
+
+    # -- state from the cluster's routers -------------------------------------------------------
+    def _routers(self):
+        return list(self.cluster._routers)
+
+    def _current_policy(self):
+        rs = self._routers()
+        return rs[0].policy.name if rs else None
+
+    def _current_concurrency(self) -> int:
+        rs = self._routers()
+        return (rs[0].max_concurrency or 0) if rs else 0
+
+    # -- refresh ----------------------------------------------------------------------------------
+    async def _refresh_loop(self) -> None:
+        while not self.closed:
+            t = time.monotonic()
+            try:
+                await self.monitor.sample()
+                self._render()
+            except Exception as e:  # noqa: BLE001 - the panel must keep going
+                self.title.value = f"<b>nbkit</b> refresh error: {html.escape(repr(e))}"
+            await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - t)))
+
+    def _render(self) -> None:
+        rows = self.monitor.rows
+        running = self.cluster.running
+        routers = self._routers()
+        inflight = sum(r.in_flight for r in routers)
+        queued = sum(r.queued for r in routers)
+        state = "running" if running else "stopped"
+        self.title.value = (f'<b>nbkit</b> · <span class="nbkit-cluster-state">{state}</span> · '
+                            f"{len(self.cluster)} replicas · policy <code class='nbkit-policy'>"
+                            f"{html.escape(self._current_policy() or '-')}</code> · in flight {inflight} · "
+                            f"queued {queued} · step {self.monitor.step}")
+        if not rows:
+            from .monitor import RankRow
+            rows = [RankRow(rank=r.name, replica=r.replica, state=self.cluster._state(r.replica),
+                            pinning=self.cluster.plans[r.replica].pinning, port=self.cluster.plans[r.replica].port)
+                    for r in self.cluster.ranks]
+        self.table.value = rows_html(rows)
+        self.decisions.value = decisions_html(self.monitor.records(), self.n_decisions)
+        i = self.replica.value if self.replica.value is not None else 0
+        if i < len(self.cluster):
+            self.log.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
+                             f"{html.escape(self.cluster.logs(i, 15))}</pre>"
+        self._tick += 1
+        if self._tick % self.chart_every == 1 or self.chart_every == 1:
+            try:
+                self.chart.value = chart_svg(self.monitor.history_frame())
+            except Exception as e:  # noqa: BLE001
+                self.chart.value = f"<i>chart unavailable: {html.escape(repr(e))}</i>"
+
+    # -- controls ---------------------------------------------------------------------------------
+    def _on_policy(self, change) -> None:
+        for r in self._routers():
+            loop.call_soon(setattr, r, "policy", change["new"])
+        self.action_line.value = f"policy -> <b>{html.escape(change['new'])}</b>" + (
+            "" if self._routers() else " (no client or endpoint yet: create one with cluster.client())")
+
+    def _on_concurrency(self, change) -> None:
+        value = change["new"] or None
+        for r in self._routers():
+            def _set(router=r):
+                router.max_concurrency = value
+                router._pump()
+            loop.call_soon(_set)
+        self.action_line.value = f"max concurrency -> <b>{value or 'unlimited'}</b>"
+
+    def _on_apply(self, _=None) -> None:
+        n, tp = self.instances.value, self.tp.value
+        try:
+            actions = self.cluster.scale_plan(n, tp)
+        except ValueError as e:
+            self.plan_line.value = f"<span style='color:#cf222e'>{html.escape(str(e))}</span>"
+            self.confirm.layout.display = "none"
+            return
+        changes = [a for a in actions if a[0] != "keep"]
+        if not changes:
+            self.plan_line.value = "nothing to do"
+            self.confirm.layout.display = "none"
+            return
+        self._pending = (n, tp)
+        self.plan_line.value = "will " + "; ".join(f"<b>{a}</b> {html.escape(d)}" for a, _, d in actions) \
+                               + " — press Confirm"
+        self.confirm.layout.display = None
+
+    def _on_confirm(self, _=None) -> None:
+        if self._pending is None:
+            return
+        n, tp = self._pending
+        self._pending = None
+        self.confirm.layout.display = "none"
+        self._run_action("scale", n, tp)
+
+    def _run_action(self, what: str, *args) -> asyncio.Future:
+        c = self.cluster
+        coro = {"stop": lambda i: c._astop_replica(i), "restart": lambda i: c._arestart(i),
+                "scale": lambda n, tp: c._ascale(n, None, tp)}[what](*args)
+        self.action_line.value = f"{what} {args} ... (runs in the background)"
+        fut = loop.submit(coro)
+
+        def done(f) -> None:
+            err = f.exception()
+            self.action_line.value = (f"{what} {args}: <span style='color:#cf222e'>{html.escape(str(err)[:400])}</span>"
+                                      if err else f"{what} {args}: done")
+            self.replica.options = [(p.name, p.index) for p in c.plans]
+            self.instances.value, self.tp.value = len(c), c.plans[0].tp_size
+        fut.add_done_callback(done)
+        return fut
+
+    # -- public -----------------------------------------------------------------------------------
+    def snapshot(self):
+        """The rank table as a pandas DataFrame (what the panel shows now)."""
+        return self.monitor.snapshot()
+
+    def close(self) -> None:
+        """Stop refreshing and close the widgets."""
+        self.closed = True
+        if self._task is not None:
+            self._task.cancel()
+        super().close()
