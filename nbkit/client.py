@@ -48,7 +48,8 @@ class RoutedClient:
 
     def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
-                 api_key: str | None = None, seed: int | None = None, **router_options):
+                 api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
+                 **router_options):
         self.target = target
         self.model = model or getattr(target, "model", None)
         self.api_key = api_key
@@ -56,6 +57,10 @@ class RoutedClient:
         self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                              seed=seed, **router_options)
         self.retries = retries
+        from .pd import pd_connector
+        self.pd_connector = pd_connector(target) if pd is not False else None
+        if pd and self.pd_connector is None:
+            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
         self._http: httpx.AsyncClient | None = None
         self._forwarder: Forwarder | None = None
         self._started = False
@@ -85,12 +90,15 @@ class RoutedClient:
         loop.call_soon(self.router.set_ranks, _ranks_of(self.target))
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    async def _ensure(self) -> Forwarder:
+    async def _ensure(self):
         if self._forwarder is None:
             limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
             self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits)
             await self.router.start()
             self._forwarder = Forwarder(self.router, self._http, retries=self.retries)
+            if self.pd_connector:
+                from .pd import PDForwarder
+                self._forwarder = PDForwarder(self._forwarder, self.pd_connector)
             self._started = True
         return self._forwarder
 

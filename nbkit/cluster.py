@@ -46,6 +46,7 @@ class Rank:
     url: str
     name: str
     headers: tuple[tuple[str, str], ...] = ()
+    role: str = "both"  # both | prefill | decode (prefill/decode split, see nbkit.pd)
 
 
 @dataclass
@@ -146,9 +147,9 @@ class Cluster:
         for p in self.plans:
             for r in p.http_ranks:
                 if p.dp_size > 1:
-                    out.append(Rank(p.index, r, p.url, f"{p.name}/dp{r}", (("X-data-parallel-rank", str(r)),)))
+                    out.append(Rank(p.index, r, p.url, f"{p.name}/dp{r}", (("X-data-parallel-rank", str(r)),), p.role))
                 else:
-                    out.append(Rank(p.index, r, p.url, p.name))
+                    out.append(Rank(p.index, r, p.url, p.name, role=p.role))
         return out
 
     @property

@@ -42,7 +42,7 @@ class Endpoint:
     def __init__(self, target, *, host: str = "127.0.0.1", port: int = 8000, policy="least_load",
                  router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
-                 log_level: str = "warning"):
+                 log_level: str = "warning", pd: bool | None = None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
@@ -51,6 +51,10 @@ class Endpoint:
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                                        seed=seed)
         self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
+        from .pd import pd_connector
+        self.pd_connector = pd_connector(target) if pd is not False else None
+        if pd and self.pd_connector is None:
+            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
         self.timeout = httpx.Timeout(timeout, connect=10.0)
         self.registry = CollectorRegistry()
         self._m_requests = Counter("nbkit_requests", "Requests through the endpoint", ["path", "outcome"],
@@ -141,6 +145,9 @@ class Endpoint:
         self._http = httpx.AsyncClient(timeout=self.timeout,
                                        limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
         self._fwd = Forwarder(self.router, self._http, retries=self.retries)
+        if self.pd_connector:
+            from .pd import PDForwarder
+            self._fwd = PDForwarder(self._fwd, self.pd_connector)
         await self.router.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
                                 access_log=False, lifespan="off", loop="none", timeout_graceful_shutdown=5)

@@ -146,17 +146,19 @@ class Forwarder:
 
     async def open(self, method: str, path: str, *, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None, info: RequestInfo | None = None, rank=None,
-                   stream: bool = False, timeout: httpx.Timeout | None = None) -> Upstream:
+                   stream: bool = False, timeout: httpx.Timeout | None = None,
+                   roles: frozenset[str] | None = None) -> Upstream:
         info = info or RequestInfo(prompt_tokens=0, max_tokens=0)
         record = self.router.new_record(path, info)
         tried: set[str] = set()
         attempt = 0
         while True:
-            lease = await self.router.acquire(info, rank=rank, exclude=tried, record=record)
+            lease = await self.router.acquire(info, rank=rank, exclude=tried, record=record, roles=roles)
             record.attempts = attempt + 1
             hdrs = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
             hdrs.update(dict(lease.rank.headers))
-            can_retry = rank is None and attempt < self.retries and len(tried) + 1 < len(self.router.states)
+            pool = [st for st in self.router.states if roles is None or getattr(st.rank, "role", "both") in roles]
+            can_retry = rank is None and attempt < self.retries and len(tried) + 1 < len(pool)
             resp = None
             try:
                 req = self.client.build_request(method, lease.rank.url + path, content=content, headers=hdrs,

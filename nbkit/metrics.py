@@ -35,7 +35,7 @@ _COUNTERS = {
     "vllm:gpu_prefix_cache_hits_total": "prefix_cache_hits",
     "vllm:external_prefix_cache_hits_total": "external_prefix_cache_hits",
 }
-_PRIORITY = {name: k for k, name in enumerate([*_GAUGES, *_COUNTERS])}
+_PRIORITY = {name: k for k, name in enumerate([*_GAUGES, *_COUNTERS, "vllm:prompt_tokens_by_source_total"])}
 
 
 @dataclass
@@ -52,6 +52,7 @@ class EngineMetrics:
     prefix_cache_queries: float = 0.0
     prefix_cache_hits: float = 0.0
     external_prefix_cache_hits: float = 0.0
+    external_kv_tokens: float = 0.0  # prompt tokens whose KV came from a KV connector (PD split)
     scraped_at: float = field(default_factory=time.time)
 
 
@@ -67,6 +68,13 @@ def parse_metrics(text: str, scraped_at: float | None = None) -> dict[str, Engin
     values: dict[str, dict[tuple[str, str], float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
+            if s.name == "vllm:prompt_tokens_by_source_total":
+                if s.labels.get("source") != "external_kv_transfer":
+                    continue
+                attr, counter = "external_kv_tokens", True
+                per = values.setdefault(s.labels.get("engine", "0"), {})
+                per[(attr, s.name)] = per.get((attr, s.name), 0.0) + s.value
+                continue
             if s.name in _GAUGES:
                 attr, counter = _GAUGES[s.name], False
             elif s.name in _COUNTERS:

@@ -99,6 +99,9 @@ class Monitor:
         now = time.time()
         routed: dict[str, int] = {}
         ttfts: dict[str, list[float]] = {}
+        for router in self.routers():  # routed = finished records + in flight now
+            for st in router.states:
+                routed[st.key] = routed.get(st.key, 0) + st.in_flight
         for rec in self.records():
             routed[rec.rank] = routed.get(rec.rank, 0) + 1
             if rec.ttft_s is not None and rec.outcome == "ok" and now - rec.arrival < 30:

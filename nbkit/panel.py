@@ -101,7 +101,7 @@ class Panel(W.VBox):
         self.interval, self.chart_every, self.n_decisions = interval, chart_every, decisions
         from .policies import available_policies
 
-        self.title = W.HTML()
+        self.header = W.HTML()
         self.table = W.HTML()
         self.chart = W.HTML()
         self.decisions = W.HTML()
@@ -119,7 +119,7 @@ class Panel(W.VBox):
         self.stop_btn = W.Button(description="Stop", icon="stop")
         self.restart_btn = W.Button(description="Restart", icon="refresh")
         self.action_line = W.HTML()
-        self.log = W.HTML()
+        self.log_view = W.HTML()
         self._pending = None
         self._task: asyncio.Future | None = None
         self._tick = 0
@@ -136,10 +136,10 @@ class Panel(W.VBox):
             W.HBox([self.instances, self.tp, self.apply, self.confirm]), self.plan_line,
             W.HBox([self.replica, self.stop_btn, self.restart_btn]), self.action_line,
         ])
-        tabs = W.Tab(children=[self.decisions, self.log])
+        tabs = W.Tab(children=[self.decisions, self.log_view])
         tabs.set_title(0, "routing decisions")
         tabs.set_title(1, "log tail")
-        super().__init__([self.title, self.table, self.chart, controls, tabs])
+        super().__init__([self.header, self.table, self.chart, controls, tabs])
         self.add_class("nbkit-panel")
         self._render()
         self._task = loop.submit(self._refresh_loop())
@@ -164,7 +164,7 @@ class Panel(W.VBox):
                 await self.monitor.sample()
                 self._render()
             except Exception as e:  # noqa: BLE001 - the panel must keep going
-                self.title.value = f"<b>nbkit</b> refresh error: {html.escape(repr(e))}"
+                self.header.value = f"<b>nbkit</b> refresh error: {html.escape(repr(e))}"
             await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - t)))
 
     def _render(self) -> None:
@@ -174,7 +174,7 @@ class Panel(W.VBox):
         inflight = sum(r.in_flight for r in routers)
         queued = sum(r.queued for r in routers)
         state = "running" if running else "stopped"
-        self.title.value = (f'<b>nbkit</b> · <span class="nbkit-cluster-state">{state}</span> · '
+        self.header.value = (f'<b>nbkit</b> · <span class="nbkit-cluster-state">{state}</span> · '
                             f"{len(self.cluster)} replicas · policy <code class='nbkit-policy'>"
                             f"{html.escape(self._current_policy() or '-')}</code> · in flight {inflight} · "
                             f"queued {queued} · step {self.monitor.step}")
@@ -187,7 +187,7 @@ class Panel(W.VBox):
         self.decisions.value = decisions_html(self.monitor.records(), self.n_decisions)
         i = self.replica.value if self.replica.value is not None else 0
         if i < len(self.cluster):
-            self.log.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
+            self.log_view.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
                              f"{html.escape(self.cluster.logs(i, 15))}</pre>"
         self._tick += 1
         if self._tick % self.chart_every == 1 or self.chart_every == 1:
@@ -262,6 +262,7 @@ class Panel(W.VBox):
     def close(self) -> None:
         """Stop refreshing and close the widgets."""
         self.closed = True
-        if self._task is not None:
-            self._task.cancel()
+        task = getattr(self, "_task", None)
+        if task is not None:
+            task.cancel()
         super().close()

@@ -63,6 +63,8 @@ class RequestRecord:
     outcome: str = "pending"      # ok | error | cancelled | http_<status>
     attempts: int = 1
     error: str = ""
+    prefill_rank: str = ""        # prefill/decode split: where the prompt was prefilled
+    prefill_s: float | None = None  # ... and how long that took
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Router:
         self.set_ranks(ranks)
         self.records: deque[RequestRecord] = deque(maxlen=MAX_RECORDS)
         self.listeners: list[Callable[[RequestRecord], None]] = []
-        self._queue: deque[tuple[asyncio.Future, RequestInfo, object, frozenset, RequestRecord]] = deque()
+        self._queue: deque[tuple] = deque()  # (future, info, rank, exclude, record, roles), FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._client = client
@@ -236,7 +238,8 @@ class Router:
     def _global_room(self) -> bool:
         return self.max_concurrency is None or self.in_flight < self.max_concurrency
 
-    def _place(self, info: RequestInfo, rank, exclude: frozenset) -> tuple[RankState, Choice] | None:
+    def _place(self, info: RequestInfo, rank, exclude: frozenset, roles: frozenset | None = None
+               ) -> tuple[RankState, Choice] | None:
         if not self._global_room():
             return None
         if rank is not None:
@@ -245,7 +248,8 @@ class Router:
                 return None
             return s, Choice(s.index, s.key, f"explicit rank={rank!r}")
         now = time.time()
-        cands = [s for s in self.states if s.key not in exclude and self._has_room(s)]
+        cands = [s for s in self.states if s.key not in exclude and self._has_room(s)
+                 and (roles is None or getattr(s.rank, "role", "both") in roles)]
         if not cands:
             return None
         views = [s.view(2 * self.scrape_interval, now) for s in cands]
@@ -275,9 +279,19 @@ class Router:
         return Lease(self, s, choice, info, record)
 
     async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
-                      path: str = "", record: RequestRecord | None = None) -> Lease:
-        """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room."""
+                      path: str = "", record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
+        """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room.
+
+        ``roles`` limits the candidates to ranks of those roles (``{"prefill", "both"}``, ...).
+        """
         exclude = frozenset(exclude)
+        roles = frozenset(roles) if roles is not None else None
+        if roles is not None and not any(getattr(s.rank, "role", "both") in roles for s in self.states):
+            e = ValueError(f"roles={sorted(roles)}: no rank has one of these roles")
+            if record is None:
+                record = self.new_record(path, info)
+            self._abandon(record, "error", repr(e))
+            raise e
         if record is None:
             record = self.new_record(path, info)
         try:
@@ -286,14 +300,14 @@ class Router:
             # The queue only ever holds requests that cannot be placed now (every release pumps
             # it), so a newcomer that fits somewhere goes at once without overtaking anyone who could.
             self._pump()
-            placed = self._place(info, rank, exclude)
+            placed = self._place(info, rank, exclude, roles)
         except Exception as e:
             self._abandon(record, "error", repr(e))
             raise
         if placed is not None:
             return self._grant(*placed, info, record)
         fut = asyncio.get_running_loop().create_future()
-        self._queue.append((fut, info, rank, exclude, record))
+        self._queue.append((fut, info, rank, exclude, record, roles))
         try:
             return await fut
         except asyncio.CancelledError:
@@ -345,11 +359,11 @@ class Router:
         kept = deque()
         while self._queue:
             item = self._queue.popleft()
-            fut, info, rank, exclude, record = item
+            fut, info, rank, exclude, record, roles = item
             if fut.done():
                 continue
             try:
-                placed = self._place(info, rank, exclude)
+                placed = self._place(info, rank, exclude, roles)
             except Exception as e:  # noqa: BLE001 - hand the error to the waiter
                 fut.set_exception(e)
                 continue

@@ -63,7 +63,7 @@ def test_rows_show_live_load_per_rank(cluster, client):
         assert set(hist["rank"]) == {"replica0", "replica1", "total"}
         assert hist["t"].max() - hist["t"].min() <= panel.monitor.window_s
         load.result(timeout=300)
-        assert "nbkit" in panel.log.value  # the log tail of the selected replica
+        assert "/v1/completions" in panel.log_view.value  # the log tail of the selected replica
     finally:
         panel.close()
     step = panel.monitor.step
@@ -82,7 +82,7 @@ def test_policy_and_concurrency_controls_reach_the_router(cluster, client):
         assert wait_for(lambda: client.router.max_concurrency is None, 5)
         out = client.sync.complete("Hello", max_tokens=2)
         assert client.records[-1].policy == "round_robin" and out["usage"]["completion_tokens"] == 2
-        assert wait_for(lambda: "round_robin" in panel.title.value, 5)
+        assert wait_for(lambda: "round_robin" in panel.header.value, 5)
     finally:
         panel.close()
 
@@ -124,8 +124,8 @@ def test_stop_and_restart_buttons_and_a_stopped_cluster(cluster, client):
         panel._run_action("restart", 1).result(timeout=400)
         assert wait_for(lambda: (panel.snapshot()["state"] == "healthy").all(), 10)
         cluster.stop()
-        assert wait_for(lambda: "stopped" in panel.title.value, 10)
+        assert wait_for(lambda: "stopped" in panel.header.value, 10)
         assert wait_for(lambda: (panel.snapshot()["state"] == "stopped").all(), 10)
-        assert "refresh error" not in panel.title.value
+        assert "refresh error" not in panel.header.value
     finally:
         panel.close()

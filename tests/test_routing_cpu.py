@@ -120,7 +120,7 @@ def test_per_rank_cap_queues_fifo_and_drops_nothing(cluster):
 
 def test_session_requests_stick_and_records_say_why(cluster):
     client = cluster.client("session")
-    ranks = {client.sync.complete("hi", max_tokens=2, session="alice")["nbkit"]["rank"] for _ in range(8)}
+    ranks = {client.sync.complete("hi", max_tokens=2, session="alice", ignore_eos=True)["nbkit"]["rank"] for _ in range(8)}
     assert len(ranks) == 1
     df = client.records_frame()
     assert set(df.columns) >= {"rank", "replica", "policy", "reason", "queue_wait_s", "ttft_s", "itl_s",
