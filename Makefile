@@ -41,7 +41,7 @@ test-notebooks: model
 	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) notebooks
 
 test: model chromium
-	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
+	$(PYTEST) --timeout=1800 --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
 
 bench: model
 	$(BIN)/python benchmarks/lifecycle.py

@@ -23,7 +23,7 @@ from typing import TextIO
 import httpx
 
 from . import loop
-from .metrics import EngineMetrics, parse_metrics
+from .metrics import EngineMetrics, scrape
 
 #: Seconds of history kept for charts.
 WINDOW_S = 120.0
@@ -82,9 +82,7 @@ class Monitor:
 
     async def _scrape(self, url: str) -> dict[str, EngineMetrics] | Exception:
         try:
-            r = await self._http.get(f"{url}/metrics", timeout=2.0)
-            r.raise_for_status()
-            return parse_metrics(r.text)
+            return await scrape(self._http, url)
         except (httpx.HTTPError, ValueError) as e:
             return e
 

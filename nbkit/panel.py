@@ -45,14 +45,14 @@ def _fmt(v) -> str:
 
 def rows_html(rows) -> str:
     """The rank table as HTML (each row carries data-rank, each cell a class named for its field)."""
-    head = "".join(f"<th>{html.escape(t)}</th>" for _, t in _COLS)
+    head = "".join(f'<th style="padding:2px 8px">{html.escape(t)}</th>' for _, t in _COLS)
     body = []
     for r in rows:
         cells = []
         for f, _ in _COLS:
             v = getattr(r, f)
-            style = f' style="color:{_STATE_COLOR.get(v, "inherit")};font-weight:600"' if f == "state" else ""
-            cells.append(f'<td class="nbkit-{f}"{style}>{html.escape(_fmt(v))}</td>')
+            extra = f"color:{_STATE_COLOR.get(v, 'inherit')};font-weight:600" if f == "state" else ""
+            cells.append(f'<td class="nbkit-{f}" style="padding:2px 8px;{extra}">{html.escape(_fmt(v))}</td>')
         body.append(f'<tr class="nbkit-row" data-rank="{html.escape(r.rank)}">{"".join(cells)}</tr>')
     return (f'<table class="nbkit-ranks" style="border-collapse:collapse;font-size:12px">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
@@ -77,7 +77,8 @@ def charts(history_df):
     import altair as alt
 
     df = history_df
-    base = alt.Chart(df).encode(x=alt.X("time:T", title=None), color=alt.Color("rank:N"))
+    base = alt.Chart(df).encode(x=alt.X("time:T", title=None, axis=alt.Axis(format="%H:%M:%S", tickCount=4)),
+                                color=alt.Color("rank:N"))
     thr = base.mark_line().encode(y=alt.Y("gen_tok_s:Q", title="generation tok/s")).properties(
         width=420, height=160, title="throughput per rank")
     q = base.transform_filter(alt.datum.rank != "total").mark_line().encode(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -35,7 +36,7 @@ CELLS = [
 
 def _notebook(path: Path) -> None:
     nb = {"nbformat": 4, "nbformat_minor": 5,
-          "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}},
+          "metadata": {"kernelspec": {"name": "nbkit", "display_name": "nbkit (.venv)", "language": "python"}},
           "cells": [{"cell_type": "code", "metadata": {}, "source": c, "outputs": [], "execution_count": None,
                      "id": f"c{i}"} for i, c in enumerate(CELLS)]}
     path.write_text(json.dumps(nb))
@@ -71,8 +72,14 @@ def test_panel_in_jupyterlab_shows_healthy_ranks_and_drives_the_policy(tmp_path,
             browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROME_ARGS)
             page = browser.new_page(viewport={"width": 1500, "height": 1100})
             page.goto(f"{base}/lab/tree/panel.ipynb?token={token}", timeout=120_000)
+            # JupyterLab may ask which kernel to start; take the one it proposes (the project's)
+            try:
+                page.locator(".jp-Dialog button.jp-mod-accept").click(timeout=15_000)
+            except Exception:  # noqa: BLE001 - no dialog: the notebook's kernel started directly
+                pass
             page.locator('div.lm-MenuBar-itemLabel:text-is("Run")').click(timeout=120_000)
-            page.locator("text=Run All Cells").first.click()
+            # "Run All" in JupyterLab 4.6 ("Run All Cells" in earlier 4.x)
+            page.locator(".lm-Menu-itemLabel").filter(has_text=re.compile(r"^Run All( Cells)?$")).first.click()
             rows = page.locator("tr.nbkit-row")
             deadline = time.monotonic() + 420
             ok = False
