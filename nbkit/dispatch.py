@@ -180,6 +180,8 @@ class Endpoint:
             self._http = None
 
     def start(self) -> "Endpoint":
+        if self._task is not None:
+            return self  # already serving (e.g. `with cluster.endpoint(...) as ep:`)
         from .plan import port_is_free
         if not port_is_free(self.host, self.port):
             raise ValueError(f"port={self.port!r}: already in use on {self.host}")

@@ -65,6 +65,12 @@ def pd_specs(model: str, *, prefill: int = 1, decode: int = 1, connector: str = 
         os.makedirs(shared_dir, exist_ok=True)
     flag = ("--kv-transfer-config", json.dumps(kv_transfer_config(connector, shared_dir)))
     extra = tuple(common.pop("extra_args", ()))
+    if connector == "example":
+        # ExampleConnector stores a prompt's KV from its first scheduled chunk only: with chunked
+        # prefill a long prompt batched beside others is saved short and the decode replica then
+        # crashes loading it (shape mismatch). Prefill whole prompts in one step instead.
+        common.setdefault("max_model_len", 4096)
+        flag += ("--no-enable-chunked-prefill", "--max-num-batched-tokens", str(common["max_model_len"]))
     specs = []
     for role, n in (("prefill", prefill), ("decode", decode)):
         for k in range(n):

@@ -45,10 +45,14 @@ Nothing left running
   group (GCS, raylets, agents); the actors' workers then exit and their watchdogs stop the
   replicas. Only processes this module started are ever signalled.
 
-Two quirks of Ray 2.60 handled here: ``ray.init`` rewrites ``127.0.0.1`` into the machine's
-address (where a loopback-bound cluster does not listen), so the driver connects with that
-rewrite switched off; and a raylet gives up when its dashboard agent takes more than ~15 s to
-start (a busy machine), so the rehearsal cluster is retried a few times.
+Quirks of Ray 2.60 handled here: ``ray.init`` rewrites ``127.0.0.1`` into the machine's address
+(where a loopback-bound cluster does not listen), so the driver connects with that rewrite
+switched off. A raylet dies if its dashboard agent has not written its port within 15 s (fixed
+in the binary); on a busy 2-core machine the agent's ``import ray`` is the problem, mostly
+``jsonschema`` importing ``rfc3987_syntax``, which builds an Earley parser at import (~5 s of
+CPU). The rehearsal's Ray processes therefore get a shim that defers that parser to its first
+use (same results), the head skips the autoscaler and log monitors, and a failed start is
+retried.
 """
 
 from __future__ import annotations
@@ -228,13 +232,66 @@ def ranks_of(plans: Sequence[LaunchPlan]):
 
 
 # -- the actor: runs on the chosen node ---------------------------------------------------------------
+_DETACH = """\
+import os, sys
+pid = os.fork()
+if pid:
+    print(pid, flush=True)
+    os._exit(0)
+os.setsid()
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 1)
+os.dup2(null, 2)
+os.execv(sys.executable, [sys.executable, "-m", "nbkit.watchdog", sys.argv[1]])
+"""
+
+
+def _detached_guard():
+    """nbkit's watchdog for an actor's process, started double-forked (reparented to init).
+
+    When a Ray worker exits, the raylet SIGKILLs the worker's *direct* children
+    (``RAY_kill_child_processes_on_worker_exit``, on by default). A plain child watchdog would die
+    with the replica's leader and leave the rest of its process group (engine core, workers)
+    orphaned; a detached one survives, reads EOF on its pipe and kills the registered groups.
+    """
+    from .watchdog import Guard
+
+    class DetachedGuard(Guard):
+        watchdog_pid: int | None = None
+
+        def _ensure(self) -> subprocess.Popen:
+            if self._proc is None or self._pid != os.getpid():
+                self._pid = os.getpid()
+                self._proc = subprocess.Popen([sys.executable, "-c", _DETACH, str(os.getpid())],
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                              stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True)
+                self.watchdog_pid = int(self._proc.stdout.readline())
+                self._proc.wait()  # the launcher exits at once; the pipe's write end stays with us
+            return self._proc
+
+        def unregister(self, pgid: int) -> None:
+            if self._proc is not None:
+                with contextlib.suppress(BrokenPipeError, OSError):
+                    self._send(f"-{pgid}")
+
+        @property
+        def pid(self) -> int | None:
+            return self.watchdog_pid
+
+    return DetachedGuard()
+
+
 class ReplicaHost:
     """Ray actor (wrapped with ``ray.remote`` by :class:`RayReplicas`) that owns one replica on its node.
 
-    Threaded (``max_concurrency`` > 1) so ``stop()`` can interrupt a ``wait_healthy()``.
+    Threaded (``max_concurrency`` > 1) so ``stop()`` can interrupt a ``wait_healthy()``. Its
+    process registers the replica with a detached nbkit watchdog (see :func:`_detached_guard`).
     """
 
     def __init__(self, placement: Placement, run_name: str):
+        from . import watchdog
+        with watchdog._guard_lock:
+            watchdog._guard = _detached_guard()  # this process is the actor's alone
         self.placement = placement
         self.run_dir = Path(tempfile.gettempdir()) / "nbkit-runs" / run_name
         self.plan: LaunchPlan | None = None
@@ -463,6 +520,29 @@ class RayNodes:
         return f"RayNodes({kind}, {self.address}{', closed' if self.closed else ''})"
 
 
+#: Put first on the rehearsal's PYTHONPATH: ``rfc3987_syntax`` with its parser built on first use.
+_RFC3987_SHIM = """\
+# nbkit: the real rfc3987_syntax builds an Earley parser when imported (~5 s of CPU, paid by every
+# process that imports ray -> jsonschema). Same package, same results; the parser waits for a call.
+import importlib.machinery as _m, os as _os, sys as _sys
+_shim = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+_real = _m.PathFinder.find_spec(__name__, [p for p in _sys.path if _os.path.abspath(p or ".") != _shim])
+if _real is None or not _real.submodule_search_locations:
+    raise ImportError("rfc3987_syntax is not installed")
+__path__[:] = list(_real.submodule_search_locations)
+
+
+def is_valid_syntax(term, value):
+    from .syntax_helpers import is_valid_syntax as f
+    return f(term, value)
+
+
+def parse(term, value):
+    from .syntax_helpers import parse as f
+    return f(term, value)
+"""
+
+
 class _LocalRay:
     """The helper process that owns a ``ray.cluster_utils.Cluster`` on 127.0.0.1 (see ``_serve_local``)."""
 
@@ -476,6 +556,12 @@ class _LocalRay:
         from .watchdog import guard
         log = open(Path(self.tmp) / "helper.log", "ab")
         env = dict(os.environ, RAY_TMPDIR=self.tmp, RAY_USAGE_STATS_ENABLED="0")
+        import importlib.util
+        if importlib.util.find_spec("rfc3987_syntax") is not None:
+            shim = Path(self.tmp) / "pyshim"
+            (shim / "rfc3987_syntax").mkdir(parents=True)
+            (shim / "rfc3987_syntax" / "__init__.py").write_text(_RFC3987_SHIM)
+            env["PYTHONPATH"] = os.pathsep.join([str(shim)] + [p for p in [env.get("PYTHONPATH")] if p])
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "nbkit.raynodes", "--nodes", str(self.num_nodes), "--cpus", str(self.cpus_per_node)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True,
@@ -772,8 +858,9 @@ def _serve_local(num_nodes: int, cpus: int) -> int:
     cluster = None
     try:
         from ray.cluster_utils import Cluster
-        common = {"num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False}
-        cluster = Cluster(initialize_head=True, head_node_args={**common, "resources": {"node0": 1}})
+        common = {"num_cpus": cpus, "node_ip_address": "127.0.0.1", "include_dashboard": False,
+                  "include_log_monitor": False}
+        cluster = Cluster(initialize_head=True, head_node_args={**common, "no_monitor": True, "resources": {"node0": 1}})
         for k in range(1, num_nodes):
             cluster.add_node(**common, resources={f"node{k}": 1})
         print(json.dumps({"address": cluster.address}), flush=True)

@@ -9,6 +9,7 @@ import os
 import httpx
 import pytest
 
+from conftest import free_port
 from nbkit import Cluster
 from nbkit.pd import pd_specs
 
@@ -66,7 +67,7 @@ def test_streaming_pd_counts_ttft_from_the_prefill(cluster):
 
 def test_endpoint_serves_the_pd_pair_as_one_model(cluster):
     before = external_tokens(cluster)
-    with cluster.endpoint(port=8659) as ep:
+    with cluster.endpoint(port=free_port(8659)) as ep:
         r = httpx.post(f"{ep.url}/v1/completions", timeout=120,
                        json={"prompt": long_prompt(3), "max_tokens": 6, "ignore_eos": True})
         assert r.status_code == 200 and r.headers["x-nbkit-rank"] == "decode0"

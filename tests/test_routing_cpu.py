@@ -16,12 +16,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_port
 from nbkit import Cluster
 from nbkit.metrics import parse_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 README = Path(__file__).resolve().parent.parent / "README.md"
-EP_PORT = 8590
+EP_PORT = free_port(8590)
 
 
 @pytest.fixture(scope="module")
