@@ -189,18 +189,41 @@ class Cluster:
             self._lock = asyncio.Lock()
         return self._lock
 
-    async def _start_some(self, idx: Sequence[int], timeout: float) -> None:
+    def _waves(self, idx: Sequence[int]) -> list[list[int]]:
+        """Start order: all at once, except replicas sharing a GPU, which start one after another
+        (vLLM's memory profiling counts a neighbour's allocations while both start)."""
+        waves: list[list[int]] = []
+        seen: dict[int, int] = {}
         for i in idx:
-            proc = ReplicaProcess(self.plans[i], self.log_path(i))
-            self._procs[i] = proc
-            self._health.pop(i, None)
-            proc.spawn()
+            p = self.plans[i]
+            k = 0
+            if p.device == "gpu":
+                k = max((seen.get(d, 0) for d in p.devices), default=0)
+                for d in p.devices:
+                    seen[d] = k + 1
+            while len(waves) <= k:
+                waves.append([])
+            waves[k].append(i)
+        return waves
+
+    async def _start_some(self, idx: Sequence[int], timeout: float) -> None:
+        errors: list[BaseException] = []
         async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
-            results = await asyncio.gather(
-                *(self._procs[i].wait_healthy(timeout, client) for i in idx), return_exceptions=True)
-        errors = [r for r in results if isinstance(r, BaseException)]
+            for wave in self._waves(idx):
+                for i in wave:
+                    proc = ReplicaProcess(self.plans[i], self.log_path(i))
+                    self._procs[i] = proc
+                    self._health.pop(i, None)
+                    proc.spawn()
+                results = await asyncio.gather(
+                    *(self._procs[i].wait_healthy(timeout, client) for i in wave), return_exceptions=True)
+                errors = [r for r in results if isinstance(r, BaseException)]
+                if errors:
+                    break
+                for i in wave:
+                    self._health[i] = True
         if errors:
-            await asyncio.gather(*(self._procs[i].stop(self.stop_grace) for i in idx))
+            await asyncio.gather(*(self._procs[i].stop(self.stop_grace) for i in idx if self._procs[i] is not None))
             for i in idx:
                 self._health.pop(i, None)
             first = errors[0]
@@ -208,8 +231,6 @@ class Cluster:
                 others = ", ".join(e.name for e in errors[1:] if isinstance(e, ReplicaStartError))
                 first.args = (first.args[0] + f"\n(also failed: {others})",)
             raise first
-        for i, took in zip(idx, results):
-            self._health[i] = True
 
     async def _astart(self, timeout: float | None = None) -> "Cluster":
         """Start every replica in parallel and wait until all are healthy."""
@@ -271,7 +292,9 @@ class Cluster:
             specs = base[:n]
         else:
             t = base[-1]
-            template = t.model_copy(update={"cores": None, "devices": None, "port": None, "name": None})
+            # copies are placed automatically; a replica on one (shareable) GPU keeps sharing it
+            shared_gpu = t.devices if t.devices is not None and len(t.devices) == 1 and t.workers == 1 else None
+            template = t.model_copy(update={"cores": None, "devices": shared_gpu, "port": None, "name": None})
             specs = base + [template] * (n - len(base))
         own = {p.port for i, p in enumerate(old) if self._procs[i] is not None and self._procs[i].alive}
         # keep running replicas on their ports

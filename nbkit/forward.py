@@ -158,7 +158,11 @@ class Forwarder:
             hdrs = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
             hdrs.update(dict(lease.rank.headers))
             pool = [st for st in self.router.states if roles is None or getattr(st.rank, "role", "both") in roles]
-            can_retry = rank is None and attempt < self.retries and len(tried) + 1 < len(pool)
+            elsewhere = rank is None and len(tried) + 1 < len(pool)  # another rank is left to try
+            # 5xx/429 are retried on another rank only; a transport error before the first byte
+            # (refused, reset keep-alive connection, ...) also on the same rank when none is left
+            can_retry = attempt < self.retries and elsewhere
+            can_retry_transport = attempt < self.retries
             resp = None
             try:
                 req = self.client.build_request(method, lease.rank.url + path, content=content, headers=hdrs,
@@ -185,12 +189,15 @@ class Forwarder:
                 if resp is not None:
                     await resp.aclose()
                 self.router.report_failure(lease.state)
-                if not can_retry:
+                if not (can_retry if isinstance(e, _Retry) else can_retry_transport):
                     lease.release("error", repr(e))
                     raise
                 lease.release("retry", repr(e))
                 self.router.counters["retries"] += 1
-                tried.add(lease.rank.name)
+                if elsewhere:
+                    tried.add(lease.rank.name)
+                else:
+                    await asyncio.sleep(0.05 * (attempt + 1))  # same rank again: give it a moment
                 attempt += 1
             except BaseException as e:
                 if resp is not None:

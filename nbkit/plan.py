@@ -361,6 +361,12 @@ def plan_replicas(
         raise SpecError("replicas", [], "at least one replica is needed")
     inventory = inventory if inventory is not None else discover()
     kinds = [resolve_device(s.device, inventory, f"replicas[{i}].device") for i, s in enumerate(specs)]
+    for i, (s, k) in enumerate(zip(specs, kinds)):
+        if k == "cpu" and s.devices is not None:
+            raise SpecError(f"replicas[{i}].devices", list(s.devices),
+                            "GPU ids given, but this replica runs on CPU (no GPU visible, or device='cpu'); use cores=")
+        if k == "gpu" and s.cores is not None:
+            raise SpecError(f"replicas[{i}].cores", list(s.cores), "cores are for CPU replicas; this one runs on GPU")
     if check_models:
         for i, s in enumerate(specs):
             check_model(s.model, f"replicas[{i}].model")

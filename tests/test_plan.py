@@ -672,3 +672,24 @@ def test_unset_share_takes_what_explicit_shares_leave_on_a_gpu():
                           check_models=False)
     assert plans[1].gpu_memory_utilization == 0.45
     assert "0.45" in plans[1].argv
+
+
+def test_gpu_ids_on_a_cpu_replica_are_refused():
+    with pytest.raises(SpecError, match=r"replicas\[0\]\.devices"):
+        plan_replicas([ReplicaSpec(model="m", devices=(0,))], Inventory(cores=(0, 1), memory_gib=24),
+                      port_free=lambda h, p: True, check_models=False)
+
+
+def test_replicas_sharing_a_gpu_start_one_after_another(tmp_path):
+    from nbkit import Cluster
+    inv = Inventory(cores=(0, 1), gpus=(GPU(0, "H100", 80.0), GPU(1, "H100", 80.0)), memory_gib=64)
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    c = Cluster([ReplicaSpec(model=str(model), devices=(0,))] * 3 + [ReplicaSpec(model=str(model), devices=(1,))],
+                inventory=inv, run_dir=tmp_path)
+    assert c._waves(range(4)) == [[0, 3], [1], [2]]
+    # scaling a GPU-sharing cluster keeps sharing that GPU
+    assert [a for a, _, _ in c.scale_plan(5)] == ["start", "start", "start", "start", "start"]
+    specs, plans, _ = c._scale_target(5)
+    assert plans[4].devices == (1,)

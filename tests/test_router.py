@@ -263,10 +263,11 @@ def test_transport_error_with_retries_exhausted_raises_and_releases():
     assert_clean(router)
     assert len(router.records) == 1
     rec = router.records[0]
-    assert (rec.outcome, rec.attempts, rec.rank) == ("error", 2, "replica1")
+    # r0, then r1, then r1 again (no other rank left: transport errors retry on the same one)
+    assert (rec.outcome, rec.attempts, rec.rank) == ("error", 3, "replica1")
     assert "ConnectError" in rec.error
-    assert router.counters == {"requests": 1, "retries": 1, "failures": 1}
-    assert [s.failures for s in router.states] == [1, 1]
+    assert router.counters == {"requests": 1, "retries": 2, "failures": 1}
+    assert [s.failures for s in router.states] == [1, 2]
 
 
 def test_cancelled_request_while_replica_works_is_released_as_cancelled():
@@ -517,7 +518,7 @@ def test_pinned_rank_is_not_retried_503_surfaces():
     assert router.records[0].reason == "explicit rank=0"
 
 
-def test_pinned_rank_by_name_is_not_retried_connect_error_raises():
+def test_pinned_rank_connect_error_retries_on_that_rank_only_then_raises():
     fake, router, fwd = setup()
     fake.on["r0"] = httpx.ConnectError("refused")
 
@@ -526,10 +527,10 @@ def test_pinned_rank_by_name_is_not_retried_connect_error_raises():
             await post(fwd, rank="replica0")
 
     run(main())
-    assert fake.hosts() == ["r0"]
+    assert fake.hosts() == ["r0", "r0", "r0"]  # never another rank
     assert_clean(router)
-    assert [(r.outcome, r.attempts) for r in router.records] == [("error", 1)]
-    assert router.counters["retries"] == 0
+    assert [(r.outcome, r.attempts) for r in router.records] == [("error", 3)]
+    assert router.counters["retries"] == 2
 
 
 def test_retries_zero_means_no_retry():
