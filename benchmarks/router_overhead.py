@@ -51,22 +51,24 @@ ROOT = HERE.parent
 BODY = {"model": "m", "prompt": "hi", "max_tokens": 1}
 BODY_BYTES = json.dumps(BODY).encode()
 HEADERS = {"content-type": "application/json"}
+nan = float("nan")
 REQUEST_TIMEOUT_S = 5.0  # a request slower than this counts as an error (the run is overloaded)
 
 GOAL_CLIENT_P50_MS = 0.2
 GOAL_ENDPOINT_P99_MS = 1.0
 GOAL_RATE = 200.0
 
-# name -> (kind, policy)
+# name -> (kind, policy), in the order they run: the main comparison first, so that what
+# --max-seconds may skip on a slow machine is the extra policies
 ALL_PATHS = {
     "direct": ("direct", None),
     "client-rr": ("client", "round_robin"),
-    "client-ll": ("client", "least_load"),
     "endpoint-rr": ("endpoint", "round_robin"),
-    "endpoint-ll": ("endpoint", "least_load"),
     "sglang-rr": ("sglang", "round_robin"),
-    "sglang-ca": ("sglang", "cache_aware"),
     "vllm-rr": ("vllm", "round_robin"),
+    "client-ll": ("client", "least_load"),
+    "endpoint-ll": ("endpoint", "least_load"),
+    "sglang-ca": ("sglang", "cache_aware"),
 }
 LABELS = {
     "direct": "direct",
@@ -230,19 +232,29 @@ async def wait_ready(client, url: str, proc: subprocess.Popen | None, timeout: f
 
 
 # -- load generation -------------------------------------------------------------------------------
-async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int) -> dict:
-    """Send ``n`` requests at ``rate``/s, open loop; per-request latency around ``send``."""
+async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int,
+                    max_in_flight: int | None = None) -> dict:
+    """Send ``n`` requests at ``rate``/s, open loop; per-request latency around ``send``.
+
+    With more than ``max_in_flight`` requests unanswered (default: one second's worth) the path
+    cannot keep up with ``rate``: sending stops there and the run is marked ``overloaded``.
+    """
     lat: list[float] = []
     lag: list[float] = []
     errors: list[str] = []
+    in_flight = 0
+    cap = max_in_flight or max(50, int(rate))
 
     async def one(i: int) -> None:
+        nonlocal in_flight
         t = time.perf_counter()
         try:
             ok = await send(i)
             err = "" if ok is True else str(ok)
         except Exception as e:  # noqa: BLE001 - counted as an error
             err = repr(e)
+        finally:
+            in_flight -= 1
         dt = time.perf_counter() - t
         if err:
             errors.append(err)
@@ -250,19 +262,26 @@ async def open_loop(send: Callable[[int], Awaitable[bool]], rate: float, n: int)
             lat.append(dt)
 
     tasks = []
+    sent = 0
     t0 = time.perf_counter() + 0.002
     for i in range(n):
         target = t0 + i / rate
         d = target - time.perf_counter()
         if d > 0:
             await asyncio.sleep(d)
+        if in_flight > cap:
+            break
         lag.append(time.perf_counter() - target)
+        in_flight += 1  # counted here: a late generator creates tasks before any of them runs
         tasks.append(asyncio.ensure_future(one(i)))
-    _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 1)
-    for t in pending:
-        t.cancel()
-        errors.append("no answer (cancelled)")
-    return {"n": n, "lat": lat, "lag": lag, "errors": errors, "wall": time.perf_counter() - t0}
+        sent += 1
+    if tasks:
+        _, pending = await asyncio.wait(tasks, timeout=REQUEST_TIMEOUT_S + 1)
+        for t in pending:
+            t.cancel()
+            errors.append("no answer (cancelled)")
+    return {"n": sent, "lat": lat, "lag": lag, "errors": errors, "wall": time.perf_counter() - t0,
+            "overloaded": sent < n, "unsent": n - sent}
 
 
 def summarize(parts: list[dict]) -> dict:
@@ -274,6 +293,7 @@ def summarize(parts: list[dict]) -> dict:
     wall = sum(p["wall"] for p in parts)
     return {
         "n": n, "ok": len(lat), "errors": len(errors), "error_sample": sorted(set(errors))[:3],
+        "overloaded": any(p.get("overloaded") for p in parts), "unsent": sum(p.get("unsent", 0) for p in parts),
         "p50_ms": percentile(lat, 50) * 1e3, "p90_ms": percentile(lat, 90) * 1e3,
         "p99_ms": percentile(lat, 99) * 1e3, "max_ms": (lat[-1] * 1e3) if lat else float("nan"),
         "mean_ms": (sum(lat) / len(lat) * 1e3) if lat else float("nan"),
@@ -458,6 +478,17 @@ def serve_endpoint(args) -> None:
 
 
 # -- main ------------------------------------------------------------------------------------------
+def note(r: dict) -> str:
+    out = []
+    if r["overloaded"]:
+        out.append(f"OVERLOADED: could not sustain the rate, sent {r['n']} of {r['requested']}")
+    if r["baseline"]["overloaded"] and r["kind"] != "direct":
+        out.append("direct baseline overloaded: machine too busy, inconclusive")
+    if r["errors"]:
+        out.append(f"e.g. {r['error_sample'][0][:80]}")
+    return "; ".join(out)
+
+
 def fmt(x: float | None, width: int = 8) -> str:
     if x is None or x != x:
         return " " * (width - 1) + "-"
@@ -495,6 +526,7 @@ async def measure(path: Target, send, direct_send, rate: float, n: int, args, ct
         d = stats_delta(before, await backend_stats(client, backends))
         for key in c0:
             cpu[key] = cpu.get(key, 0.0) + c1[key] - c0[key]
+        overloaded = parts[-1]["overloaded"]
         if d is not None:
             if split is None:
                 split = d
@@ -502,18 +534,20 @@ async def measure(path: Target, send, direct_send, rate: float, n: int, args, ct
                 split = {"completions_per_backend": [x + y for x, y in zip(split["completions_per_backend"],
                                                                            d["completions_per_backend"])],
                          "side_traffic": _add_side(split["side_traffic"], d["side_traffic"])}
+        if overloaded or (base_parts and base_parts[-1]["overloaded"]):
+            break  # this path (or even direct) cannot sustain the rate here: stop, and say so
     res = summarize(parts)
     res["backends"] = split
-    res["cpu_ms_per_request"] = {k: v * 1e3 / n for k, v in cpu.items()}
+    res["cpu_ms_per_request"] = {k: v * 1e3 / max(1, res["n"]) for k, v in cpu.items()}
     if is_direct:
-        base = {k: res[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+        base = {k: res[k] for k in ("n", "errors", "overloaded", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
         base["cpu_ms_per_request"] = res["cpu_ms_per_request"]
     else:
         b = summarize(base_parts)
-        base = {k: b[k] for k in ("n", "errors", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
-        base["cpu_ms_per_request"] = {k: v * 1e3 / nb for k, v in base_cpu.items()}
+        base = {k: b[k] for k in ("n", "errors", "overloaded", "p50_ms", "p90_ms", "p99_ms", "mean_ms")}
+        base["cpu_ms_per_request"] = {k: v * 1e3 / max(1, b["n"]) for k, v in base_cpu.items()}
     return {"path": path.name, "label": path.label, "kind": path.kind, "policy": path.policy, "rate": rate,
-            "blocks": blocks, **res, "baseline": base, "loadavg_1m_after": round(os.getloadavg()[0], 2),
+            "requested": n, "blocks": blocks, **res, "baseline": base, "loadavg_1m_after": round(os.getloadavg()[0], 2),
             "added_p50_ms": res["p50_ms"] - base["p50_ms"], "added_p99_ms": res["p99_ms"] - base["p99_ms"]}
 
 
@@ -523,6 +557,15 @@ def _add_side(a: dict, b: dict) -> dict:
     for k, v in b["other"].items():
         out["other"][k] = out["other"].get(k, 0) + v
     return out
+
+
+def requests_for(rate: float, args) -> int:
+    """Requests per (path, rate): --requests, else 200 with --quick, else 2000 at 200/s, 500 at 50/s."""
+    if args.requests:
+        return args.requests
+    if args.quick:
+        return 200
+    return 2000 if rate >= 200 else 500 if rate <= 50 else int(rate * 10)
 
 
 async def run(args, children: "Children") -> dict:
@@ -553,11 +596,7 @@ async def run(args, children: "Children") -> dict:
         direct_send = ctx["direct_send"] = direct.sender(backends)
 
         def n_for(rate: float) -> int:
-            if args.requests:
-                return args.requests
-            if args.quick:
-                return 200
-            return 2000 if rate >= 200 else 500 if rate <= 50 else int(rate * 10)
+            return requests_for(rate, args)
 
         for name in args.paths:
             kind, policy = ALL_PATHS[name]
@@ -585,11 +624,11 @@ async def run(args, children: "Children") -> dict:
                     res, base = row, row["baseline"]
                     print(f"  {rate:5.0f} req/s  n={row['n']:5d}  p50 {res['p50_ms']:.3f}  p99 {res['p99_ms']:.3f}  "
                           f"(direct p50 {base['p50_ms']:.3f} p99 {base['p99_ms']:.3f})  errors {res['errors']}"
-                          + (f"  e.g. {res['error_sample'][0]}" if res["error_sample"] else "")
+                          + (f"  [{note(row)}]" if note(row) else "")
                           + (f"  split {res['backends']['completions_per_backend']}" if res["backends"] else "")
                           + "  cpu ms/req " + " ".join(f"{k.split('_')[0]} {v:.2f}"
                                                        for k, v in res["cpu_ms_per_request"].items())
-                          + f" (direct: generator {base['cpu_ms_per_request']['generator_process']:.2f})"
+                          + f" (direct: generator {base['cpu_ms_per_request'].get('generator_process', nan):.2f})"
                           + (f"  [generator late: p99 {res['send_lag_p99_ms']:.1f} ms]"
                              if res["send_lag_p99_ms"] > 2 else ""), flush=True)
             except Exception as e:  # noqa: BLE001 - report and go on with the others
@@ -609,18 +648,18 @@ async def run(args, children: "Children") -> dict:
     return {"rows": rows, "failures": failures, "elapsed_s": time.time() - started, "log_dir": str(log_dir)}
 
 
-def report(out: dict, args) -> list[str]:
+def report(out: dict, args, info: dict) -> list[str]:
     lines = []
     hdr = (f"{'path':<30} {'rate':>5} {'n':>5} {'p50 ms':>8} {'p99 ms':>8} {'base p50':>8} {'base p99':>8} "
-           f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6} {'cpu/req':>8} {'rtr cpu':>8}")
+           f"{'+p50 ms':>8} {'+p99 ms':>8} {'errors':>6} {'cpu/req':>8} {'rtr cpu':>8}  note")
     lines += [hdr, "-" * len(hdr)]
     for r in out["rows"]:
         direct = r["kind"] == "direct"
         lines.append(f"{r['label']:<30} {r['rate']:5.0f} {r['n']:5d} {fmt(r['p50_ms'])} {fmt(r['p99_ms'])} "
                      f"{fmt(r['baseline']['p50_ms'])} {fmt(r['baseline']['p99_ms'])} "
                      f"{fmt(None if direct else r['added_p50_ms'])} {fmt(None if direct else r['added_p99_ms'])} "
-                     f"{r['errors']:6d} {fmt(r['cpu_ms_per_request']['generator_process'])} "
-                     f"{fmt(r['cpu_ms_per_request'].get('router_process'))}")
+                     f"{r['errors']:6d} {fmt(r['cpu_ms_per_request'].get('generator_process'))} "
+                     f"{fmt(r['cpu_ms_per_request'].get('router_process'))}  {note(r)}")
     lines.append("(ms; base = direct at the same rate, alternating with the path; + = added vs base; cpu/req = "
                  "CPU ms per request of the load-generating process, which holds the nbkit client's loop "
                  "thread; rtr cpu = of the router process)")
@@ -638,12 +677,21 @@ def report(out: dict, args) -> list[str]:
             v, goal, what = r["added_p99_ms"], GOAL_ENDPOINT_P99_MS, "added p99"
         else:
             continue
-        ok = r["errors"] == 0 and v <= goal
-        goals.append({"path": r["label"], "metric": what, "value_ms": v, "goal_ms": goal, "pass": ok})
+        ok = r["errors"] == 0 and not r["overloaded"] and v <= goal
+        why = " (overloaded)" if r["overloaded"] else " (errors)" if r["errors"] else ""
+        if r["baseline"]["overloaded"]:
+            why += " (inconclusive: the direct baseline was overloaded)"
+        goals.append({"path": r["label"], "metric": what, "value_ms": v, "goal_ms": goal, "pass": ok,
+                      "note": why.strip()})
         lines.append(f"{r['label']} {what} at {GOAL_RATE:.0f} req/s: {v:.3f} ms (goal <= {goal:g} ms): "
-                     f"{'PASS' if ok else 'FAIL'}")
+                     f"{'PASS' if ok else 'FAIL'}{why}")
     if not goals:
         lines.append(f"goals not checked: no nbkit row at {GOAL_RATE:.0f} req/s")
+    cores = info.get("cores_usable") or 1
+    busy = max(info["loadavg_at_start"][0], info["loadavg_at_end"][0])
+    if busy > 0.5 * cores:
+        lines.append(f"WARNING: load average up to {busy:.1f} on {cores} cores during this run (other work): "
+                     "the latencies above are not those of an idle machine; re-run when it is idle")
     out["goals"] = goals
     return lines
 
@@ -676,8 +724,8 @@ def parse_args(argv=None):
                     help="alternate direct and path in this many blocks per (path, rate) (default 4)")
     ap.add_argument("--warmup-s", type=float, default=1.0, help="seconds of discarded warm-up load per run")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds a router may take to be ready")
-    ap.add_argument("--max-seconds", type=float, default=285.0,
-                    help="skip paths that would not finish within this many seconds (default 285)")
+    ap.add_argument("--max-seconds", type=float, default=280.0,
+                    help="skip paths that would not finish within this many seconds (default 280)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "router_overhead.json")
     ap.add_argument("--gen-client", choices=("httpx", "aiohttp"), default="httpx",
                     help="the load generator's HTTP client (default httpx; aiohttp takes less CPU)")
@@ -723,8 +771,12 @@ def main(argv=None) -> int:
         return 130
     finally:
         children.stop_all()  # idempotent: run() stops them too
+    if out["failures"] and not all(v.startswith("skipped") for v in out["failures"].values()):
+        print(f"logs of the processes: {children.log_dir}")
+    else:
+        shutil.rmtree(children.log_dir, ignore_errors=True)
     info["loadavg_at_end"] = list(os.getloadavg())
-    lines = report(out, args)
+    lines = report(out, args, info)
     print()
     print("\n".join(lines))
     result = {
@@ -735,12 +787,11 @@ def main(argv=None) -> int:
         "workload": {"body": BODY, "endpoint": "/v1/completions", "backends": 2,
                      "backend": "benchmarks/mock_backend.py (uvicorn+starlette, fixed body, answers at once)",
                      "arrivals": "open loop, constant rate", "rates": args.rates,
-                     "requests": {f"{r:g}": (args.requests or (200 if args.quick else
-                                                             2000 if r >= 200 else 500 if r <= 50 else int(r * 10)))
-                                  for r in args.rates},
+                     "requests": {f"{r:g}": requests_for(r, args) for r in args.rates},
                      "warmup_s": args.warmup_s, "baseline_frac": args.baseline_frac, "blocks": args.blocks,
-                     "generator_loop": "uvloop" if args.uvloop else "asyncio", "generator_client": args.gen_client, "quick": args.quick,
-                     "added": "path minus a direct baseline at the same rate, run in blocks alternating with the path's"},
+                     "generator_loop": "uvloop" if args.uvloop else "asyncio", "generator_client": args.gen_client,
+                     "quick": args.quick, "overload": "sending stops once a second's worth of requests is unanswered",
+                     "added": "path minus a direct baseline at the same rate, in blocks alternating with the path's"},
         "goals": out["goals"], "rows": out["rows"], "not_measured": out["failures"],
         "elapsed_s": round(out["elapsed_s"], 1),
     }
