@@ -144,31 +144,29 @@ class RoutedClient:
             body["model"] = self.model
         return body
 
-    async def _request(self, path: str, body: dict, rank, session, headers) -> dict:
+    async def _open(self, path: str, body: dict, rank, session, headers, stream: bool):
+        """Send ``body`` through the router; raise RoutedClientError on an error status."""
         fwd = await self._ensure()
         body = self._body(body)
         hdrs = self._headers(headers)
         if session is not None:
             hdrs["x-session-id"] = str(session)
         up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
-                            info=request_info(body, hdrs), rank=rank, stream=False)
+                            info=request_info(body, hdrs), rank=rank, stream=stream)
         if up.status_code >= 400:
             raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
+        return up
+
+    async def _request(self, path: str, body: dict, rank, session, headers) -> dict:
+        up = await self._open(path, body, rank, session, headers, stream=False)
         out = json.loads(up.body)
         out.setdefault("nbkit", {}).update(rank=up.lease.rank.name, request_id=up.record.id)
         return out
 
     async def _stream(self, path: str, body: dict, rank, session, headers) -> AsyncIterator[dict]:
-        fwd = await self._ensure()
-        body = self._body(dict(body, stream=True))
+        body = dict(body, stream=True)
         body.setdefault("stream_options", {"include_usage": True})  # exact token counts in the record
-        hdrs = self._headers(headers)
-        if session is not None:
-            hdrs["x-session-id"] = str(session)
-        up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
-                            info=request_info(body, hdrs), rank=rank, stream=True)
-        if up.status_code >= 400:
-            raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
+        up = await self._open(path, body, rank, session, headers, stream=True)
         buf = b""
         agen = up.aiter()
         try:
