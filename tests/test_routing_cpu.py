@@ -81,7 +81,11 @@ def test_closing_a_stream_frees_the_slot_on_the_replica(cluster):
             got += 1
             if got == 5:
                 break
-        running_during = running_on(url)
+        # vLLM refreshes its gauges periodically: wait (holding the stream open) until it shows the request
+        running_during, deadline = 0.0, time.monotonic() + 10
+        while running_during < 1 and time.monotonic() < deadline:
+            running_during = running_on(url)
+            await asyncio.sleep(0.2)
         await stream.aclose()
         return got, running_during
 
