@@ -1,0 +1,147 @@
+"""Request traces in the seed simulator's JSONL format, shared by the live benchmark and the simulator.
+
+One JSON object per line, of either kind::
+
+    {"input_toks": 512, "output_toks": 128, "arrival_time_ns": 0, "input_tok_ids": [1, 2, ...]}
+    {"session_id": "s1", "arrival_time_ns": 5000000,
+     "sub_requests": [{"input_toks": 300, "output_toks": 40, "tool_duration_ns": 2000000}, ...]}
+
+A flat line is one request (``input_tok_ids`` is optional). A session is an agentic conversation:
+sub-request k+1 starts ``tool_duration_ns`` (of sub-request k) after sub-request k finishes, with
+the conversation so far plus its own ``input_toks`` new tokens as the prompt.
+
+    >>> from nbkit.traces import TraceRequest, read_trace, write_trace
+    >>> write_trace("/tmp/t.jsonl", [TraceRequest(16, 8, 0), TraceRequest(32, 4, 1_000_000)])
+    >>> [r.input_toks for r in read_trace("/tmp/t.jsonl")]
+    [16, 32]
+
+Bad lines raise :class:`TraceError` naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+__all__ = ["TraceRequest", "SubRequest", "TraceSession", "TraceError", "read_trace", "write_trace", "parse_line"]
+
+
+class TraceError(ValueError):
+    """A trace line that cannot be read; the message names the line and the field."""
+
+
+@dataclass(frozen=True)
+class TraceRequest:
+    input_toks: int
+    output_toks: int
+    arrival_time_ns: int
+    input_tok_ids: tuple[int, ...] | None = None
+
+
+@dataclass(frozen=True)
+class SubRequest:
+    input_toks: int
+    output_toks: int
+    tool_duration_ns: int = 0
+
+
+@dataclass(frozen=True)
+class TraceSession:
+    session_id: str
+    arrival_time_ns: int
+    sub_requests: tuple[SubRequest, ...]
+
+
+_FLAT = {"input_toks", "output_toks", "arrival_time_ns", "input_tok_ids"}
+_SESSION = {"session_id", "arrival_time_ns", "sub_requests"}
+_SUB = {"input_toks", "output_toks", "tool_duration_ns"}
+
+
+def _int(obj: dict, key: str, where: str, *, minimum: int = 0, required: bool = True, default: int = 0) -> int:
+    if key not in obj:
+        if required:
+            raise TraceError(f"{where}: missing field {key!r}")
+        return default
+    v = obj[key]
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or int(v) != v:
+        raise TraceError(f"{where}.{key}={v!r}: expected an integer")
+    if v < minimum:
+        raise TraceError(f"{where}.{key}={v!r}: must be >= {minimum}")
+    return int(v)
+
+
+def _unknown(obj: dict, allowed: set[str], where: str) -> None:
+    extra = sorted(set(obj) - allowed)
+    if extra:
+        raise TraceError(f"{where}: unknown field(s) {', '.join(extra)} (expected some of {', '.join(sorted(allowed))})")
+
+
+def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
+    """One decoded JSON object -> a :class:`TraceRequest` or :class:`TraceSession`."""
+    if not isinstance(obj, dict):
+        raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "sub_requests" in obj or "session_id" in obj:
+        _unknown(obj, _SESSION, where)
+        sid = obj.get("session_id")
+        if not isinstance(sid, (str, int)) or isinstance(sid, bool):
+            raise TraceError(f"{where}.session_id={sid!r}: expected a string")
+        subs = obj.get("sub_requests")
+        if not isinstance(subs, list) or not subs:
+            raise TraceError(f"{where}.sub_requests: expected a non-empty list")
+        parsed = []
+        for k, s in enumerate(subs):
+            w = f"{where}.sub_requests[{k}]"
+            if not isinstance(s, dict):
+                raise TraceError(f"{w}: expected a JSON object")
+            _unknown(s, _SUB, w)
+            parsed.append(SubRequest(_int(s, "input_toks", w, minimum=1), _int(s, "output_toks", w, minimum=1),
+                                     _int(s, "tool_duration_ns", w, required=False)))
+        return TraceSession(str(sid), _int(obj, "arrival_time_ns", where), tuple(parsed))
+    _unknown(obj, _FLAT, where)
+    ids = obj.get("input_tok_ids")
+    n_in = _int(obj, "input_toks", where, minimum=1)
+    if ids is not None:
+        if not isinstance(ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            raise TraceError(f"{where}.input_tok_ids: expected a list of integers")
+        if len(ids) != n_in:
+            raise TraceError(f"{where}.input_tok_ids: has {len(ids)} ids but input_toks={n_in}")
+        ids = tuple(ids)
+    return TraceRequest(n_in, _int(obj, "output_toks", where, minimum=1), _int(obj, "arrival_time_ns", where), ids)
+
+
+def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:
+    """Read a JSONL trace, sorted by arrival time (stable). Blank lines are skipped."""
+    items: list[TraceRequest | TraceSession] = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{os.fspath(path)}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
+            items.append(parse_line(obj, where))
+    items.sort(key=lambda r: r.arrival_time_ns)
+    return items
+
+
+def _to_json(item: TraceRequest | TraceSession) -> dict:
+    if isinstance(item, TraceSession):
+        return {"session_id": item.session_id, "arrival_time_ns": item.arrival_time_ns,
+                "sub_requests": [{"input_toks": s.input_toks, "output_toks": s.output_toks,
+                                  "tool_duration_ns": s.tool_duration_ns} for s in item.sub_requests]}
+    d: dict[str, Any] = {"input_toks": item.input_toks, "output_toks": item.output_toks,
+                         "arrival_time_ns": item.arrival_time_ns}
+    if item.input_tok_ids is not None:
+        d["input_tok_ids"] = list(item.input_tok_ids)
+    return d
+
+
+def write_trace(path: str | os.PathLike, items: Iterable[TraceRequest | TraceSession]) -> None:
+    """Write items as JSONL (one object per line, in the order given)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for item in items:
+            f.write(json.dumps(_to_json(item), separators=(",", ":")) + "\n")
