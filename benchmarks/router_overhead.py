@@ -19,6 +19,8 @@ What runs (all on 127.0.0.1):
   sglang-*   sglang-router launch ... in its own process; generator -> router -> backend
   vllm-*     vllm-router ... in its own process; generator -> router -> backend
   (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
+  nbkit paths use aiohttp on a uvloop loop (the defaults); *-httpx use the httpx transport, and
+  endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's configuration before the switch)
 Load: open loop, request i is sent at t0 + i/rate whatever happened to the others, after a
 warm-up that is discarded. Latency is time.perf_counter() around the call. For each (path, rate)
 a direct baseline runs at the same rate in blocks alternating with the path's blocks (so drift on
@@ -61,14 +63,18 @@ GOAL_RATE = 200.0
 # name -> (kind, policy), in the order they run: the main comparison first, so that what
 # --max-seconds may skip on a slow machine is the extra policies
 ALL_PATHS = {
-    "direct": ("direct", None),
-    "client-rr": ("client", "round_robin"),
-    "endpoint-rr": ("endpoint", "round_robin"),
-    "sglang-rr": ("sglang", "round_robin"),
-    "vllm-rr": ("vllm", "round_robin"),
-    "client-ll": ("client", "least_load"),
-    "endpoint-ll": ("endpoint", "least_load"),
-    "sglang-ca": ("sglang", "cache_aware"),
+    "direct": ("direct", None, None),
+    "client-rr": ("client", "round_robin", None),
+    "endpoint-rr": ("endpoint", "round_robin", None),
+    "sglang-rr": ("sglang", "round_robin", None),
+    "vllm-rr": ("vllm", "round_robin", None),
+    "client-ll": ("client", "least_load", None),
+    "endpoint-ll": ("endpoint", "least_load", None),
+    # nbkit's earlier transport side by side: httpx (on uvloop), and httpx on asyncio's loop
+    "client-rr-httpx": ("client", "round_robin", "httpx"),
+    "endpoint-rr-httpx": ("endpoint", "round_robin", "httpx"),
+    "endpoint-rr-httpx-asyncio": ("endpoint", "round_robin", "httpx+asyncio"),
+    "sglang-ca": ("sglang", "cache_aware", None),
 }
 LABELS = {
     "direct": "direct",
@@ -370,9 +376,12 @@ class LoadClient:
 class Target:
     """A measured path (started by :func:`start_path`)."""
 
-    def __init__(self, name: str, kind: str, policy: str | None):
+    def __init__(self, name: str, kind: str, policy: str | None, variant: str | None = None):
         self.name, self.kind, self.policy = name, kind, policy
-        self.label = LABELS[kind] + (f" ({policy})" if policy else "")
+        # nbkit paths: variant "httpx" or "httpx+asyncio" (default: aiohttp on uvloop)
+        self.transport = (variant or "aiohttp").split("+")[0]
+        self.loop = "asyncio" if variant and variant.endswith("+asyncio") else "uvloop"
+        self.label = LABELS[kind] + (f" ({policy})" if policy else "") + (f" [{variant}]" if variant else "")
         self.proc: subprocess.Popen | None = None
 
 
@@ -399,7 +408,7 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
         from nbkit.client import RoutedClient
         from nbkit.cluster import Rank
         ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
-        rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S)
+        rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S, transport=p.transport)
 
         async def send(i: int):
             out = await rc.complete("hi", max_tokens=1, model="m")
@@ -419,8 +428,9 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
     port = free_port()
     if p.kind == "endpoint":
         argv = [sys.executable, str(Path(__file__).resolve()), "--serve-endpoint", "--port", str(port),
-                "--policy", p.policy, "--parent-pid", str(os.getpid()), "--urls", *backends]
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+                "--policy", p.policy, "--parent-pid", str(os.getpid()), "--transport", p.transport,
+                "--urls", *backends]
+        env = dict(os.environ, PYTHONUNBUFFERED="1", NBKIT_LOOP=p.loop)
     else:
         venv: Path | None = ctx["peers_venv"]
         exe = venv / "bin" / ("sglang-router" if p.kind == "sglang" else "vllm-router") if venv else None
@@ -463,9 +473,10 @@ def serve_endpoint(args) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning")
+    ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning", transport=args.transport)
     ep.start()
-    print(f"nbkit endpoint on {ep.url} policy={args.policy}", flush=True)
+    from nbkit.loop import loop_kind
+    print(f"nbkit endpoint on {ep.url} policy={args.policy} transport={args.transport} loop={loop_kind()}", flush=True)
     try:
         while not stop.wait(0.5):
             if args.parent_pid:
@@ -599,8 +610,7 @@ async def run(args, children: "Children") -> dict:
             return requests_for(rate, args)
 
         for name in args.paths:
-            kind, policy = ALL_PATHS[name]
-            path = Target(name, kind, policy)
+            path = Target(name, *ALL_PATHS[name])
             est = min(n_for(r) * (1 + args.baseline_frac) / r + 2 * args.warmup_s for r in args.rates)
             if time.monotonic() + est > deadline:
                 failures[path.label] = f"skipped: would pass --max-seconds {args.max_seconds:.0f}"
@@ -734,6 +744,7 @@ def parse_args(argv=None):
     ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
+    ap.add_argument("--transport", default="aiohttp", help=argparse.SUPPRESS)
     ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--urls", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

@@ -24,11 +24,10 @@ import asyncio
 import json
 from typing import Any, AsyncIterator, Sequence
 
-import httpx
-
 from . import loop
 from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
+from .transport import check_transport, make_transport
 
 
 class RoutedClientError(RuntimeError):
@@ -49,11 +48,13 @@ class RoutedClient:
     def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
-                 **router_options):
+                 transport="aiohttp", max_connections: int | None = None, **router_options):
         self.target = target
         self.model = model or getattr(target, "model", None)
         self.api_key = api_key
-        self.timeout = httpx.Timeout(timeout, connect=10.0)
+        self.timeout = float(timeout)
+        self._transport_spec, self.max_connections = transport, max_connections
+        check_transport(transport)
         self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                              seed=seed, **router_options)
         self.retries = retries
@@ -61,7 +62,7 @@ class RoutedClient:
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
             raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
-        self._http: httpx.AsyncClient | None = None
+        self._http = None
         self._forwarder: Forwarder | None = None
         self._started = False
         self.sync = _Sync(self)
@@ -92,8 +93,8 @@ class RoutedClient:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def _ensure(self):
         if self._forwarder is None:
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-            self._http = httpx.AsyncClient(timeout=self.timeout, limits=limits)
+            self._http = make_transport(self._transport_spec, timeout=self.timeout,
+                                        max_connections=self.max_connections)
             await self.router.start()
             self._forwarder = Forwarder(self.router, self._http, retries=self.retries)
             if self.pd_connector:

@@ -20,7 +20,6 @@ import asyncio
 import json
 import time
 
-import httpx
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -31,6 +30,7 @@ from starlette.routing import Route
 from . import loop
 from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
+from .transport import ALL_ERRORS, check_transport, make_transport
 
 ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
                "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
@@ -42,7 +42,8 @@ class Endpoint:
     def __init__(self, target, *, host: str = "127.0.0.1", port: int = 8000, policy="least_load",
                  router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
-                 log_level: str = "warning", pd: bool | None = None):
+                 log_level: str = "warning", pd: bool | None = None, transport="aiohttp",
+                 max_connections: int | None = None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
@@ -55,7 +56,8 @@ class Endpoint:
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
             raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
-        self.timeout = httpx.Timeout(timeout, connect=10.0)
+        check_transport(transport)
+        self.timeout, self._transport_spec, self.max_connections = float(timeout), transport, max_connections
         self.registry = CollectorRegistry()
         self._m_requests = Counter("nbkit_requests", "Requests through the endpoint", ["path", "outcome"],
                                    registry=self.registry)
@@ -71,7 +73,7 @@ class Endpoint:
         self.router.listeners.append(self._observe)
         self._server = None
         self._task: asyncio.Task | None = None
-        self._http: httpx.AsyncClient | None = None
+        self._http = None
         self._fwd: Forwarder | None = None
         self.app = Starlette(routes=[
             Route("/health", self._health, methods=["GET"]),
@@ -129,7 +131,7 @@ class Endpoint:
                                       info=info, rank=rank, stream=stream, timeout=self.timeout)
         except ValueError as e:
             return JSONResponse({"error": {"message": str(e), "type": "BadRequest"}}, status_code=400)
-        except httpx.HTTPError as e:
+        except ALL_ERRORS as e:
             return JSONResponse({"error": {"message": f"no replica could serve the request: {e!r}",
                                            "type": "ServiceUnavailable"}}, status_code=503)
         if up.stream:
@@ -142,8 +144,7 @@ class Endpoint:
 
         if self._task is not None:
             return self
-        self._http = httpx.AsyncClient(timeout=self.timeout,
-                                       limits=httpx.Limits(max_connections=None, max_keepalive_connections=512))
+        self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
         self._fwd = Forwarder(self.router, self._http, retries=self.retries)
         if self.pd_connector:
             from .pd import PDForwarder

@@ -16,10 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Mapping
 
-import httpx
-
 from .policies import RequestInfo
 from .router import Lease, RequestRecord, Router
+from .transport import Transport, make_transport
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -72,12 +71,12 @@ class Upstream:
     """A response that has started: status, headers, and the body (whole or as a stream)."""
 
     lease: Lease
-    response: httpx.Response
+    response: object              # httpx.Response or transport.AiohttpResponse
     stream: bool
     body: bytes = b""
     first: bytes = b""
     _it: AsyncIterator[bytes] | None = None
-    _router: Router | None = None
+    _errors: tuple = ()
 
     @property
     def status_code(self) -> int:
@@ -106,7 +105,7 @@ class Upstream:
         except (asyncio.CancelledError, GeneratorExit):
             outcome = "cancelled"
             raise
-        except httpx.HTTPError as e:
+        except self._errors as e:
             outcome, error = "error", repr(e)
             raise
         finally:
@@ -139,14 +138,16 @@ class Upstream:
 class Forwarder:
     """Send requests through a :class:`Router` with retries before the first byte."""
 
-    def __init__(self, router: Router, client: httpx.AsyncClient, *, retries: int = 2):
+    def __init__(self, router: Router, transport: "Transport | str" = "aiohttp", *, retries: int = 2):
+        """``transport``: a :class:`~nbkit.transport.Transport`, ``"aiohttp"``, ``"httpx"`` or an
+        httpx.AsyncClient (see :func:`nbkit.transport.make_transport`)."""
         if retries < 0:
             raise ValueError(f"retries={retries!r}: must be >= 0")
-        self.router, self.client, self.retries = router, client, retries
+        self.router, self.transport, self.retries = router, make_transport(transport), retries
 
     async def open(self, method: str, path: str, *, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None, info: RequestInfo | None = None, rank=None,
-                   stream: bool = False, timeout: httpx.Timeout | None = None,
+                   stream: bool = False, timeout: float | None = None,
                    roles: frozenset[str] | None = None) -> Upstream:
         info = info or RequestInfo(prompt_tokens=0, max_tokens=0)
         record = self.router.new_record(path, info)
@@ -165,14 +166,13 @@ class Forwarder:
             can_retry_transport = attempt < self.retries
             resp = None
             try:
-                req = self.client.build_request(method, lease.rank.url + path, content=content, headers=hdrs,
-                                                timeout=timeout or self.client.timeout)
-                resp = await self.client.send(req, stream=True)
+                resp = await self.transport.send(method, lease.rank.url + path, content=content, headers=hdrs,
+                                                 timeout=timeout)
                 if resp.status_code in RETRY_STATUS:
                     if can_retry:
                         raise _Retry(f"HTTP {resp.status_code}")
                     self.router.report_failure(lease.state)
-                up = Upstream(lease, resp, stream, _router=self.router)
+                up = Upstream(lease, resp, stream, _errors=self.transport.errors)
                 if stream and resp.status_code < 400:
                     up._it = resp.aiter_bytes()  # decoded: the content-encoding header is not passed on
                     try:
@@ -185,7 +185,7 @@ class Forwarder:
                     await resp.aclose()
                     up.finish()
                 return up
-            except (httpx.TransportError, _Retry) as e:
+            except (*self.transport.errors, _Retry) as e:
                 if resp is not None:
                     await resp.aclose()
                 self.router.report_failure(lease.state)
