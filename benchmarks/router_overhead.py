@@ -20,7 +20,8 @@ What runs (all on 127.0.0.1):
   vllm-*     vllm-router ... in its own process; generator -> router -> backend
   (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
   nbkit paths use aiohttp on a uvloop loop (the defaults); *-httpx use the httpx transport, and
-  endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's configuration before the switch)
+  endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's configuration before the switch);
+  client-rr-local is RoutedClient(local=True), on the generator's own loop (no thread hop)
 Load: open loop, request i is sent at t0 + i/rate whatever happened to the others, after a
 warm-up that is discarded. Latency is time.perf_counter() around the call. For each (path, rate)
 a direct baseline runs at the same rate in blocks alternating with the path's blocks (so drift on
@@ -71,6 +72,7 @@ ALL_PATHS = {
     "client-ll": ("client", "least_load", None),
     "endpoint-ll": ("endpoint", "least_load", None),
     # nbkit's earlier transport side by side: httpx (on uvloop), and httpx on asyncio's loop
+    "client-rr-local": ("client", "round_robin", "local"),
     "client-rr-httpx": ("client", "round_robin", "httpx"),
     "endpoint-rr-httpx": ("endpoint", "round_robin", "httpx"),
     "endpoint-rr-httpx-asyncio": ("endpoint", "round_robin", "httpx+asyncio"),
@@ -378,8 +380,9 @@ class Target:
 
     def __init__(self, name: str, kind: str, policy: str | None, variant: str | None = None):
         self.name, self.kind, self.policy = name, kind, policy
-        # nbkit paths: variant "httpx" or "httpx+asyncio" (default: aiohttp on uvloop)
-        self.transport = (variant or "aiohttp").split("+")[0]
+        # nbkit paths: variant "httpx", "httpx+asyncio" or "local" (default: aiohttp on uvloop)
+        self.local = variant == "local"
+        self.transport = "aiohttp" if variant in (None, "local") else variant.split("+")[0]
         self.loop = "asyncio" if variant and variant.endswith("+asyncio") else "uvloop"
         self.label = LABELS[kind] + (f" ({policy})" if policy else "") + (f" [{variant}]" if variant else "")
         self.proc: subprocess.Popen | None = None
@@ -408,7 +411,8 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
         from nbkit.client import RoutedClient
         from nbkit.cluster import Rank
         ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
-        rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S, transport=p.transport)
+        rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S, transport=p.transport,
+                          local=p.local)
 
         async def send(i: int):
             out = await rc.complete("hi", max_tokens=1, model="m")

@@ -16,6 +16,15 @@ All HTTP runs on nbkit's loop thread (:mod:`nbkit.loop`), so the awaitables work
 cell, ``asyncio.run`` or any other loop, and streams are bridged chunk by chunk. Closing a stream
 early (``break``, ``aclose()``, cancelling the task) closes the connection to the replica and
 vLLM aborts the request there.
+
+Each call from another loop crosses threads twice (about 0.1-0.2 ms). A script or load generator
+that owns its event loop can skip that with ``local=True``: the client then lives on the first
+loop that uses it (and only that one; no ``.sync``)::
+
+    async def main():
+        async with RoutedClient(cluster, local=True) as client:
+            await asyncio.gather(*(client.complete("Hi") for _ in range(100)))
+    asyncio.run(main())
 """
 
 from __future__ import annotations
@@ -48,8 +57,11 @@ class RoutedClient:
     def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
-                 transport="aiohttp", max_connections: int | None = None, **router_options):
+                 transport="aiohttp", max_connections: int | None = None, local: bool = False,
+                 **router_options):
         self.target = target
+        self.local = bool(local)
+        self._home = None  # local=True: the loop the client lives on
         self.model = model or getattr(target, "model", None)
         self.api_key = api_key
         self.timeout = float(timeout)
@@ -74,7 +86,10 @@ class RoutedClient:
 
     @policy.setter
     def policy(self, spec) -> None:
-        loop.call_soon(setattr, self.router, "policy", spec) if self._started else setattr(self.router, "policy", spec)
+        if self._started and not self.local:
+            loop.call_soon(setattr, self.router, "policy", spec)
+        else:
+            setattr(self.router, "policy", spec)
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -88,11 +103,27 @@ class RoutedClient:
 
     def refresh_ranks(self) -> None:
         """Pick up the target Cluster's current ranks (after ``cluster.scale``)."""
-        loop.call_soon(self.router.set_ranks, _ranks_of(self.target))
+        if self.local:
+            self.router.set_ranks(_ranks_of(self.target))
+        else:
+            loop.call_soon(self.router.set_ranks, _ranks_of(self.target))
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def _on(self, coro):
+        """Run ``coro`` where the client lives: nbkit's loop, or (local=True) the caller's own."""
+        if not self.local:
+            return loop.wrap(coro)
+        running = asyncio.get_running_loop()
+        if self._home is not None and self._home is not running and not self._home.is_closed():
+            coro.close()
+            raise RuntimeError("RoutedClient(local=True) is bound to the event loop that first used it; "
+                               "use one client per loop, or local=False")
+        return coro
+
     async def _ensure(self):
         if self._forwarder is None:
+            if self.local:
+                self._home = asyncio.get_running_loop()
             self._http = make_transport(self._transport_spec, timeout=self.timeout,
                                         max_connections=self.max_connections)
             await self.router.start()
@@ -111,24 +142,31 @@ class RoutedClient:
         self._started = False
 
     async def aclose(self) -> None:
-        await loop.wrap(self._aclose())
+        await self._on(self._aclose())
 
     def close(self) -> None:
+        if self.local:
+            raise RuntimeError("RoutedClient(local=True): use `await client.aclose()` (or `async with`)")
         loop.run(self._aclose())
 
     async def __aenter__(self) -> "RoutedClient":
-        await loop.wrap(self._ensure())
+        await self._on(self._ensure())
         return self
 
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
     def __enter__(self) -> "RoutedClient":
+        self._no_sync()
         loop.run(self._ensure())
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    def _no_sync(self) -> None:
+        if self.local:
+            raise RuntimeError("RoutedClient(local=True) has no blocking forms: await it on its loop")
 
     # -- requests ----------------------------------------------------------------------------------
     def _headers(self, extra: dict | None) -> dict[str, str]:
@@ -191,25 +229,28 @@ class RoutedClient:
                        headers: dict | None = None, **params: Any) -> dict:
         """POST /v1/completions through the router. ``rank=`` pins a rank (index or name)."""
         body = dict(params, prompt=prompt, max_tokens=max_tokens, model=model)
-        return await loop.wrap(self._request("/v1/completions", body, rank, session, headers))
+        return await self._on(self._request("/v1/completions", body, rank, session, headers))
 
     async def chat(self, messages: Sequence[dict], *, max_tokens: int = 64, rank=None, session=None,
                    model: str | None = None, headers: dict | None = None, **params: Any) -> dict:
         """POST /v1/chat/completions through the router."""
         body = dict(params, messages=list(messages), max_tokens=max_tokens, model=model)
-        return await loop.wrap(self._request("/v1/chat/completions", body, rank, session, headers))
+        return await self._on(self._request("/v1/chat/completions", body, rank, session, headers))
 
     def stream_complete(self, prompt, *, max_tokens: int = 16, rank=None, session=None, model: str | None = None,
                         headers: dict | None = None, **params: Any) -> AsyncIterator[dict]:
         """Stream /v1/completions: an async iterator of parsed SSE chunks."""
         body = dict(params, prompt=prompt, max_tokens=max_tokens, model=model)
-        return _bridge(self._stream("/v1/completions", body, rank, session, headers))
+        return self._streamer(self._stream("/v1/completions", body, rank, session, headers))
 
     def stream_chat(self, messages: Sequence[dict], *, max_tokens: int = 64, rank=None, session=None,
                     model: str | None = None, headers: dict | None = None, **params: Any) -> AsyncIterator[dict]:
         """Stream /v1/chat/completions: an async iterator of parsed SSE chunks."""
         body = dict(params, messages=list(messages), max_tokens=max_tokens, model=model)
-        return _bridge(self._stream("/v1/chat/completions", body, rank, session, headers))
+        return self._streamer(self._stream("/v1/chat/completions", body, rank, session, headers))
+
+    def _streamer(self, agen):
+        return agen if self.local else _bridge(agen)
 
 
 class _Bridge:
@@ -262,6 +303,11 @@ class _Sync:
 
     def __init__(self, client: RoutedClient):
         self._c = client
+
+    def __getattribute__(self, name):
+        if not name.startswith("_"):
+            object.__getattribute__(self, "_c")._no_sync()
+        return object.__getattribute__(self, name)
 
     def complete(self, prompt, **kw) -> dict:
         return loop.run(self._c._request("/v1/completions", dict(_body_kw(kw), prompt=prompt),

@@ -199,3 +199,47 @@ def test_bad_transport_is_refused_by_name():
                  lambda: make_transport("curl")):
         with pytest.raises(ValueError, match="transport='curl'"):
             make()
+
+
+def test_local_client_runs_on_the_callers_loop_and_only_there():
+    async def main():
+        async with Backend("b0") as b0, Backend("b1") as b1:
+            c = RoutedClient(ranks_for(b0.url, b1.url), "round_robin", model="m", local=True)
+            async with c:
+                outs = await asyncio.gather(*(c.complete("hi", max_tokens=1) for _ in range(4)))
+                assert sorted(o["backend"] for o in outs) == ["b0", "b0", "b1", "b1"]
+                chunks = [ch async for ch in c.stream_complete("hi", max_tokens=3)]
+                assert [ch["choices"][0]["text"] for ch in chunks] == ["t0", "t1", "t2"]
+                # nothing ran on nbkit's loop thread: the router's tasks live on this loop
+                assert all(t.get_loop() is asyncio.get_running_loop() for t in c.router._tasks)
+                with pytest.raises(RuntimeError, match="no blocking forms"):
+                    c.sync.complete("hi")
+            assert c.router.in_flight == 0 and len(c.records) == 5
+
+    run(main())
+
+    # a second live loop may not use a local client
+    async def two_loops():
+        c = RoutedClient(ranks_for("http://127.0.0.1:1"), model="m", local=True)
+        await c._on(c._ensure())
+        other = asyncio.new_event_loop()
+        try:
+            import threading
+            err = {}
+
+            def in_thread():
+                async def go():
+                    try:
+                        await c.complete("x")
+                    except RuntimeError as e:
+                        err["e"] = e
+                other.run_until_complete(go())
+            t = threading.Thread(target=in_thread)
+            t.start()
+            t.join(10)
+            assert "bound to the event loop" in str(err.get("e"))
+        finally:
+            other.close()
+            await c.aclose()
+
+    run(two_loops())
