@@ -479,6 +479,8 @@ def serve_endpoint(args) -> None:
         signal.signal(sig, lambda *_: stop.set())
     ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning", transport=args.transport)
     ep.start()
+    import gc
+    gc.freeze()  # as `nbkit serve` does: long-lived objects leave the collector's scans
     from nbkit.loop import loop_kind
     print(f"nbkit endpoint on {ep.url} policy={args.policy} transport={args.transport} loop={loop_kind()}", flush=True)
     try:

@@ -22,10 +22,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import Route
 
 from . import loop
 from .forward import Forwarder, request_info
@@ -34,6 +32,9 @@ from .transport import ALL_ERRORS, check_transport, make_transport
 
 ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
                "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
+
+
+PROXIED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
 
 
 class Endpoint:
@@ -75,11 +76,30 @@ class Endpoint:
         self._task: asyncio.Task | None = None
         self._http = None
         self._fwd: Forwarder | None = None
-        self.app = Starlette(routes=[
-            Route("/health", self._health, methods=["GET"]),
-            Route("/metrics", self._metrics, methods=["GET"]),
-            Route("/{path:path}", self._proxy, methods=["GET", "POST", "PUT", "DELETE", "PATCH"]),
-        ])
+
+    async def app(self, scope, receive, send) -> None:
+        """The ASGI app: ``/health`` and ``/metrics`` here, every other path to a replica.
+
+        A bare ASGI callable on purpose: a framework's router and middleware stack would cost
+        about as much CPU per request as the forwarding itself."""
+        if scope["type"] != "http":
+            return
+        request = Request(scope, receive)
+        path, method = scope["path"], scope["method"]
+        try:
+            if method == "GET" and path == "/health":
+                response = await self._health(request)
+            elif method == "GET" and path == "/metrics":
+                response = await self._metrics(request)
+            elif method in PROXIED_METHODS:
+                response = await self._proxy(request)
+            else:
+                response = JSONResponse({"error": {"message": f"method {method} not allowed",
+                                                   "type": "MethodNotAllowed"}}, status_code=405)
+        except Exception as e:  # noqa: BLE001 - answer 500 like a framework would, and say why
+            response = JSONResponse({"error": {"message": f"nbkit endpoint: {e!r}", "type": "InternalError"}},
+                                    status_code=500)
+        await response(scope, receive, send)
 
     @property
     def url(self) -> str:
@@ -151,7 +171,8 @@ class Endpoint:
             self._fwd = PDForwarder(self._fwd, self.pd_connector)
         await self.router.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
-                                access_log=False, lifespan="off", loop="none", timeout_graceful_shutdown=5)
+                                access_log=False, lifespan="off", loop="none", timeout_graceful_shutdown=5,
+                                proxy_headers=False, server_header=False, date_header=False, interface="asgi3")
         self._server = uvicorn.Server(config)
         self._server.install_signal_handlers = lambda: None  # not ours: the kernel/script owns signals
         self._task = asyncio.ensure_future(self._server.serve())

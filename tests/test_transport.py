@@ -243,3 +243,33 @@ def test_local_client_runs_on_the_callers_loop_and_only_there():
             await c.aclose()
 
     run(two_loops())
+
+
+def test_endpoint_served_by_uvicorn_forwards_over_aiohttp():
+    """The real server path (uvicorn on a port, nbkit's loop thread), not an in-process ASGI call."""
+    import httpx
+
+    async def backends():
+        async with Backend("b0") as b0, Backend("b1") as b1:
+            ep = Endpoint(ranks_for(b0.url, b1.url), port=free_port(), policy="round_robin")
+            await ep.astart()
+            try:
+                async with httpx.AsyncClient(base_url=ep.url, timeout=10) as http:
+                    assert (await http.get("/health")).status_code == 200
+                    picks = []
+                    for _ in range(4):
+                        r = await http.post("/v1/completions", json={"prompt": "hi", "model": "m"})
+                        assert r.status_code == 200, r.text
+                        picks.append((r.json()["backend"], r.headers["x-nbkit-rank"]))
+                    assert sorted(picks) == [("b0", "replica0")] * 2 + [("b1", "replica1")] * 2
+                    async with http.stream("POST", "/v1/completions",
+                                           json={"prompt": "hi", "model": "m", "stream": True}) as r:
+                        raw = b"".join([c async for c in r.aiter_bytes()])
+                    assert raw.count(b"data:") == 4
+                    assert (await http.request("OPTIONS", "/v1/completions")).status_code == 405
+                    metrics = (await http.get("/metrics")).text
+                    assert 'nbkit_picks_total{rank="replica0"} 3.0' in metrics
+            finally:
+                await ep.astop()
+
+    run(backends(), timeout=40)
