@@ -110,7 +110,7 @@ class Cluster:
         ckw["inventory"] = inventory
         model = model or os.environ.get("NBKIT_MODEL") or None
         if model is None:
-            if resolve_device(device, inventory) == "gpu":
+            if spec_kwargs.get("engine") != "sim" and resolve_device(device, inventory) == "gpu":
                 raise SpecError("model", None, "give a model (or set NBKIT_MODEL) when running on GPUs")
             from .tiny import tiny_model
             model = str(tiny_model())

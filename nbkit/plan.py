@@ -31,7 +31,7 @@ from typing import Callable, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-DeviceKind = Literal["cpu", "gpu"]
+DeviceKind = Literal["cpu", "gpu", "sim"]
 
 #: Per-replica share of one GPU's memory when N replicas share it: SHARED_GPU_BUDGET / N.
 SHARED_GPU_BUDGET = 0.92
@@ -156,6 +156,8 @@ class ReplicaSpec(BaseModel):
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: VLLM_CPU_KVCACHE_SPACE in GiB")
     max_model_len: int | None = Field(None, ge=16)
     name: str | None = None
+    engine: Literal["vllm", "sim"] = Field("vllm", description="vllm, or sim: nbkit.sim.server (no vLLM, no device)")
+    sim_hardware: str = Field("cpu", description="engine='sim': the hardware profile it imitates (cpu, H100, ...)")
 
     @field_validator("model")
     @classmethod
@@ -240,6 +242,8 @@ class LaunchPlan:
     def pinning(self) -> str:
         if self.device == "gpu":
             return "gpu " + ",".join(map(str, self.devices))
+        if self.device == "sim":
+            return "sim " + (self.spec.sim_hardware if self.spec else "")
         return "cores " + self.env.get("VLLM_CPU_OMP_THREADS_BIND", "")
 
     def same_process(self, other: "LaunchPlan") -> bool:
@@ -304,9 +308,13 @@ def _flag_given(args: Sequence[str], flag: str) -> bool:
 
 def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str = sys.executable,
                gpu_memory_utilization: float | None = None) -> tuple[str, ...]:
-    """The ``vllm serve`` command line of one process (no shell involved)."""
-    argv = [python, "-m", "nbkit.vllm_entry", "serve", spec.model]
+    """The ``vllm serve`` command line of one process (no shell involved); for ``engine="sim"`` the
+    same command line served by :mod:`nbkit.sim.server`."""
+    entry = "nbkit.sim.server" if spec.engine == "sim" else "nbkit.vllm_entry"
+    argv = [python, "-m", entry, "serve", spec.model]
     extra = list(spec.extra_args)
+    if spec.engine == "sim":
+        argv += ["--hardware", spec.sim_hardware, "--parent-pid", str(os.getpid())]
     if not spec.headless:
         argv += ["--host", spec.host, "--port", str(port)]
     if spec.tp_size > 1:
@@ -360,7 +368,11 @@ def plan_replicas(
     if not specs:
         raise SpecError("replicas", [], "at least one replica is needed")
     inventory = inventory if inventory is not None else discover()
-    kinds = [resolve_device(s.device, inventory, f"replicas[{i}].device") for i, s in enumerate(specs)]
+    kinds = ["sim" if s.engine == "sim" else resolve_device(s.device, inventory, f"replicas[{i}].device")
+             for i, s in enumerate(specs)]
+    for i, s in enumerate(specs):
+        if s.engine == "sim":
+            _check_sim(s, i)
     for i, (s, k) in enumerate(zip(specs, kinds)):
         if k == "cpu" and s.devices is not None:
             raise SpecError(f"replicas[{i}].devices", list(s.devices),
@@ -369,7 +381,8 @@ def plan_replicas(
             raise SpecError(f"replicas[{i}].cores", list(s.cores), "cores are for CPU replicas; this one runs on GPU")
     if check_models:
         for i, s in enumerate(specs):
-            check_model(s.model, f"replicas[{i}].model")
+            if s.engine != "sim":
+                check_model(s.model, f"replicas[{i}].model")
 
     assigned: dict[int, tuple[int, ...]] = {}
     gpu_idx = [i for i, k in enumerate(kinds) if k == "gpu"]
@@ -394,6 +407,8 @@ def plan_replicas(
         env = _base_env(s)
         if kind == "gpu":
             env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, assigned[i]))
+        elif kind == "sim":
+            env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)  # the cpu profile's KV cache, as in vLLM-CPU
         else:
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(assigned[i], s.workers)
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
@@ -409,6 +424,23 @@ def plan_replicas(
             cores=assigned[i] if kind == "cpu" else (), gpu_memory_utilization=mem_util.get(i), spec=s,
         ))
     return plans
+
+
+def _check_sim(s: ReplicaSpec, i: int) -> None:
+    """A simulated replica needs a model shape and a hardware profile the simulator knows."""
+    from .sim.hardware import UnknownHardwareError, get_hardware
+    from .sim.models import UnknownModelError, get_model_spec
+    try:
+        get_model_spec(s.model)
+    except (UnknownModelError, ValueError, OSError) as e:
+        raise SpecError(f"replicas[{i}].model", s.model, f"engine='sim' needs a known model shape: {e}") from None
+    try:
+        get_hardware(s.sim_hardware)
+    except (UnknownHardwareError, ValueError, OSError) as e:
+        raise SpecError(f"replicas[{i}].sim_hardware", s.sim_hardware, str(e)) from None
+    if s.devices is not None or s.cores is not None:
+        raise SpecError(f"replicas[{i}].{'devices' if s.devices is not None else 'cores'}",
+                        list(s.devices or s.cores), "a simulated replica (engine='sim') is not pinned")
 
 
 def _place_gpus(specs, idx, inv: Inventory) -> dict[int, tuple[int, ...]]:

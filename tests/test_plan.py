@@ -693,3 +693,38 @@ def test_replicas_sharing_a_gpu_start_one_after_another(tmp_path):
     assert [a for a, _, _ in c.scale_plan(5)] == ["start", "start", "start", "start", "start"]
     specs, plans, _ = c._scale_target(5)
     assert plans[4].devices == (1,)
+
+
+# --------------------------------------------------------------------------- simulated replicas
+
+
+def test_sim_replicas_take_no_cores_and_run_the_sim_server():
+    # 40 simulated replicas on a 2-core machine: nothing is pinned, each is nbkit.sim.server
+    specs = [ReplicaSpec(model="meta-llama/Llama-3.1-8B", engine="sim", sim_hardware="H100", tp_size=2)] * 40
+    plans = plan(specs, cpu_inv(2))
+    assert len(plans) == 40 and len({p.port for p in plans}) == 40
+    p = plans[0]
+    assert p.device == "sim" and p.pinning == "sim H100" and p.cores == () and p.devices == ()
+    assert list(p.argv[1:5]) == ["-m", "nbkit.sim.server", "serve", "meta-llama/Llama-3.1-8B"]
+    assert flag_value(p.argv, "--hardware") == "H100"
+    assert flag_value(p.argv, "--tensor-parallel-size") == "2"
+    assert "VLLM_CPU_OMP_THREADS_BIND" not in p.env and "CUDA_VISIBLE_DEVICES" not in p.env
+    # mixed with a real CPU replica, the real one still gets its core
+    mixed = plan([ReplicaSpec(model="/m", cores=(1,)), ReplicaSpec(model="tiny", engine="sim")], cpu_inv(2))
+    assert mixed[0].env["VLLM_CPU_OMP_THREADS_BIND"] == "1" and mixed[1].device == "sim"
+
+
+@pytest.mark.parametrize("kw, field", [
+    ({"model": "no/such-model-anywhere"}, "replicas[0].model"),
+    ({"model": "tiny", "sim_hardware": "TPU-v9"}, "replicas[0].sim_hardware"),
+    ({"model": "tiny", "cores": (0,)}, "replicas[0].cores"),
+])
+def test_sim_replica_errors_name_the_field(kw, field):
+    with pytest.raises(SpecError) as e:
+        plan([ReplicaSpec(engine="sim", **kw)], cpu_inv(2), check_models=True)
+    assert str(e.value).startswith(field)
+
+
+def test_engine_must_be_vllm_or_sim():
+    with pytest.raises(pydantic.ValidationError, match="engine"):
+        ReplicaSpec(model="/m", engine="tgi")

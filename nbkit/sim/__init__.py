@@ -1,0 +1,22 @@
+"""nbkit's simulator: the same cluster, routing and scheduler at GPU scale, on a laptop.
+
+    from nbkit.sim import Simulator, load_cluster_config
+    from nbkit.traces import read_trace
+    result = Simulator(load_cluster_config("cluster.json"), policy="LOAD").run(read_trace("trace.jsonl"))
+    print(result.format_summary()); result.write_csv("out.csv")
+
+or ``python -m nbkit.sim --cluster-config cluster.json --dataset trace.jsonl --output out.csv``.
+Modules: config (seed JSON), models (shapes), hardware (profiles), perf (step time), engine (one
+replica's scheduler), simulator (the cluster), report (CSV, summary), calibrate, server (a live
+simulated replica), __main__ (the CLI).
+"""
+
+from .config import ClusterConfig, InstanceSetup, SimConfigError, load_cluster_config, resolve_instances
+from .hardware import HardwareProfile, get_hardware, load_profile, save_profile
+from .models import ModelSpec, get_model_spec
+from .simulator import SimResult, Simulator, simulate
+from .calibrate import CalibrationResult, calibrate
+
+__all__ = ["ClusterConfig", "InstanceSetup", "SimConfigError", "load_cluster_config", "resolve_instances",
+           "HardwareProfile", "get_hardware", "load_profile", "save_profile", "ModelSpec", "get_model_spec",
+           "Simulator", "SimResult", "simulate", "calibrate", "CalibrationResult"]

@@ -1,0 +1,506 @@
+"""Fit a hardware profile's efficiency factors and fixed costs to a real run.
+
+Give it the per-request CSV of a benchmark run (``nbkit bench``'s, seconds or nanoseconds) and the
+cluster config that describes what ran; it replays the same arrivals (and, when the CSV names
+them, the same instance per request) through the simulator and looks for the factors that make
+the simulated times match the real ones::
+
+    from nbkit.sim.calibrate import calibrate
+    from nbkit.sim.report import read_csv
+    fit = calibrate(read_csv("real.csv"), "cpu-1x-tiny.json", block_size=128)
+    print(fit.report())
+    fit.save("cpu-fitted.json")      # then: python -m nbkit.sim --hardware-profile cpu-fitted.json ...
+
+or ``python -m nbkit.sim calibrate --csv real.csv --cluster-config C --output cpu-fitted.json``.
+
+What is matched: the mean TTFT and the mean decode time (``e2e - ttft``) of groups of requests
+(all of them; quartiles by input length, by output length and by arrival time, so prefill cost,
+decode cost and load levels each weigh in) and the run's makespan, as relative errors.
+
+How (``method="linear"``, the default where it applies): a simulated step lasts::
+
+    step_overhead_s + seq_overhead_s * S + (1 / compute_eff) * F + (1 / mem_eff) * B + allreduce
+
+with ``F`` (``B``) the step's compute (memory) time at full efficiency, whichever side of the
+roofline binds. With the schedule held fixed, every request's TTFT and decode time are sums of
+step durations plus constants (busy periods start at arrivals), so the group means are linear in
+``theta = (step_overhead_s, seq_overhead_s, 1/compute_eff, 1/mem_eff)``. Each iteration simulates
+once at the current ``theta``, solves that linear least-squares problem (non-negative, with a
+small ridge towards the starting values so parameters the data cannot see stay put) and moves
+there; on noise-free data the true parameters are a fixed point. Lockstep DP groups and
+prefill/decode splits use ``method="nelder-mead"`` on the same objective (no SciPy needed).
+
+On a trace with bursts separated by idle gaps (:func:`calibration_trace`) the schedule does not
+move with the parameters and the iteration lands on them exactly; on a steady stream it stops
+close, and a short Nelder-Mead search (``polish_evals``) finishes. Either way the aim is the
+figures: compare mean TTFT, mean TPOT and throughput in ``report()``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from ..traces import TraceRequest, TraceSession, read_trace
+from .config import ClusterConfig, load_cluster_config, resolve_instances
+from .hardware import FITTABLE, HardwareProfile, save_profile
+from .report import RequestRecord
+from .simulator import Simulator
+
+__all__ = ["calibrate", "CalibrationResult", "nelder_mead", "trace_from_records", "compare", "calibration_trace"]
+
+
+def _arrival_order(r: RequestRecord):
+    """Arrival, then the request id (numerically where it is a number): ties keep trace order."""
+    rid = r.request_id
+    try:
+        return (r.arrival_s, 0, int(rid), "")
+    except (TypeError, ValueError):
+        return (r.arrival_s, 1, 0, str(rid))
+
+
+def trace_from_records(records: Sequence[RequestRecord]) -> tuple[list[TraceRequest], list[RequestRecord]]:
+    """Flat trace requests rebuilt from a run's records (arrival, input, output), in arrival
+    order, and the records in that same order."""
+    ok = sorted((r for r in records if r.outcome == "ok" and r.ttft_s is not None and r.e2e_s is not None),
+                key=_arrival_order)
+    if not ok:
+        raise ValueError("no successful request with ttft and e2e in the CSV")
+    t0 = ok[0].arrival_s
+    trace = [TraceRequest(r.input_toks, max(1, r.output_toks), int(round((r.arrival_s - t0) * 1e9))) for r in ok]
+    return trace, ok
+
+
+def calibration_trace(bursts: Sequence[int] = (1, 4, 16, 64, 128), repeats: int = 2,
+                      prompt: tuple[int, int] = (16, 512), output: tuple[int, int] = (8, 64),
+                      gap_s: float = 20.0, seed: int = 0) -> list[TraceRequest]:
+    """A trace that pins the parameters down: bursts of each size in ``bursts`` (``repeats``
+    times, shuffled), all requests of a burst at once, ``gap_s`` seconds apart so each burst
+    drains before the next; prompt and output lengths uniform in the given ranges. Run it on the
+    real hardware with the live benchmark, then calibrate on its CSV.
+
+        >>> from nbkit.traces import write_trace
+        >>> write_trace("/tmp/calib.jsonl", calibration_trace(gap_s=10))        # doctest: +SKIP
+    """
+    import random
+
+    rng = random.Random(seed)
+    sizes = [b for b in bursts for _ in range(repeats)]
+    rng.shuffle(sizes)
+    out = []
+    for k, size in enumerate(sizes):
+        t = int(round(k * gap_s * 1e9))
+        for _ in range(size):
+            out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), t))
+    return out
+
+
+def compare(real: Sequence[RequestRecord], sim: Sequence[RequestRecord]) -> dict:
+    """Mean TTFT, mean TPOT and output token throughput of two runs, and the relative errors."""
+    def figures(rs):
+        ok = [r for r in rs if r.outcome == "ok" and r.ttft_s is not None]
+        if not ok:
+            return {"mean_ttft_s": math.nan, "mean_tpot_s": math.nan, "throughput_tok_s": math.nan}
+        t0 = min(r.arrival_s for r in ok)
+        t1 = max(r.arrival_s + r.e2e_s for r in ok)
+        tp = [r.tpot_s for r in ok if r.tpot_s is not None]
+        return {"mean_ttft_s": sum(r.ttft_s for r in ok) / len(ok),
+                "mean_tpot_s": sum(tp) / len(tp) if tp else math.nan,
+                "throughput_tok_s": sum(r.output_toks for r in ok) / max(t1 - t0, 1e-12)}
+    a, b = figures(real), figures(sim)
+    return {"real": a, "sim": b, "rel_err": {k: (b[k] - a[k]) / a[k] if a[k] else math.nan for k in a}}
+
+
+def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], step: float = 0.4,
+                max_evals: int = 200, tol: float = 1e-9) -> tuple[list[float], float, int]:
+    """Minimise ``f`` from ``x0``; returns (x, f(x), evaluations). Plain Nelder-Mead with the
+    usual coefficients (reflection 1, expansion 2, contraction 0.5, shrink 0.5)."""
+    n = len(x0)
+    pts = [list(x0)] + [[x0[j] + (step if j == i else 0.0) for j in range(n)] for i in range(n)]
+    vals = [f(p) for p in pts]
+    evals = len(pts)
+    while evals < max_evals:
+        order = sorted(range(n + 1), key=vals.__getitem__)
+        pts = [pts[i] for i in order]
+        vals = [vals[i] for i in order]
+        if abs(vals[-1] - vals[0]) <= tol and max(abs(a - b) for p in pts[1:] for a, b in zip(p, pts[0])) < 1e-4:
+            break
+        cen = [sum(p[j] for p in pts[:-1]) / n for j in range(n)]
+        worst = pts[-1]
+        xr = [c + (c - w) for c, w in zip(cen, worst)]
+        fr = f(xr)
+        evals += 1
+        if fr < vals[0]:
+            xe = [c + 2 * (c - w) for c, w in zip(cen, worst)]
+            fe = f(xe)
+            evals += 1
+            pts[-1], vals[-1] = (xe, fe) if fe < fr else (xr, fr)
+        elif fr < vals[-2]:
+            pts[-1], vals[-1] = xr, fr
+        else:
+            if fr < vals[-1]:
+                xc = [c + 0.5 * (r - c) for c, r in zip(cen, xr)]
+            else:
+                xc = [c + 0.5 * (w - c) for c, w in zip(cen, worst)]
+            fc = f(xc)
+            evals += 1
+            if fc < min(fr, vals[-1]):
+                pts[-1], vals[-1] = xc, fc
+            else:
+                best = pts[0]
+                for i in range(1, n + 1):
+                    pts[i] = [b + 0.5 * (p - b) for b, p in zip(best, pts[i])]
+                    vals[i] = f(pts[i])
+                    evals += 1
+    k = min(range(n + 1), key=vals.__getitem__)
+    return pts[k], vals[k], evals
+
+
+@dataclass
+class CalibrationResult:
+    """The fitted profile, the parameters before and after, and how well the fit matches."""
+
+    profile: HardwareProfile
+    start: dict[str, float]
+    fitted: dict[str, float]
+    loss_start: float
+    loss: float
+    evals: int
+    method: str = "linear"
+    before: dict = field(default_factory=dict)   # compare(real, sim with the start profile)
+    after: dict = field(default_factory=dict)    # compare(real, sim with the fitted profile)
+
+    def report(self) -> str:
+        lines = [f"calibrated profile {self.profile.name!r} ({self.method}): loss {self.loss_start:.4g} -> "
+                 f"{self.loss:.4g} in {self.evals} simulations"]
+        for k in self.fitted:
+            lines.append(f"  {k:<16} {self.start[k]:.6g} -> {self.fitted[k]:.6g}")
+        lines.append(f"  {'figure':<18}{'real':>12}{'sim before':>12}{'sim after':>12}{'err after':>11}")
+        for k in ("mean_ttft_s", "mean_tpot_s", "throughput_tok_s"):
+            real = self.after["real"][k]
+            lines.append(f"  {k:<18}{real:>12.5g}{self.before['sim'][k]:>12.5g}{self.after['sim'][k]:>12.5g}"
+                         f"{self.after['rel_err'][k] * 100:>10.1f}%")
+        return "\n".join(lines)
+
+    def save(self, path: str | os.PathLike) -> None:
+        save_profile(self.profile, path, fit={"method": self.method, "start": self.start, "fitted": self.fitted,
+                                              "loss": self.loss, "loss_start": self.loss_start,
+                                              "evals": self.evals, "after": self.after})
+
+
+# theta index of each fittable parameter; theta = (step_overhead_s, seq_overhead_s, 1/ce, 1/me)
+_THETA = {"step_overhead_s": 0, "seq_overhead_s": 1, "compute_eff": 2, "mem_eff": 3}
+
+
+def _theta_of(p: HardwareProfile) -> list[float]:
+    return [p.step_overhead_s, p.seq_overhead_s, 1.0 / p.compute_eff, 1.0 / p.mem_eff]
+
+
+def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[str]) -> HardwareProfile:
+    vals = {}
+    for k in names:
+        v = theta[_THETA[k]]
+        if k in ("compute_eff", "mem_eff"):
+            vals[k] = min(1.0, 1.0 / max(v, 1e-9))
+        else:
+            vals[k] = max(v, 0.0)
+    return base.replace(**vals)
+
+
+def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | str, *,
+              trace: Sequence[TraceRequest | TraceSession] | str | None = None,
+              params: Sequence[str] = FITTABLE, dtype: str = "float16", block_size: int | None = None,
+              hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
+              method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
+              polish_evals: int = 60, replay_routing: bool = True, policy: Any = "least_load",
+              name: str | None = None) -> CalibrationResult:
+    """Fit ``params`` of the (single) hardware profile used by ``config`` to ``records``.
+
+    ``trace``: what was sent, when the CSV alone cannot say (sessions); by default a flat trace
+    is rebuilt from the CSV (arrival, input and output tokens per request). ``replay_routing``
+    sends each request to the instance the CSV names (``instance_id``), so the fit does not
+    depend on the routing policy. ``start`` replaces the profile the search starts from.
+    ``max_evals`` bounds the simulations (linear: iterations; Nelder-Mead: evaluations, at least
+    30 per parameter is sensible); ``polish_evals`` more go to a short Nelder-Mead search from
+    the linear result when that does not already match. The fitted profile keeps the hardware's name (or ``name``),
+    so ``--hardware-profile`` applies it to instances of that hardware.
+    """
+    bad = [p for p in params if p not in FITTABLE]
+    if bad or not params:
+        raise ValueError(f"params {bad or list(params)}: choose among {', '.join(FITTABLE)}")
+    if method not in ("auto", "linear", "nelder-mead"):
+        raise ValueError(f"method={method!r}: expected auto, linear or nelder-mead")
+    if not isinstance(config, ClusterConfig):
+        config = load_cluster_config(config)
+    setups = resolve_instances(config, dtype=dtype, block_size=block_size, hardware=hardware)
+    hw_names = {s.hw.name for s in setups}
+    if len(hw_names) != 1:
+        raise ValueError(f"calibration needs one hardware profile in the config, found {sorted(hw_names)}")
+    base = start or setups[0].hw
+    lockstep_or_pd = any(s.pd_type for s in setups) or any(
+        sum(1 for t in setups if t.dp_group == s.dp_group) > 1 for s in setups if s.dp_group is not None)
+    if method == "auto":
+        method = "nelder-mead" if lockstep_or_pd else "linear"
+    if method == "linear" and lockstep_or_pd:
+        raise ValueError("method='linear' cannot model lockstep DP groups or a prefill/decode split; "
+                         "use method='nelder-mead'")
+
+    # what ran
+    if isinstance(trace, (str, os.PathLike)):
+        trace = read_trace(trace)
+    if trace is None:
+        trace, real_sorted = trace_from_records(records)
+        by_id = None
+    else:
+        trace = list(trace)
+        real_sorted = sorted((r for r in records if r.outcome == "ok" and r.ttft_s is not None
+                              and r.e2e_s is not None), key=_arrival_order)
+        by_id = {r.request_id: r for r in real_sorted}
+        if not all(isinstance(t, TraceRequest) for t in trace) or len(real_sorted) != len(trace):
+            replay_routing = False
+    if not real_sorted:
+        raise ValueError("no successful request to calibrate on")
+    routes: list[int] | None = None
+    if replay_routing and not lockstep_or_pd and all(
+            r.instance_id is not None and 0 <= r.instance_id < len(setups) for r in real_sorted):
+        routes = [r.instance_id for r in real_sorted]
+
+    def make_policy():
+        if routes is None:
+            return policy
+        it = iter(routes)
+
+        def replay(candidates, request):
+            want = next(it, None)
+            for c in candidates:
+                if c.index == want:
+                    return c
+            return min(candidates, key=lambda c: c.pending_prefill_tokens + c.pending_decode_tokens)
+        return replay
+
+    def simulate(prof: HardwareProfile, instrument: bool = False) -> Simulator:
+        sim = Simulator(config, policy=make_policy(), setups=[dataclasses.replace(s, hw=prof) for s in setups])
+        sim.instrument = instrument
+        sim.result = sim.run(trace)
+        return sim
+
+    # real requests paired with simulated ids
+    if by_id is None:
+        real = real_sorted
+        sim_ids = [str(i) for i in range(len(real))]
+    else:
+        sim_ids = [rid for rid in (r.request_id for r in real_sorted)]
+        real = real_sorted
+    real_span = max(r.arrival_s + r.e2e_s for r in real) - min(r.arrival_s for r in real)
+
+    # groups of requests whose means are compared
+    n = len(real)
+    idx = list(range(n))
+    groups = [idx]
+    k = max(1, min(n_bins, n // 8))
+    for key in (lambda i: real[i].input_toks, lambda i: real[i].output_toks, lambda i: real[i].arrival_s):
+        order = sorted(idx, key=key)
+        groups += [order[b * n // k:(b + 1) * n // k] for b in range(k)]
+    groups = [g for g in groups if g]
+    real_ttft = [[sum(real[i].ttft_s for i in g) / len(g)] for g in groups]
+    dec_groups = [[i for i in g if real[i].output_toks > 1] for g in groups]
+    real_dec = [sum(real[i].e2e_s - real[i].ttft_s for i in g) / len(g) if g else 0.0 for g in dec_groups]
+
+    def loss_of(sim_recs: Sequence[RequestRecord]) -> float:
+        by = {r.request_id: r for r in sim_recs}
+        rows = [by.get(s) for s in sim_ids]
+        total, terms = 0.0, 0
+        for g, dg, rt, rd in zip(groups, dec_groups, real_ttft, real_dec):
+            okg = [i for i in g if rows[i] is not None and rows[i].outcome == "ok" and rows[i].ttft_s is not None]
+            if len(okg) < len(g):
+                total += 4.0 * (len(g) - len(okg)) / len(g)
+            if okg:
+                st = sum(rows[i].ttft_s for i in okg) / len(okg)
+                if st > 0 and rt[0] > 0:
+                    total += math.log(st / rt[0]) ** 2
+                    terms += 1
+            okd = [i for i in dg if rows[i] is not None and rows[i].outcome == "ok" and rows[i].e2e_s is not None]
+            if okd and rd > 0:
+                sd = sum(rows[i].e2e_s - rows[i].ttft_s for i in okd) / len(okd)
+                if sd > 0:
+                    total += math.log(sd / rd) ** 2
+                    terms += 1
+        ok = [r for r in rows if r is not None and r.outcome == "ok" and r.e2e_s is not None]
+        span = (max(r.arrival_s + r.e2e_s for r in ok) - min(r.arrival_s for r in ok)) if ok else 0.0
+        total += math.log(span / real_span) ** 2 if span > 0 and real_span > 0 else 4.0
+        return total / (terms + 1)
+
+    names = list(params)
+    theta0 = _theta_of(base)
+    start_vals = {k: float(getattr(base, k)) for k in names}
+    sim0 = simulate(base, instrument=(method == "linear"))
+    start_recs = sim0.result.records
+    loss_start = loss_of(start_recs)
+
+    x_names = names
+    x0 = [math.log(max(float(getattr(base, k)), 1e-7)) for k in x_names]
+
+    def prof_at(x):
+        vals = {k: math.exp(v) for k, v in zip(x_names, x)}
+        for e in ("compute_eff", "mem_eff"):
+            if e in vals:
+                vals[e] = min(vals[e], 1.0)
+        return base.replace(**vals)
+
+    def search(from_prof: HardwareProfile, step: float, evals: int):
+        xs = [math.log(max(float(getattr(from_prof, k)), 1e-7)) for k in x_names]
+
+        def objective(x):
+            reg = ridge * sum((a - b) ** 2 for a, b in zip(x, x0))
+            return loss_of(simulate(prof_at(x)).result.records) + reg
+
+        x, _, used = nelder_mead(objective, xs, step=step, max_evals=evals)
+        prof = prof_at(x)
+        recs = simulate(prof).result.records
+        return prof, loss_of(recs), recs, used + 1
+
+    if method == "linear":
+        best_prof, best_loss, best_recs, evals = _linear_fit(
+            base, names, theta0, sim0, simulate, loss_of, loss_start, real, sim_ids, groups, dec_groups,
+            real_ttft, real_dec, real_span, ridge, max_evals)
+        if polish_evals and best_loss > 1e-6:
+            # the schedule moves with the parameters; a short local search finishes the job
+            p2, l2, r2, used = search(best_prof, 0.15, polish_evals)
+            evals += used
+            if l2 < best_loss:
+                best_prof, best_loss, best_recs = p2, l2, r2
+                method = "linear+nelder-mead"
+    else:
+        best_prof, best_loss, best_recs, evals = search(base, 0.4, max(max_evals, 10 * len(x0) + 1))
+    if name:
+        best_prof = best_prof.replace(name=name)
+    notes = base.notes if "calibrated" in base.notes else (base.notes + " | calibrated").strip(" |")
+    return CalibrationResult(profile=best_prof.replace(notes=notes), start=start_vals,
+                             fitted={k: float(getattr(best_prof, k)) for k in names}, loss_start=loss_start,
+                             loss=best_loss, evals=evals + 1, method=method,
+                             before=compare(real, start_recs), after=compare(real, best_recs))
+
+
+def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, sim_ids, groups, dec_groups,
+                real_ttft, real_dec, real_span, ridge, max_iters):
+    """The fixed-point iteration of the module doc; returns (profile, loss, records, simulations)."""
+    import numpy as np
+
+    fit_idx = sorted(_THETA[k] for k in names)
+    best = (base, loss_start, sim0.result.records)
+    theta = list(theta0)
+    sim = sim0
+    evals = 0
+    for _ in range(max_iters):
+        rows_t = np.zeros((len(real), 4))
+        const_t = np.zeros(len(real))
+        rows_d = np.zeros((len(real), 4))
+        const_d = np.zeros(len(real))
+        rows_end = np.zeros((len(real), 4))
+        const_end = np.zeros(len(real))
+        prepared = {}
+        for e in sim.engines:
+            if not e.step_log:
+                continue
+            log = np.array(e.step_log, dtype=float)
+            start, T, S, L, P, R = log.T
+            m = e.model
+            F = (m.c_tok * T + m.c_logit * L + m.c_pair * P) * m.hw.compute_eff     # at full efficiency
+            B = (m.m_const + m.m_kv * (R + T)) * m.hw.mem_eff
+            comp = F * theta[2] > B * theta[3]
+            feats = np.stack([np.ones_like(T), S, np.where(comp, F, 0.0), np.where(comp, 0.0, B)], axis=1)
+            const = m.ar_const + m.ar_tok * T
+            # parameters held fixed go to the constant
+            for j in range(4):
+                if j not in fit_idx:
+                    const = const + feats[:, j] * theta[j]
+                    feats[:, j] = 0.0
+            ends = np.array(e.step_ends[:len(start)])
+            new = np.ones(len(start), dtype=bool)
+            new[1:] = start[1:] > ends[:-1] + 1e-12
+            first = np.maximum.accumulate(np.where(new, np.arange(len(start)), 0))
+            cumF = np.vstack([np.zeros((1, 4)), np.cumsum(feats, axis=0)])
+            cumC = np.concatenate([[0.0], np.cumsum(const)])
+            endF = cumF[1:] - cumF[first]            # end_k = anchor_k + endF_k . theta + endC_k
+            endC = start[first] + cumC[1:] - cumC[first]
+            prepared[e.index] = (endF, endC)
+        for i, sid in enumerate(sim_ids):
+            fr = sim.finals.get(sid)
+            if fr is None:
+                continue
+            e, r = fr
+            endF, endC = prepared[e.index]
+            kf = r.segs[0][0]
+            kl = r.segs[-1][1] - 1
+            rows_t[i] = endF[kf]
+            const_t[i] = endC[kf] - (r.data.arrival if r.data is not None else r.arrival)
+            rows_d[i] = endF[kl] - endF[kf]
+            const_d[i] = endC[kl] - endC[kf]
+            rows_end[i] = endF[kl]
+            const_end[i] = endC[kl]
+        # simulated times are relative to the simulator's t0 = first arrival; so are real ones
+        A, b = [], []
+        for g, dg, rt, rd in zip(groups, dec_groups, real_ttft, real_dec):
+            gi = np.array(g)
+            if rt[0] > 0:
+                A.append(rows_t[gi].mean(axis=0) / rt[0])
+                b.append(1.0 - const_t[gi].mean() / rt[0])
+            if dg and rd > 0:
+                di = np.array(dg)
+                A.append(rows_d[di].mean(axis=0) / rd)
+                b.append(1.0 - const_d[di].mean() / rd)
+        last = int(np.argmax(const_end + rows_end @ np.array(theta)))
+        sim_t0 = min(r.data.arrival for _, r in sim.finals.values())
+        if real_span > 0:
+            A.append(rows_end[last] / real_span)
+            b.append(1.0 + (sim_t0 - const_end[last]) / real_span)
+        A = np.array(A)[:, fit_idx]
+        b = np.array(b)
+        th0 = np.array([theta0[j] for j in fit_idx])
+        scale = np.where(th0 > 0, th0, 1e-6)
+        lam = math.sqrt(ridge)
+        A_reg = np.vstack([A * scale, lam * np.eye(len(fit_idx))])
+        b_reg = np.concatenate([b, lam * np.ones(len(fit_idx))])
+        sol = _nnls_small(A_reg, b_reg) * scale
+        x_next = sol / scale
+        new_theta = list(theta)
+        for j, v in zip(fit_idx, x_next * scale):
+            new_theta[j] = float(v)
+        for j in (2, 3):
+            new_theta[j] = max(new_theta[j], 1.0)     # efficiency <= 1
+        prof = _profile_of(base, new_theta, names)
+        sim = simulate(prof, instrument=True)
+        evals += 1
+        loss = loss_of(sim.result.records)
+        if loss < best[1]:
+            best = (prof, loss, sim.result.records)
+        change = max(abs(a - c) / max(abs(c), 1e-12) for a, c in zip(new_theta, theta))
+        theta = _theta_of(prof)
+        if change < 1e-5 or loss < 1e-12:
+            break
+    return best[0], best[1], best[2], evals
+
+
+def _nnls_small(A, b):
+    """Non-negative least squares for a handful of unknowns: the best unconstrained solution over
+    every subset of free variables that comes out non-negative."""
+    import numpy as np
+
+    n = A.shape[1]
+    best, best_r = np.zeros(n), float(np.sum(b * b))
+    for k in range(1, n + 1):
+        for subset in itertools.combinations(range(n), k):
+            cols = list(subset)
+            x, *_ = np.linalg.lstsq(A[:, cols], b, rcond=None)
+            if np.any(x < 0):
+                continue
+            full = np.zeros(n)
+            full[cols] = x
+            r = float(np.sum((A @ full - b) ** 2))
+            if r < best_r:
+                best, best_r = full, r
+    return best

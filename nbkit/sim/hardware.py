@@ -1,0 +1,149 @@
+"""Hardware profiles: peak compute and memory of one device, and the efficiency factors and fixed
+costs that turn a roofline into step times. ``nbkit sim calibrate`` fits the factors from a real
+run and saves a profile as JSON::
+
+    >>> from nbkit.sim.hardware import get_hardware
+    >>> h100 = get_hardware("H100")
+    >>> h100.peak_flops / 1e12, h100.mem_bw_gbs
+    (989.0, 3350)
+    >>> cpu = get_hardware("cpu")            # this 2-core AMD EPYC (AVX-512/AVX2) running vLLM-CPU
+    >>> fitted = cpu.replace(compute_eff=0.31, step_overhead_s=0.006)
+    >>> save_profile(fitted, "/tmp/cpu-fitted.json")                       # doctest: +SKIP
+    >>> get_hardware("/tmp/cpu-fitted.json").step_overhead_s               # doctest: +SKIP
+    0.006
+
+Units: FLOP/s, GB/s (1e9 bytes/s), GB (1e9 bytes), seconds, nanoseconds for link latencies.
+The numbers are data-sheet peaks (dense 16-bit tensor FLOP/s, HBM bandwidth) with default
+efficiencies; ``cpu`` starts from plausible values for vLLM-CPU on 2 cores (the tiny model decodes
+~1,100 tok/s at 128 concurrent requests) and is meant to be calibrated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
+
+__all__ = ["HardwareProfile", "PROFILES", "get_hardware", "save_profile", "load_profile",
+           "UnknownHardwareError", "FITTABLE"]
+
+#: Fields ``calibrate`` may fit.
+FITTABLE = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s")
+
+
+class UnknownHardwareError(ValueError):
+    """Neither a known profile name nor a readable profile JSON."""
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    """One device (one GPU, or the CPU cores given to one replica) and its step-time model.
+
+    step time = step_overhead_s + seq_overhead_s * sequences
+              + max(FLOPs / (peak_flops * compute_eff), bytes / (mem_bw * mem_eff))   (per device)
+              + all-reduce time (TP > 1)
+    """
+
+    name: str
+    peak_flops: float                 # dense 16-bit FLOP/s per device
+    mem_bw_gbs: float                 # device memory bandwidth, GB/s
+    mem_size_gb: float                # device memory, GB
+    compute_eff: float = 0.6          # achieved fraction of peak_flops
+    mem_eff: float = 0.8              # achieved fraction of mem_bw
+    step_overhead_s: float = 0.002    # fixed cost per engine step (scheduling, launch, sampling)
+    seq_overhead_s: float = 0.0       # extra cost per scheduled sequence per step
+    tp_link_bw_gbs: float | None = None     # device-to-device link for TP; None: the cluster's link
+    tp_link_latency_ns: float | None = None
+    kv_cache_gb: float | None = None  # fixed KV-cache size (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE); None: from memory
+    reserve_gb: float = 1.5           # memory kept for activations / graphs per device
+    block_size: int = 16              # vLLM's default KV block size on this device
+    notes: str = ""
+
+    def replace(self, **changes) -> "HardwareProfile":
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PROFILES: dict[str, HardwareProfile] = {p.name: p for p in [
+    HardwareProfile("H100", 989e12, 3350, 80, tp_link_bw_gbs=450, tp_link_latency_ns=8000,
+                    notes="H100 SXM 80GB, NVLink 4"),
+    HardwareProfile("H200", 989e12, 4800, 141, tp_link_bw_gbs=450, tp_link_latency_ns=8000,
+                    notes="H200 SXM 141GB, NVLink 4"),
+    HardwareProfile("A100-80G", 312e12, 2039, 80, tp_link_bw_gbs=300, tp_link_latency_ns=10000,
+                    notes="A100 SXM 80GB, NVLink 3"),
+    HardwareProfile("L40S", 362e12, 864, 48, notes="PCIe only: TP uses the cluster link"),
+    HardwareProfile("RTXPRO6000", 500e12, 1597, 96,
+                    notes="RTX PRO 6000 Blackwell 96GB, PCIe only: TP uses the cluster link"),
+    HardwareProfile("cpu", 2.0e11, 20, 23, compute_eff=0.5, mem_eff=0.6, step_overhead_s=0.008,
+                    seq_overhead_s=0.0008, tp_link_bw_gbs=10, tp_link_latency_ns=20000,
+                    kv_cache_gb=1.073741824, reserve_gb=0.0, block_size=128,
+                    notes="2-core AMD EPYC (Zen 4, AVX-512 BF16) running vLLM-CPU; uncalibrated "
+                          "starting point, fit with `nbkit sim calibrate`"),
+]}
+
+_ALIASES = {"h100-sxm": "H100", "h100-80g": "H100", "h200-sxm": "H200", "a100": "A100-80G",
+            "a100-80gb": "A100-80G", "rtx-pro-6000": "RTXPRO6000", "rtxpro6000": "RTXPRO6000",
+            "cpu": "cpu", "epyc": "cpu"}
+
+
+def _key(name: str) -> str:
+    return name.strip().lower().replace("_", "-")
+
+
+_BY_KEY = {_key(k): k for k in PROFILES}
+_BY_KEY.update(_ALIASES)
+
+
+def load_profile(path: str | os.PathLike) -> HardwareProfile:
+    """Read a profile saved by :func:`save_profile` (unknown keys are an error)."""
+    p = Path(path).expanduser()
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise UnknownHardwareError(f"cannot read hardware profile {str(p)!r}: {e}") from None
+    if not isinstance(data, dict):
+        raise UnknownHardwareError(f"hardware profile {str(p)!r}: expected a JSON object")
+    data = dict(data)
+    data.pop("nbkit_sim_profile", None)
+    data.pop("fit", None)  # calibration report, informative only
+    known = {f.name for f in fields(HardwareProfile)}
+    extra = sorted(set(data) - known)
+    if extra:
+        raise UnknownHardwareError(f"hardware profile {str(p)!r}: unknown key(s) {', '.join(extra)}")
+    try:
+        return HardwareProfile(**data)
+    except TypeError as e:
+        raise UnknownHardwareError(f"hardware profile {str(p)!r}: {e}") from None
+
+
+def save_profile(profile: HardwareProfile, path: str | os.PathLike, fit: dict | None = None) -> Path:
+    """Write ``profile`` as JSON (plus an optional ``fit`` report); returns the path."""
+    p = Path(path).expanduser()
+    data = {"nbkit_sim_profile": 1, **profile.to_dict()}
+    if fit is not None:
+        data["fit"] = fit
+    p.write_text(json.dumps(data, indent=2) + "\n")
+    return p
+
+
+def get_hardware(name: str, overrides: dict[str, HardwareProfile] | None = None) -> HardwareProfile:
+    """A profile by name (case-insensitive, aliases such as ``A100``), from ``overrides`` first
+    (name -> profile, e.g. calibrated ones), or from a JSON file path."""
+    if isinstance(name, HardwareProfile):
+        return name
+    if not isinstance(name, str) or not name.strip():
+        raise UnknownHardwareError(f"hardware must be a non-empty string, got {name!r}")
+    if overrides:
+        for k, v in overrides.items():
+            if _key(k) == _key(name) or _BY_KEY.get(_key(name)) == k:
+                return v
+    std = _BY_KEY.get(_key(name))
+    if std is not None:
+        return PROFILES[std]
+    if name.endswith(".json") or os.path.sep in name:
+        return load_profile(name)
+    raise UnknownHardwareError(f"unknown hardware {name!r}; known: {', '.join(PROFILES)} "
+                               f"(or a profile JSON path)")

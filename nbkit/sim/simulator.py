@@ -1,0 +1,453 @@
+"""The cluster simulator: every instance's engine on one event heap, requests routed by the live
+router's policy objects (:mod:`nbkit.policies`), prefill/decode handoffs over the link, agentic
+sessions and data-parallel groups::
+
+    from nbkit.sim import Simulator, load_cluster_config
+    from nbkit.traces import read_trace
+    sim = Simulator(load_cluster_config("cluster.json"), policy="LOAD", dtype="float16", block_size=16)
+    result = sim.run(read_trace("trace.jsonl"))
+    print(result.format_summary())
+    result.write_csv("out.csv")                      # or time_unit="ns" for the seed format
+
+Routing: for each arriving request the simulator builds one :class:`~nbkit.policies.RankLoad` per
+candidate instance from the engines' exact state (``in_flight``, pending prefill/decode tokens as
+the live router accounts them, ``running``, ``waiting``, ``kv_cache_usage``, ``stale=False``) and
+calls ``policy.select`` then ``policy.on_dispatch``. ``RankLoad.index`` is the instance id (its
+position in the config) and ``key`` its name (``inst0``). ``RequestInfo.prefix`` is the prompt's
+token ids joined by spaces when the trace has them (a synthetic per-session string for sessions),
+computed only for policies that read it (prefix_affinity, custom).
+
+Prefill/decode split: requests are routed among the ``pd_type: "prefill"`` instances; after the
+first token the prompt's KV (``kv_bytes_per_token * input_toks``) crosses the cluster link in
+``bytes / link_bw + link_latency``, the prefill instance frees its blocks, the request is routed
+among the ``"decode"`` instances (a second instance of the same policy) and waits there like any
+request, with its prompt's KV already present but the last prompt token, whose computation gives
+the first token the client sees. TTFT therefore includes prefill, transfer and one decode step.
+
+Sessions (:class:`~nbkit.traces.TraceSession`): sub-request ``k+1`` arrives ``tool_duration_ns``
+after sub-request ``k`` finished; its prompt is the conversation so far plus its new input, whose
+blocks are shared with earlier turns, so the prefix cache applies; ``RequestInfo.session`` is the
+session id.
+
+Records: one :class:`~nbkit.sim.report.RequestRecord` per request, in arrival order;
+``request_id`` is the request's position in the trace (sorted by arrival) or ``"<session>/<k>"``
+for turn ``k`` of a session; ``instance_id`` is the instance that produced the tokens (the decode
+instance of a PD pair; ``prefill_instance`` holds the other). A request that can never fit an
+instance (``max_model_len``, KV capacity) gets ``outcome="http_400"``, as vLLM answers.
+
+Data parallel: instances with the same ``dp_group`` are the ranks of one deployment and step in
+lockstep (a step lasts as long as its slowest rank; an idle rank waits), as vLLM's DP engines
+do; each rank is a routing candidate of its own, as in the live router.
+"""
+
+from __future__ import annotations
+
+import copy
+import heapq
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence, TextIO
+
+from ..policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
+from ..traces import TraceRequest, TraceSession
+from .config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
+from .engine import Engine, Req
+from .hardware import HardwareProfile
+from .perf import StepModel
+from .report import RequestRecord, fmt_rate, format_summary, summarize, write_csv
+
+__all__ = ["Simulator", "SimResult", "simulate"]
+
+_STEP, _SUB, _XFER, _LOG = 0, 1, 2, 3
+
+
+class _Unit:
+    """Ranks of one dp_group: they step together."""
+
+    __slots__ = ("members", "busy")
+
+    def __init__(self, members):
+        self.members = members
+        self.busy = False
+
+
+class _Job:
+    """One logical request across engines (a PD request has a prefill and a decode ``Req``)."""
+
+    __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "entry", "prefill_inst",
+                 "info")
+
+    def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None):
+        self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
+        self.ids, self.session, self.sess = ids, session, sess
+        self.entry: Req | None = None
+        self.prefill_inst: int | None = None
+        self.info: RequestInfo | None = None
+
+
+class _Session:
+    __slots__ = ("sid", "subs", "k", "context")
+
+    def __init__(self, sid: str, subs):
+        self.sid, self.subs, self.k, self.context = sid, subs, 0, 0
+
+
+@dataclass
+class SimResult:
+    """What :meth:`Simulator.run` returns."""
+
+    records: list[RequestRecord]
+    instances: list[dict]
+    wall_s: float
+    sim_time_s: float
+    policy: str
+    log_lines: list[str] = field(default_factory=list)
+
+    def summary(self) -> dict:
+        """:func:`~nbkit.sim.report.summarize` of the records, plus the policy, the prefix-cache
+        hit rate, preemptions and per-instance counters (``instances``)."""
+        s = summarize(self.records, wall_s=self.wall_s)
+        s["policy"] = self.policy
+        q = sum(i["prefix_queries"] for i in self.instances)
+        s["prefix_hit_rate"] = sum(i["prefix_hits"] for i in self.instances) / q if q else None
+        s["preemptions"] = sum(i["preemptions"] for i in self.instances)
+        s["instances"] = self.instances
+        return s
+
+    def format_summary(self) -> str:
+        return format_summary(self.summary())
+
+    def write_csv(self, path, time_unit: str = "s") -> None:
+        write_csv(path, self.records, time_unit=time_unit)
+
+    def frame(self):
+        """The records as a pandas DataFrame (one row per request)."""
+        import pandas as pd
+        return pd.DataFrame([{k: getattr(r, k) for k in (
+            "request_id", "instance_id", "rank", "policy", "arrival_s", "queue_wait_s", "ttft_s", "tpot_s",
+            "e2e_s", "input_toks", "output_toks", "outcome", "session", "cached_tokens", "preemptions")}
+            for r in self.records])
+
+
+def _clone_policy(spec, seed):
+    if isinstance(spec, Policy):
+        return copy.deepcopy(spec)
+    if isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy)):
+        return None
+    return get_policy(spec, seed=seed)
+
+
+class Simulator:
+    """A cluster of simulated instances (see the module doc).
+
+    ``policy``: a name (``LOAD``, ``RR``, ``RAND``, ``least_outstanding``, ``power_of_two``,
+    ``prefix_affinity``, ``session``, ...), a :class:`~nbkit.policies.Policy`, a Policy class, or
+    a function ``fn(candidates, request)`` (:class:`~nbkit.policies.CustomPolicy`).
+    ``policy_options`` go to ``get_policy`` with ``seed``. ``hardware`` maps names to profiles
+    replacing the shipped ones (calibrated profiles). ``log_interval`` (simulated seconds) prints
+    one line per interval to ``log_file`` (default stdout) in the live monitor's format.
+    """
+
+    def __init__(self, config: ClusterConfig | dict | str, *, policy: Any = "least_load",
+                 policy_options: dict | None = None, dtype: str = "float16", block_size: int | None = None,
+                 hardware: dict[str, HardwareProfile] | None = None, seed: int = 0,
+                 log_interval: float | None = None, log_file: TextIO | None = None,
+                 setups: Sequence[InstanceSetup] | None = None):
+        if not isinstance(config, ClusterConfig):
+            config = load_cluster_config(config)
+        self.config = config
+        self.setups = list(setups) if setups is not None else resolve_instances(
+            config, dtype=dtype, block_size=block_size, hardware=hardware)
+        self.link_bw = config.link_bw * 1e9
+        self.link_latency = config.link_latency * 1e-9
+        self.seed = seed
+        opts = dict(policy_options or {})
+        self.policy = get_policy(policy, seed=seed, **opts) if not isinstance(policy, Policy) else policy
+        clone = _clone_policy(policy, seed + 1)
+        self.decode_policy = clone if clone is not None else get_policy(policy, seed=seed + 1, **opts)
+        self.policy_name = getattr(self.policy, "name", "") or type(self.policy).__name__
+        if isinstance(self.policy, CustomPolicy):
+            self.policy_name = f"custom:{self.policy.fn_name}"
+        if log_interval is not None and log_interval <= 0:
+            raise ValueError(f"log_interval={log_interval!r}: must be > 0")
+        self.log_interval = log_interval
+        self.log_file = log_file
+        #: keep each engine's per-step log and each request's final (engine, Req) in
+        #: ``self.finals`` (calibration reads them)
+        self.instrument = False
+        self.finals: dict[str, tuple[Engine, Req]] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+    @staticmethod
+    def _needs_prefix(policy: Policy) -> bool:
+        return isinstance(policy, (PrefixAffinityPolicy, CustomPolicy))
+
+    @staticmethod
+    def _loads(engines: Sequence[Engine]) -> list[RankLoad]:
+        return [RankLoad(e.key, e.index, e.in_flight, e.pend_prefill, e.pend_dec_other + e.A - e.D * e.g,
+                         len(e.running), len(e.waiting),
+                         (e.num_blocks - e.free_plain - len(e.evictable)) / e.num_blocks, False)
+                for e in engines]
+
+    @staticmethod
+    def _session_prefix(sid: str, tokens: int) -> str:
+        return "".join(f"{hash((sid, j)) & 0xFFFF:04x}" for j in range(tokens))
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self, trace: Iterable[TraceRequest | TraceSession]) -> SimResult:
+        """Simulate ``trace`` to completion (every request finishes or is rejected)."""
+        wall0 = time.perf_counter()
+        engines = [Engine(s, StepModel(s)) for s in self.setups]
+        self.engines = engines
+        for e in engines:
+            e.busy = False
+            e.unit = None
+            e.record_steps = self.instrument
+        self.finals = {}
+        finals = self.finals if self.instrument else None
+        groups: dict[str, list[Engine]] = {}
+        for e in engines:
+            if e.setup.dp_group is not None:
+                groups.setdefault(e.setup.dp_group, []).append(e)
+        for members in groups.values():
+            if len(members) > 1:
+                u = _Unit(members)
+                for e in members:
+                    e.unit = u
+        entry = [e for e in engines if e.setup.pd_type in (None, "prefill")]
+        decode = [e for e in engines if e.setup.pd_type == "decode"]
+        policy, dpolicy = self.policy, self.decode_policy
+        policy.on_ranks_changed([e.key for e in entry])
+        if decode:
+            dpolicy.on_ranks_changed([e.key for e in decode])
+        need_prefix = self._needs_prefix(policy) or (decode and self._needs_prefix(dpolicy))
+        pname = self.policy_name
+        records: list[RequestRecord] = []
+        heap: list = []
+        counter = [0]
+        push = heapq.heappush
+        link_bw, link_lat = self.link_bw, self.link_latency
+        loads = self._loads
+
+        items = sorted(trace, key=lambda r: r.arrival_time_ns)
+        arrivals = [(it.arrival_time_ns * 1e-9, it) for it in items]
+        t0 = arrivals[0][0] if arrivals else 0.0
+
+        def kick(e: Engine, t: float) -> None:
+            u = e.unit
+            if u is None:
+                if e.busy:
+                    return
+                dt = e.schedule(t)
+                if dt is not None:
+                    e.busy = True
+                    counter[0] += 1
+                    push(heap, (t + dt, counter[0], _STEP, e))
+            elif not u.busy:
+                start_unit(u, t)
+
+        def start_unit(u: _Unit, t: float) -> None:
+            dt = -1.0
+            for m in u.members:
+                d = m.schedule(t)
+                m.busy = d is not None
+                if d is not None and d > dt:
+                    dt = d
+            if dt >= 0:
+                u.busy = True
+                counter[0] += 1
+                push(heap, (t + dt, counter[0], _STEP, u))
+            else:
+                u.busy = False
+
+        def record(job: _Job, e: Engine | None, r: Req | None, outcome: str = "ok") -> None:
+            ent = job.entry
+            qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
+            if outcome != "ok" or r is None or e is None:
+                records.append(RequestRecord(
+                    str(job.rid), None if e is None else e.index, "" if e is None else e.key, pname,
+                    job.arrival - t0, qw, None, None, [], None, job.prompt, job.output, outcome,
+                    session=job.session, prefill_instance=job.prefill_inst))
+                return
+            ends = e.step_ends
+            segs = r.segs
+            if len(segs) == 1:
+                a, b = segs[0]
+                times = ends[a:b]
+            else:
+                times = []
+                for a, b in segs:
+                    times.extend(ends[a:b])
+            itl = [y - x for x, y in zip(times, times[1:])]
+            if finals is not None:
+                finals[str(job.rid)] = (e, r)
+            ttft = r.first_token - job.arrival
+            e2e = r.finish_time - job.arrival
+            tpot = (e2e - ttft) / (job.output - 1) if job.output > 1 else None
+            records.append(RequestRecord(
+                str(job.rid), e.index, e.key, pname, job.arrival - t0, qw, ttft, tpot, itl, e2e,
+                job.prompt, job.output, "ok", session=job.session, prefill_instance=job.prefill_inst,
+                cached_tokens=(ent.cached_tokens if ent is not None else 0) + (r.cached_tokens if r is not ent else 0),
+                preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0)))
+
+        def dispatch(job: _Job, t: float) -> None:
+            prefix = None
+            if need_prefix:
+                if job.ids is not None:
+                    prefix = " ".join(map(str, job.ids))
+                elif job.session is not None:
+                    prefix = self._session_prefix(job.session, job.prompt)
+            info = RequestInfo(job.prompt, job.output, prefix, job.session)
+            job.info = info
+            choice = policy.select(loads(entry), info)
+            policy.on_dispatch(choice, info)
+            e = engines[choice.index]
+            r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job)
+            job.entry = r
+            if e.setup.pd_type == "prefill":
+                job.prefill_inst = e.index
+            if not e.add(r, t):
+                record(job, e, None, "http_400")
+                session_next(job, t, failed=True)
+                return
+            kick(e, t)
+
+        def session_next(job: _Job, t: float, failed: bool = False) -> None:
+            s = job.sess
+            if s is None:
+                return
+            sub = s.subs[s.k]
+            s.context = job.prompt + job.output
+            s.k += 1
+            if failed or s.k >= len(s.subs):
+                return
+            counter[0] += 1
+            push(heap, (t + sub.tool_duration_ns * 1e-9, counter[0], _SUB, s))
+
+        def start_sub(s: _Session, t: float) -> None:
+            sub = s.subs[s.k]
+            prompt = s.context + sub.input_toks
+            job = _Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s)
+            dispatch(job, t)
+
+        def on_done(e: Engine, r: Req, t: float) -> None:
+            job: _Job = r.data
+            if e.prefill_only:
+                nbytes = e.kv_bytes_per_token * job.prompt
+                counter[0] += 1
+                push(heap, (t + nbytes / link_bw + link_lat, counter[0], _XFER, (e, r)))
+                return
+            record(job, e, r)
+            session_next(job, t)
+
+        def on_xfer(e: Engine, r: Req, t: float) -> None:
+            job: _Job = r.data
+            e.release_handoff(r)
+            kick(e, t)
+            info = job.info
+            choice = dpolicy.select(loads(decode), info)
+            dpolicy.on_dispatch(choice, info)
+            d = engines[choice.index]
+            r2 = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session,
+                     computed=job.prompt - 1, data=job)
+            if not d.add(r2, t):
+                record(job, d, None, "http_400")
+                session_next(job, t, failed=True)
+                return
+            kick(d, t)
+
+        def step_end(x, t: float) -> None:
+            if type(x) is Engine:
+                x.busy = False
+                for r in x.finish_step(t):
+                    on_done(x, r, t)
+                kick(x, t)
+            else:
+                for m in x.members:
+                    if m.busy:
+                        m.busy = False
+                        for r in m.finish_step(t):
+                            on_done(m, r, t)
+                x.busy = False
+                start_unit(x, t)
+
+        # interval lines
+        log_lines: list[str] = []
+        interval = self.log_interval
+        out = self.log_file if self.log_file is not None else sys.stdout
+        last = {"k": 0, "p": [0] * len(engines), "d": [0] * len(engines)}
+
+        def log_tick(t: float) -> None:
+            last["k"] += 1
+            p = [e.prompt_tokens for e in engines]
+            d = [e.gen_tokens for e in engines]
+            prompt = (sum(p) - sum(last["p"])) / interval
+            gen = (sum(d) - sum(last["d"])) / interval
+            last["p"], last["d"] = p, d
+            batches = " ".join(f"{e.key}_batch={len(e.running)}" for e in engines)
+            mems = ", ".join(f"{e.setup.weights_gb + e.used_blocks() * e.bs * e.kv_bytes_per_token / 1e9:.1f} GB"
+                             for e in engines)
+            line = (f"[INFO] step={last['k']} {batches} prompt_t={fmt_rate(prompt)} tok/s "
+                    f"decode_t={fmt_rate(gen)} tok/s npu_mem=[{mems}]")
+            log_lines.append(line)
+            print(line, file=out, flush=True)
+
+        if interval is not None and arrivals:
+            counter[0] += 1
+            push(heap, (t0 + interval, counter[0], _LOG, None))
+
+        # the loop
+        i, n = 0, len(arrivals)
+        now = t0
+        pop = heapq.heappop
+        INF = math.inf
+        seq_id = 0
+        while True:
+            ta = arrivals[i][0] if i < n else INF
+            if heap and heap[0][0] <= ta:
+                now, _, kind, x = pop(heap)
+                if kind == _STEP:
+                    step_end(x, now)
+                elif kind == _SUB:
+                    start_sub(x, now)
+                elif kind == _XFER:
+                    on_xfer(x[0], x[1], now)
+                else:
+                    log_tick(now)
+                    if i < n or len(heap) > 0 or any(e.has_work() for e in engines):
+                        counter[0] += 1
+                        push(heap, (now + interval, counter[0], _LOG, None))
+            elif i < n:
+                now = ta
+                it = arrivals[i][1]
+                i += 1
+                if isinstance(it, TraceSession):
+                    s = _Session(it.session_id, it.sub_requests)
+                    start_sub(s, now)
+                else:
+                    job = _Job(seq_id, now, it.input_toks, it.output_toks, ids=it.input_tok_ids)
+                    dispatch(job, now)
+                seq_id += 1
+            else:
+                break
+
+        stats = []
+        for e in engines:
+            stats.append({"instance_id": e.index, "key": e.key, "pd_type": e.setup.pd_type,
+                          "tp_size": e.setup.tp_size, "dp_group": e.setup.dp_group,
+                          "finished": e.finished, "rejected": e.rejected, "steps": e.steps,
+                          "busy_s": e.busy_time, "prompt_tokens": e.prompt_tokens, "gen_tokens": e.gen_tokens,
+                          "prefix_queries": e.prefix_queries, "prefix_hits": e.prefix_hits,
+                          "preemptions": e.preemptions, "num_blocks": e.num_blocks, "block_size": e.bs})
+        records.sort(key=lambda r: r.arrival_s)
+        return SimResult(records, stats, time.perf_counter() - wall0, now - t0, pname, log_lines)
+
+
+def simulate(config, trace, **kwargs) -> SimResult:
+    """``Simulator(config, **kwargs).run(trace)``; ``trace`` may be a path."""
+    if isinstance(trace, (str, bytes)) or hasattr(trace, "__fspath__"):
+        from ..traces import read_trace
+        trace = read_trace(trace)
+    return Simulator(config, **kwargs).run(trace)

@@ -1,0 +1,315 @@
+"""nbkit.sim: one engine's scheduler and KV blocks, the performance model, and the cluster
+simulator's routing, PD handoff, sessions and DP groups."""
+
+from __future__ import annotations
+
+import doctest
+import random
+from collections import Counter
+
+import pytest
+
+from nbkit.policies import Choice, RankLoad, RequestInfo, RoundRobinPolicy, get_policy
+from nbkit.sim import hardware as sim_hardware
+from nbkit.sim import perf as sim_perf
+from nbkit.sim.config import load_cluster_config, resolve_instances, single_instance_config
+from nbkit.sim.engine import DONE, Engine, Req
+from nbkit.sim.perf import StepModel
+from nbkit.sim.simulator import Simulator
+from nbkit.traces import SubRequest, TraceRequest, TraceSession
+
+
+def engine(model="tiny", hw="cpu", **extra) -> Engine:
+    return Engine(resolve_instances(single_instance_config(model, hw, **extra))[0])
+
+
+def drive(e: Engine, reqs: list[tuple[float, Req]], check: bool = True) -> list[Req]:
+    """Run ``e`` on requests arriving at given times; check the block accounting at every step."""
+    pending = sorted(reqs, key=lambda x: x[0])
+    t = 0.0
+    done: list[Req] = []
+    i = 0
+    while i < len(pending) or e.has_work():
+        while i < len(pending) and pending[i][0] <= t:
+            assert e.add(pending[i][1], t)
+            i += 1
+        dt = e.schedule(t)
+        if check:
+            e.check()
+        if dt is None:
+            assert i < len(pending), "engine stuck with work but nothing schedulable"
+            t = pending[i][0]
+            continue
+        assert dt > 0
+        t += dt
+        done += e.finish_step(t)
+        if check:
+            e.check()
+            assert e.free_blocks() <= e.num_blocks and e.used_blocks() >= 0
+    return done
+
+
+def random_reqs(n, seed=0, prompt=(10, 600), output=(1, 80), rate=50.0):
+    rng = random.Random(seed)
+    t = 0.0
+    out = []
+    for k in range(n):
+        t += rng.expovariate(rate)
+        out.append((t, Req(k, rng.randint(*prompt), rng.randint(*output))))
+    return out
+
+
+def test_every_request_finishes_and_blocks_return():
+    e = engine(block_size=16, max_num_seqs=32, max_num_batched_tokens=512)
+    reqs = random_reqs(200)
+    done = drive(e, reqs)
+    assert len(done) == 200 and all(r.state == DONE for r in done)
+    assert e.used_blocks() == 0 and e.free_blocks() == e.num_blocks
+    assert e.in_flight == 0 and e.pend_prefill == 0 and e.pending_decode() == 0
+    for r in done:
+        times = e.token_times(r)
+        assert len(times) == r.output                 # one time per generated token
+        assert times == sorted(times) and times[0] == r.first_token and times[-1] == r.finish_time
+        assert r.first_sched >= r.arrival
+
+
+def test_preemption_when_kv_is_tiny_and_everyone_finishes():
+    # 40 blocks of 16 tokens: a handful of requests fill it
+    e = engine(block_size=16, kv_cache_gb=40 * 16 * 1024 / 1e9, max_num_seqs=64)
+    assert e.num_blocks == 40
+    reqs = random_reqs(60, seed=1, prompt=(20, 200), output=(20, 150), rate=500.0)
+    done = drive(e, reqs)
+    assert len(done) == 60
+    assert e.preemptions > 0
+    assert sum(r.preemptions for r in done) == e.preemptions
+    assert e.used_blocks() == 0 and e.free_blocks() == 40
+    for r in done:
+        assert len(e.token_times(r)) == r.output
+
+
+def test_request_larger_than_kv_is_rejected():
+    e = engine(block_size=16, kv_cache_gb=10 * 16 * 1024 / 1e9)
+    assert not e.add(Req("big", 150, 20), 0.0)
+    assert e.rejected == 1 and not e.has_work()
+    assert e.add(Req("ok", 100, 50), 0.0)
+
+
+def test_prefix_cache_hits_reduce_prefill_work():
+    shared = tuple(range(1000, 1512))                  # 512 shared tokens = 32 blocks of 16
+
+    def reqs():
+        rng = random.Random(5)
+        return [(0.05 * k, Req(k, 600, 4, ids=shared + tuple(rng.randrange(500) for _ in range(88))))
+                for k in range(20)]
+
+    on = engine(block_size=16)
+    done_on = drive(on, reqs())
+    off = engine(block_size=16, enable_prefix_caching=False)
+    done_off = drive(off, reqs())
+    assert off.prefix_hits == 0 and off.prompt_tokens == 20 * 600
+    assert on.prefix_hits == 19 * 512                  # every request after the first reuses 32 blocks
+    assert on.prompt_tokens == 20 * 600 - 19 * 512
+    mean = lambda rs: sum(r.first_token - r.arrival for r in rs) / len(rs)  # noqa: E731
+    assert mean(done_on) < mean(done_off)
+    # cached blocks stay resident (evictable) after everyone is done
+    assert on.used_blocks() == 0 and len(on.evictable) > 0
+
+
+def test_cached_blocks_are_evicted_lru_when_needed():
+    e = engine(block_size=16, kv_cache_gb=64 * 16 * 1024 / 1e9)     # 64 blocks
+    a = tuple(range(0, 512))
+    drive(e, [(0.0, Req("a", 512, 2, ids=a))])
+    assert len(e.evictable) == 32
+    b = tuple(range(10_000, 10_960))                                 # 60 blocks: must evict
+    drive(e, [(1.0, Req("b", 960, 2, ids=b))])
+    assert e.used_blocks() == 0 and e.free_blocks() == 64
+    e.check()
+
+
+def test_tp2_halves_compute_and_adds_allreduce():
+    cfg1 = single_instance_config("meta-llama/Llama-3.1-8B", "RTXPRO6000", tp_size=1)
+    cfg2 = single_instance_config("meta-llama/Llama-3.1-8B", "RTXPRO6000", tp_size=2)
+    m1 = StepModel(resolve_instances(cfg1)[0])
+    m2 = StepModel(resolve_instances(cfg2)[0])
+    prefill = [(2048, 0)]
+    b1, b2 = m1.breakdown(prefill), m2.breakdown(prefill)
+    assert b1["bound"] == b2["bound"] == "compute"
+    assert b2["compute_s"] == pytest.approx(b1["compute_s"] / 2)
+    assert b1["allreduce_s"] == 0
+    # 2 all-reduces per layer over the cluster link (RTXPRO6000 has no NVLink): 16 GB/s, 20 us
+    per = 20e-6 + 2 * (2 - 1) / 2 * 2048 * 4096 * 2 / 16e9
+    assert b2["allreduce_s"] == pytest.approx(2 * 32 * per)
+    decode = [(1, 1000)] * 32
+    d1, d2 = m1.breakdown(decode), m2.breakdown(decode)
+    assert d1["bound"] == "memory" and d2["memory_s"] == pytest.approx(d1["memory_s"] / 2)
+    assert d2["step_s"] > d1["step_s"] / 2 and d2["allreduce_s"] > 0
+
+
+def test_step_time_grows_with_batch_and_context():
+    m = StepModel(resolve_instances(single_instance_config("meta-llama/Llama-3.1-8B", "H100"))[0])
+    assert m.batch_time([(1, 100)] * 8) < m.batch_time([(1, 100)] * 64) < m.batch_time([(1, 4000)] * 64)
+    assert m.batch_time([(512, 0)]) < m.batch_time([(4096, 0)])
+    assert m.batch_time([]) == pytest.approx(m.hw.step_overhead_s + m.m_const)
+
+
+# ------------------------------------------------------------------------------ the cluster
+
+
+def cfg_of(instances, link_latency=20000, link_bw=16):
+    return load_cluster_config({"num_nodes": 1, "link_bw": link_bw, "link_latency": link_latency,
+                                "nodes": [{"num_instances": len(instances), "instances": instances}]})
+
+
+def inst(model="meta-llama/Llama-3.1-8B", hw="H100", **kw):
+    h = sim_hardware.get_hardware(hw)
+    return {"model_name": model, "hardware": hw, "npu_mem": {"mem_size": h.mem_size_gb, "mem_bw": h.mem_bw_gbs},
+            "pd_type": None, "tp_size": 1, **kw}
+
+
+def trace(n, seed=0, gap_ns=20_000_000, ids=False):
+    rng = random.Random(seed)
+    out = []
+    for k in range(n):
+        p = rng.randint(50, 800)
+        tok = tuple(rng.randrange(50_000) for _ in range(p)) if ids else None
+        out.append(TraceRequest(p, rng.randint(5, 100), k * gap_ns, tok))
+    return out
+
+
+def test_policies_are_nbkit_policy_objects_and_custom_sees_rankloads():
+    seen = []
+
+    def pick_last(candidates, request):
+        seen.append((list(candidates), request))
+        return max(candidates, key=lambda c: c.index)
+
+    sim = Simulator(cfg_of([inst(), inst(), inst()]), policy=pick_last)
+    res = sim.run(trace(12))
+    assert type(sim.policy).__name__ == "CustomPolicy"
+    assert all(r.instance_id == 2 for r in res.records)
+    cands, req = seen[-1]
+    assert all(isinstance(c, RankLoad) and not c.stale for c in cands)
+    assert [c.key for c in cands] == ["inst0", "inst1", "inst2"] and [c.index for c in cands] == [0, 1, 2]
+    assert isinstance(req, RequestInfo) and req.prompt_tokens > 0 and req.max_tokens > 0
+    # the load it saw: requests in flight on inst2, none elsewhere
+    assert cands[2].in_flight >= 1 and cands[2].pending_decode_tokens > 0 and cands[0].in_flight == 0
+    assert res.records[0].policy == "custom:test_policies_are_nbkit_policy_objects_and_custom_sees_rankloads." \
+                                    "<locals>.pick_last"
+
+
+def test_round_robin_spreads_evenly():
+    sim = Simulator(cfg_of([inst() for _ in range(4)]), policy="RR")
+    assert isinstance(sim.policy, RoundRobinPolicy)
+    res = sim.run(trace(40))
+    assert Counter(r.instance_id for r in res.records) == {0: 10, 1: 10, 2: 10, 3: 10}
+    assert [r.instance_id for r in sorted(res.records, key=lambda r: int(r.request_id))][:5] == [0, 1, 2, 3, 0]
+
+
+def test_policy_instance_and_options_are_used():
+    pol = get_policy("least_load", seed=3, tokens_per_waiting=1.0)
+    sim = Simulator(cfg_of([inst(), inst()]), policy=pol)
+    assert sim.policy is pol
+    sim.run(trace(10))
+    sim2 = Simulator(cfg_of([inst(), inst()]), policy="power_of_two", policy_options={"kv_weight": 0.0})
+    assert sim2.policy.kv_weight == 0.0
+
+
+def test_prefix_affinity_gets_the_token_ids_as_prefix():
+    infos = []
+    pol = get_policy("prefix_affinity")
+    orig = pol.on_dispatch
+
+    def spy(choice: Choice, request: RequestInfo):
+        infos.append(request)
+        orig(choice, request)
+    pol.on_dispatch = spy
+    shared = tuple(range(300))
+    tr = [TraceRequest(400, 5, k * 50_000_000, shared + tuple(range(1000 + k * 100, 1100 + k * 100)))
+          for k in range(10)]
+    res = Simulator(cfg_of([inst(), inst()]), policy=pol).run(tr)
+    assert infos[0].prefix == " ".join(map(str, tr[0].input_tok_ids))
+    # the shared prefix keeps them together, and the prefix cache hits there
+    assert len({r.instance_id for r in res.records}) == 1
+    assert sum(i["prefix_hits"] for i in res.instances) >= 9 * 288
+
+
+def test_pd_handoff_adds_the_transfer_time():
+    def run(latency_ns):
+        cfg = cfg_of([inst(pd_type="prefill"), inst(pd_type="decode")], link_latency=latency_ns)
+        sim = Simulator(cfg, policy="LOAD")
+        res = sim.run([TraceRequest(1000, 10, 0)])
+        (r,) = res.records
+        return r, sim
+    fast, sim = run(0)
+    slow, _ = run(50_000_000)   # 50 ms more on the link
+    assert fast.outcome == slow.outcome == "ok" and fast.instance_id == 1 and fast.prefill_instance == 0
+    assert slow.ttft_s - fast.ttft_s == pytest.approx(0.050, abs=1e-9)
+    assert slow.e2e_s - fast.e2e_s == pytest.approx(0.050, abs=1e-9)
+    # TTFT = the prefill step + the KV transfer (bytes / 16 GB/s) + one decode step of the last
+    # prompt token over the 999 transferred ones
+    p, d = sim.engines
+    kv = 1000 * p.kv_bytes_per_token
+    assert p.steps == 1 and d.steps == 10
+    decode_step = d.model.step_time(1, 1, 1, 999 + 1, 999 + 1)
+    assert fast.ttft_s == pytest.approx(p.step_ends[0] + kv / 16e9 + decode_step, rel=1e-12)
+    assert p.used_blocks() == 0 and d.used_blocks() == 0 and len(fast.itl_s) == 9
+
+
+def test_sessions_chain_turns_and_hit_the_prefix_cache():
+    subs = tuple(SubRequest(200, 30, tool_duration_ns=100_000_000) for _ in range(3))
+    tr = [TraceSession(f"s{k}", k * 10_000_000, subs) for k in range(4)]
+    sim = Simulator(cfg_of([inst(), inst()]), policy="session")
+    res = sim.run(tr)
+    recs = {r.request_id: r for r in res.records}
+    assert len(recs) == 12
+    for k in range(4):
+        a, b = recs[f"s{k}/0"], recs[f"s{k}/1"]
+        assert b.arrival_s == pytest.approx(a.arrival_s + a.e2e_s + 0.1)
+        assert b.input_toks == 200 + 30 + 200 and recs[f"s{k}/2"].input_toks == 430 + 30 + 200
+        assert a.instance_id == b.instance_id == recs[f"s{k}/2"].instance_id     # sticky
+    assert sum(i["prefix_hits"] for i in res.instances) > 0
+    assert all(r.cached_tokens > 0 for r in res.records if not r.request_id.endswith("/0"))
+
+
+def test_dp_group_ranks_step_in_lockstep():
+    sim = Simulator(cfg_of([inst(dp_group="g"), inst(dp_group="g")]), policy="RR")
+    sim.run(trace(20, gap_ns=5_000_000))
+    a, b = sim.engines
+    common = set(a.step_ends) & set(b.step_ends)
+    assert len(common) >= 0.9 * min(len(a.step_ends), len(b.step_ends))
+
+
+def test_rejected_request_is_reported():
+    cfg = cfg_of([inst("tiny", "cpu", max_model_len=256)])
+    res = Simulator(cfg).run([TraceRequest(300, 10, 0), TraceRequest(100, 10, 0)])
+    outcomes = sorted(r.outcome for r in res.records)
+    assert outcomes == ["http_400", "ok"]
+
+
+def test_interval_lines_in_the_seed_format(capsys):
+    sim = Simulator(cfg_of([inst(), inst()]), log_interval=0.5)
+    res = sim.run(trace(50))
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines and lines == res.log_lines
+    import re
+    pat = re.compile(r"^\[INFO\] step=\d+ inst0_batch=\d+ inst1_batch=\d+ prompt_t=[\d.]+k? tok/s "
+                     r"decode_t=[\d.]+k? tok/s npu_mem=\[\d+\.\d GB, \d+\.\d GB\]$")
+    assert all(pat.match(x) for x in lines), lines[:3]
+
+
+def test_summary_figures():
+    res = Simulator(cfg_of([inst(), inst()])).run(trace(30))
+    s = res.summary()
+    assert s["ok"] == 30 and s["failed"] == 0
+    for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
+        st = s[k]
+        assert 0 < st["median"] <= st["p90"] <= st["p99"]
+    assert s["output_throughput"] == pytest.approx(s["output_tokens"] / s["duration_s"])
+    text = res.format_summary()
+    assert "Mean TTFT (ms):" in text and "P99 E2E (ms):" in text and "Per instance: inst0" in text
+
+
+def test_module_doctests():
+    for mod in (sim_perf, sim_hardware):
+        res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+        assert res.failed == 0, mod.__name__

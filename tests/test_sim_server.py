@@ -1,0 +1,178 @@
+"""nbkit.sim.server: a live simulated replica answers OpenAI-style requests (streamed chat with
+usage), paced by the engine, and serves vLLM-named /metrics that nbkit's parser reads."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import free_port
+from nbkit.metrics import parse_metrics
+
+
+def start(port: int, *extra: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, "-m", "nbkit.sim.server", "--host", "127.0.0.1", "--port", str(port),
+                          "--model", "tiny", "--model-spec", "tiny", "--hardware", "cpu",
+                          "--parent-pid", str(os.getpid()), *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if p.poll() is not None:
+            raise AssertionError(f"server exited: {p.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return p
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    p.kill()
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port(18760)
+    p = start(port, "--max-num-seqs", "8", "--enforce-eager")   # a vLLM flag: accepted, ignored
+    yield f"http://127.0.0.1:{port}"
+    p.terminate()
+    try:
+        p.wait(10)
+    except subprocess.TimeoutExpired:
+        p.kill()
+
+
+def sse_events(lines):
+    out = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: "):]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+def test_models_and_health(server):
+    m = httpx.get(f"{server}/v1/models").json()
+    assert m["data"][0]["id"] == "tiny" and m["data"][0]["max_model_len"] == 4096
+
+
+def test_streamed_chat_with_usage(server):
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "The scheduler routes the batch quickly."}],
+            "max_tokens": 12, "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    arrivals = []
+    with httpx.stream("POST", f"{server}/v1/chat/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        lines = []
+        for line in r.iter_lines():
+            lines.append(line)
+            if line.startswith("data: {"):
+                arrivals.append(time.perf_counter() - t0)
+    events = sse_events(lines)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    content = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"] and
+               c["choices"][0]["delta"].get("content")]
+    assert len(content) == 12
+    finals = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finals) == 1 and finals[0]["choices"][0]["finish_reason"] == "length"
+    usage = chunks[-1]["usage"]
+    assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 12
+    assert usage["prompt_tokens"] > 5 and usage["total_tokens"] == usage["prompt_tokens"] + 12
+    # paced by the cpu profile: ~8-9 ms per decode step at batch 1, so 12 tokens take > 50 ms
+    assert arrivals[-1] - arrivals[1] > 0.05
+
+
+def test_completion_not_streamed(server):
+    r = httpx.post(f"{server}/v1/completions", json={"model": "tiny", "prompt": "hello world", "max_tokens": 5},
+                   timeout=30)
+    assert r.status_code == 200
+    d = r.json()
+    assert d["usage"]["completion_tokens"] == 5 and d["choices"][0]["finish_reason"] == "length"
+    assert d["choices"][0]["text"].strip()
+
+
+def test_too_long_is_a_400(server):
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 100_000}, timeout=10)
+    assert r.status_code == 400 and "maximum context length" in r.json()["message"]
+    r = httpx.post(f"{server}/v1/completions", content=b"{nope", timeout=10)
+    assert r.status_code == 400
+
+
+def test_tokenize(server):
+    d = httpx.post(f"{server}/tokenize", json={"prompt": "hello world"}).json()
+    assert d["count"] == len(d["tokens"]) > 0
+
+
+def test_metrics_parse_and_count(server):
+    import concurrent.futures as cf
+
+    def one(i):
+        return httpx.post(f"{server}/v1/completions",
+                          json={"prompt": "the same long prefix " * 40 + str(i), "max_tokens": 40}, timeout=60)
+
+    before = parse_metrics(httpx.get(f"{server}/metrics").text)["0"]
+    max_running = max_queued = 0.0
+    with cf.ThreadPoolExecutor(12) as ex:
+        futs = [ex.submit(one, i) for i in range(12)]
+        while not all(f.done() for f in futs):
+            mid = parse_metrics(httpx.get(f"{server}/metrics").text)["0"]
+            max_running = max(max_running, mid.running)
+            max_queued = max(max_queued, mid.running + mid.waiting)
+            time.sleep(0.02)
+        assert all(f.result().status_code == 200 for f in futs)
+    text = httpx.get(f"{server}/metrics").text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+                 "vllm:prompt_tokens", "vllm:generation_tokens", "vllm:prefix_cache_queries",
+                 "vllm:prefix_cache_hits", "vllm:time_to_first_token_seconds"):
+        assert name in fams, name
+    s = fams["vllm:num_requests_running"].samples[0]
+    assert s.labels == {"engine": "0", "model_name": "tiny"}
+    after = parse_metrics(text)["0"]
+    # max_num_seqs 8: at most 8 run, the rest wait
+    assert max_running == 8 and max_queued >= 9
+    assert after.generation_tokens - before.generation_tokens == 12 * 40
+    assert after.requests_finished - before.requests_finished == 12
+    assert after.prefix_cache_hits > before.prefix_cache_hits           # the shared prefix was cached
+    assert after.running == 0 and after.waiting == 0
+
+
+def test_data_parallel_engines_by_header():
+    port = free_port(18790)
+    p = start(port, "serve", "tiny", "--data-parallel-size", "2", "--speed", "5")
+    try:
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(3):
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 3},
+                           headers={"X-data-parallel-rank": "1"}, timeout=30)
+            assert r.status_code == 200
+        m = parse_metrics(httpx.get(f"{url}/metrics").text)
+        assert set(m) == {"0", "1"}
+        assert m["1"].requests_finished == 3 and m["0"].requests_finished == 0
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi"}, headers={"X-data-parallel-rank": "5"})
+        assert r.status_code == 400
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
+def test_many_replicas_in_one_process():
+    port = free_port(18820)
+    p = start(port, "--replicas", "3", "--speed", "5")
+    try:
+        for k in range(3):
+            url = f"http://127.0.0.1:{port + k}"
+            r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "max_tokens": 2}, timeout=30)
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
+            # each replica has its own engine and metrics
+            assert parse_metrics(httpx.get(f"{url}/metrics").text)["0"].requests_finished == 1
+    finally:
+        p.terminate()
+        p.wait(10)
