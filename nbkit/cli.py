@@ -1,8 +1,11 @@
-"""``nbkit`` command line: ``tiny-model``, ``serve``, ``demo``.
+"""``nbkit`` command line: ``tiny-model``, ``serve``, ``demo``, ``bench``, ``sim``.
 
     nbkit tiny-model ~/models/tiny
     nbkit serve ~/models/tiny --num-instances 2 --port-start 8100 -- --max-num-seqs 64
     nbkit demo --requests 300
+    nbkit bench --url http://127.0.0.1:8000 --workload shared-prefix --request-rate 6 --output results.csv
+    nbkit sim --cluster-config cluster.json --dataset trace.jsonl --output out.csv --request-routing-policy LOAD
+    nbkit sim calibrate --csv real.csv --cluster-config cpu.json --output fitted.json
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--concurrency", type=int, default=32)
     d.add_argument("--max-tokens", type=int, default=32)
     d.add_argument("--model", default=None)
+
+    from .bench.cli import add_parser as add_bench_parser
+    add_bench_parser(sub)
+    sub.add_parser("sim", add_help=False, help="the simulator: run | calibrate | calibration-trace | serve "
+                                               "(`nbkit sim --help`; same as python -m nbkit.sim)")
     return ap
 
 
@@ -95,6 +103,8 @@ def _serve(args, passthrough: list[str]) -> int:
             endpoint = cluster.endpoint(port=args.port, host=args.host, policy=policy)
             print(f"nbkit: endpoint {endpoint.url} (OpenAI-compatible, policy {policy}) over {n} instances",
                   flush=True)
+        import gc
+        gc.freeze()  # this process now mostly forwards: keep the long-lived objects out of GC scans
         while not stop.wait(1.0):
             dead = [st.name for st in cluster.status(probe=False) if st.state == "failed"]
             if dead:
@@ -114,6 +124,9 @@ def _serve(args, passthrough: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "sim":  # the simulator parses its own command line
+        from .sim.__main__ import main as sim_main
+        return sim_main(argv[1:])
     own, passthrough = _split_passthrough(argv)
     args = build_parser().parse_args(own)
     from .plan import SpecError
@@ -130,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             run_demo(n=args.instances, requests=args.requests, concurrency=args.concurrency,
                      max_tokens=args.max_tokens, model=args.model)
             return 0
+        if args.cmd == "bench":
+            from .bench.cli import main as bench_main
+            return bench_main(args)
     except (SpecError, ValueError, ReplicaStartError) as e:
         print(f"nbkit: error: {e}", file=sys.stderr)
         return 2

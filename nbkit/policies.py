@@ -49,9 +49,10 @@ Cache affinity without a cliff
 (default 64), chain-hashes them with BLAKE2b, and remembers, per rank, the block hashes of the
 requests it dispatched there (an LRU of at most ``max_blocks_per_rank`` = 4096 hashes). For each
 candidate it takes ``cost = load_score - affinity_weight * matched_chars / chars_per_token``
-where ``matched_chars`` covers the leading blocks found in that rank's index, and picks the
-lowest cost. A rank holding the prefix wins until its extra load exceeds the tokens it would not
-have to prefill, then loses; there is no threshold.
+where ``matched_chars`` covers the leading blocks found in that rank's index (``affinity_weight``
+default 2), and picks the lowest cost; the router then charges the rank only the uncached part of
+the prompt. A rank holding the prefix wins until its extra load exceeds twice the tokens it would
+not have to prefill, then loses; there is no threshold.
 
 Your own policy
 ---------------
@@ -132,11 +133,16 @@ class RequestInfo:
 
 @dataclass(frozen=True)
 class Choice:
-    """A policy's decision: the chosen ``RankLoad.index``, its key, and why."""
+    """A policy's decision: the chosen ``RankLoad.index``, its key, and why.
+
+    ``cached_tokens``: how many of the prompt's tokens the policy expects the rank to have in its
+    prefix cache; the router counts only the rest as pending prefill work on that rank.
+    """
 
     index: int
     key: str
     reason: str
+    cached_tokens: float = 0.0
 
 
 class NoCandidateError(RuntimeError):
@@ -410,6 +416,16 @@ class PowerOfTwoPolicy(_LoadAware):
 class PrefixAffinityPolicy(_LoadAware):
     """Cache-aware: ``cost = load_score - affinity_weight * cached_tokens``; lowest cost wins.
 
+    The choice carries ``cached_tokens``, so the router charges the rank only the uncached part of
+    the prompt as pending prefill: requests queued behind a shared prefix do not make its rank
+    look busier than the prefill work they will really cause.
+
+    ``affinity_weight`` (default 2): a cached token is worth more than the prefill it saves, since
+    a prefix kept on one rank also keeps the other ranks' KV caches free for other prefixes
+    (held on every rank, a set of long prefixes can overflow all caches at once). At 2, a request
+    whose first sibling is still prefilling stays with it rather than duplicating the prefix on
+    an idle rank; a rank keeps a prefix until its extra queued work exceeds twice the prefix.
+
     ``cached_tokens`` is the length, in characters divided by ``chars_per_token``, of the leading
     full ``block_chars`` blocks of ``request.prefix`` that this policy has dispatched to the rank
     before (a per-rank LRU of at most ``max_blocks_per_rank`` chained BLAKE2b block hashes,
@@ -419,7 +435,7 @@ class PrefixAffinityPolicy(_LoadAware):
 
     defaults: ClassVar[dict[str, Any]] = {
         **_LoadAware.defaults, "block_chars": 64, "max_blocks_per_rank": 4096,
-        "chars_per_token": 4.0, "affinity_weight": 1.0}
+        "chars_per_token": 4.0, "affinity_weight": 2.0}
 
     def __init__(self, seed: int | None = None, **options: Any):
         super().__init__(seed, **options)
@@ -481,7 +497,8 @@ class PrefixAffinityPolicy(_LoadAware):
             head = f"{m} blocks (~{_fmt(self.cached_tokens(m))} tokens) cached on {pick.key}"
         else:
             head = f"no cached blocks on {pick.key}"
-        return Choice(pick.index, pick.key, f"prefix_affinity: {head}, load {load}{vs}")
+        return Choice(pick.index, pick.key, f"prefix_affinity: {head}, load {load}{vs}",
+                      cached_tokens=min(self.cached_tokens(m), float(request.prompt_tokens)))
 
     def on_dispatch(self, choice, request):
         hashes = self.block_hashes(request.prefix)

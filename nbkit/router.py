@@ -99,6 +99,11 @@ class RankState:
         )
 
 
+def _uncached(info: RequestInfo, choice: Choice) -> int:
+    """Prompt tokens the rank will really have to prefill (the policy's cache estimate aside)."""
+    return max(0, int(info.prompt_tokens - choice.cached_tokens))
+
+
 class Lease:
     """A request's hold on a rank. Update it as the response arrives; release it exactly once."""
 
@@ -106,7 +111,7 @@ class Lease:
         self.router, self.state, self.choice, self.info, self.record = router, state, choice, info, record
         self._t0 = time.perf_counter()
         self._last = None
-        self._prefill = info.prompt_tokens
+        self._prefill = _uncached(info, choice)
         self._decode = info.max_tokens
         self.released = False
 
@@ -269,7 +274,7 @@ class Router:
 
     def _grant(self, s: RankState, choice: Choice, info: RequestInfo, record: RequestRecord) -> Lease:
         s.in_flight += 1
-        s.pending_prefill_tokens += info.prompt_tokens
+        s.pending_prefill_tokens += _uncached(info, choice)
         s.pending_decode_tokens += info.max_tokens
         s.picks += 1
         record.rank, record.replica, record.dp_rank = s.key, s.rank.replica, s.rank.dp_rank

@@ -49,3 +49,13 @@ def test_tiny_model_command_builds_once(tmp_path):
     mtime = (target / "config.json").stat().st_mtime
     r = subprocess.run([sys.executable, "-m", "nbkit", "tiny-model", str(target)], capture_output=True, text=True)
     assert r.returncode == 0 and (target / "config.json").stat().st_mtime == mtime  # reused, not rebuilt
+
+
+def test_sim_subcommand_reaches_the_simulator(tmp_path, capsys):
+    from nbkit.cli import main
+    from nbkit.traces import read_trace
+    out = tmp_path / "calib.jsonl"
+    assert main(["sim", "calibration-trace", "--output", str(out), "--bursts", "1,2", "--repeats", "1"]) == 0
+    assert len(read_trace(out)) == 3
+    assert main(["sim", "--cluster-config", str(tmp_path / "missing.json"), "--dataset", str(out)]) == 2
+    assert "missing.json" in capsys.readouterr().err

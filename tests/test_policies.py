@@ -322,12 +322,12 @@ def test_prefix_affinity_follows_cached_prefix_when_loads_equal():
 def test_prefix_affinity_loses_to_load_beyond_cached_benefit():
     p = get_policy("prefix_affinity", seed=0)
     p.on_dispatch(Choice(1, "replica1", "test"), RequestInfo(prefix=_prefixed("q", 3200)))
-    cached = 3200 / 4                                   # 800 tokens
+    benefit = 2.0 * 3200 / 4                            # default affinity_weight 2 x 800 cached tokens
     cands = ranks(2)
-    cands[1].pending_prefill_tokens = int(cached + 300)      # clearly more than the benefit
+    cands[1].pending_prefill_tokens = int(benefit + 300)     # clearly more than the benefit
     req = RequestInfo(prefix=_prefixed("another question", 3200))
     assert all(p.select(cands, req).key == "replica0" for _ in range(20))
-    cands[1].pending_prefill_tokens = int(cached - 300)
+    cands[1].pending_prefill_tokens = int(benefit - 300)
     assert all(p.select(cands, req).key == "replica1" for _ in range(20))
 
 
@@ -335,7 +335,7 @@ def test_prefix_affinity_loses_to_load_beyond_cached_benefit():
 def test_prefix_affinity_crossover_at_cached_tokens_no_cliff(prefix_chars):
     p = get_policy("prefix_affinity", seed=0)
     p.on_dispatch(Choice(1, "replica1", "test"), RequestInfo(prefix=_prefixed("q", prefix_chars)))
-    cached = prefix_chars / 4
+    cached = 2.0 * prefix_chars / 4                       # the benefit: affinity_weight 2 x cached tokens
     req = RequestInfo(prefix=_prefixed("next question", prefix_chars))
     cands = ranks(2)
     cands[0].pending_decode_tokens = 200                    # the other rank is not idle

@@ -1403,3 +1403,27 @@ def test_routed_client_cancelled_stream_raises_cancelled_error_when_close_is_slo
 
     run(main())
     assert [r.outcome for r in c.records] == ["cancelled"]
+
+
+def test_prefix_affinity_charges_only_the_uncached_prompt_so_a_shared_prefix_stays_put():
+    """Requests queued behind one long shared prefix must not make its rank look busy with the
+    whole prompt each: they would spill to the other rank and miss the cache there."""
+    router = Router(ranks(2), "prefix_affinity", seed=0)
+    system = "You are a careful assistant. " * 100          # ~2900 chars, ~725 tokens by estimate
+    leases = []
+
+    async def main():
+        for k in range(6):
+            info = request_info({"prompt": system + f"question {k}?", "max_tokens": 16})
+            leases.append(await router.acquire(info))
+        picks = {l.rank.name for l in leases}
+        first = leases[0]
+        # the first request had nothing cached: its whole prompt counts; the others only their tails
+        assert first.state.pending_prefill_tokens < 2 * info.prompt_tokens
+        for l in leases:
+            l.release()
+        return picks
+
+    picks = run(main())
+    assert len(picks) == 1, picks
+    assert all(s.pending_prefill_tokens == 0 and s.in_flight == 0 for s in router.states)

@@ -1,0 +1,122 @@
+"""How well does the simulator predict a real vLLM-CPU replica? Calibrate on one real run, then
+predict a different trace and compare with a real run of it.
+
+    .venv/bin/python benchmarks/sim_fidelity.py [--quick] [--out benchmarks/results/sim_fidelity.json]
+
+Steps (one real replica of the tiny model, pinned to core 0; the load generator is this process):
+  1. calibration trace: bursts of 1, 4, 16, 64 requests (twice each, shuffled, drained between),
+     prompts 16-512 tokens, outputs 8-64 (nbkit.sim.calibrate.calibration_trace)
+  2. real run of it through nbkit.bench (trace timestamps) -> per-request CSV
+  3. nbkit.sim.calibrate on that CSV -> a fitted "cpu" profile (saved next to the results)
+  4. a different trace: Poisson arrivals at --rate req/s, prompts 64-1024, outputs 16-128
+  5. real run of it, and simulations of it with the shipped and the fitted profile
+Prints mean TTFT, mean TPOT and output token throughput, real vs simulated, and the errors
+(goal: each within 10 % after calibration). Takes about 6-8 minutes (--quick: about 3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from nbkit import Cluster, bench  # noqa: E402
+from nbkit.sim import Simulator, calibrate  # noqa: E402
+from nbkit.sim.calibrate import calibration_trace, compare  # noqa: E402
+from nbkit.sim.config import single_instance_config  # noqa: E402
+from nbkit.sim.hardware import get_hardware  # noqa: E402
+from nbkit.sim.report import read_csv  # noqa: E402
+from nbkit.traces import TraceRequest, read_trace, write_trace  # noqa: E402
+
+
+def poisson_trace(n: int, rate: float, prompt: tuple[int, int], output: tuple[int, int], seed: int) -> list:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(t * 1e9)))
+        t += rng.expovariate(rate)
+    return out
+
+
+def real_run(cluster, trace_path: Path, csv_path: Path, label: str):
+    w = bench.from_trace(trace_path)
+    t = time.perf_counter()
+    res = bench.run(cluster, w, policy="round_robin", label=label, output=str(csv_path), progress=False)
+    s = res.summary().iloc[0]
+    print(f"[{label}] {s['completed']} ok / {s['failed']} failed in {time.perf_counter() - t:.0f} s", flush=True)
+    return read_csv(csv_path)
+
+
+def fmt(c: dict) -> list[str]:
+    rows = []
+    for k, label, scale in (("mean_ttft_s", "mean TTFT ms", 1e3), ("mean_tpot_s", "mean TPOT ms", 1e3),
+                            ("throughput_tok_s", "output tok/s", 1.0)):
+        rows.append(f"  {label:<14}{c['real'][k] * scale:>10.2f}{c['sim'][k] * scale:>10.2f}"
+                    f"{c['rel_err'][k] * 100:>+9.1f}%")
+    return rows
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smaller traces (about 3 minutes)")
+    ap.add_argument("--rate", type=float, default=3.0, help="Poisson rate of the validation trace (req/s)")
+    ap.add_argument("--out", type=Path, default=HERE / "results" / "sim_fidelity.json")
+    args = ap.parse_args(argv)
+
+    work = Path(tempfile.mkdtemp(prefix="nbkit-fidelity-"))
+    bursts = (1, 4, 16, 32) if args.quick else (1, 4, 16, 64)
+    calib = calibration_trace(bursts=bursts, repeats=2, gap_s=8.0 if args.quick else 12.0, seed=1)
+    valid = poisson_trace(60 if args.quick else 150, args.rate, (64, 1024), (16, 128), seed=2)
+    write_trace(work / "calib.jsonl", calib)
+    write_trace(work / "valid.jsonl", valid)
+    config = single_instance_config("tiny", "cpu", n=1)
+
+    t0 = time.time()
+    cluster = Cluster.replicas(n=1, cores=(0,), max_model_len=4096, run_dir=work / "run")
+    with cluster:
+        print(f"replica up: {cluster.status(probe=False)[0].pinning}", flush=True)
+        real_calib = real_run(cluster, work / "calib.jsonl", work / "calib.csv", "calibration")
+        real_valid = real_run(cluster, work / "valid.jsonl", work / "valid.csv", "validation")
+
+    fit = calibrate(real_calib, config, policy="round_robin")
+    print(fit.report(), flush=True)
+    fit.save(work / "cpu-fitted.json")
+    shipped = Simulator(config, policy="round_robin").run(read_trace(work / "valid.jsonl"))
+    fitted = Simulator(config, policy="round_robin", hardware={"cpu": fit.profile}).run(read_trace(work / "valid.jsonl"))
+    before, after = compare(real_valid, shipped.records), compare(real_valid, fitted.records)
+
+    lines = [f"validation trace: {len(valid)} requests, Poisson {args.rate:g} req/s, prompts 64-1024, outputs 16-128",
+             f"  {'':<14}{'real':>10}{'sim':>10}{'error':>10}", "shipped cpu profile:", *fmt(before),
+             "calibrated profile:", *fmt(after)]
+    worst = max(abs(v) for v in after["rel_err"].values())
+    lines.append(f"goal: each within 10 % after calibration: {'PASS' if worst <= 0.10 else 'FAIL'} "
+                 f"(worst {worst * 100:.1f} %)")
+    print("\n".join(lines), flush=True)
+
+    out = {"benchmark": "sim_fidelity", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+           "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                       "loadavg": list(os.getloadavg())},
+           "quick": args.quick, "elapsed_s": time.time() - t0,
+           "calibration": {"trace": f"bursts {list(bursts)} x2", "requests": len(calib),
+                           "start": fit.start, "fitted": fit.fitted, "method": fit.method,
+                           "fit_errors": fit.after.get("rel_err")},
+           "validation": {"requests": len(valid), "rate": args.rate, "shipped": before, "calibrated": after},
+           "shipped_profile": get_hardware("cpu").name, "goal_met": worst <= 0.10, "table": lines}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1, default=str))
+    fit.save(args.out.with_name("cpu_profile_fitted.json"))
+    print(f"wrote {args.out} and {args.out.with_name('cpu_profile_fitted.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
