@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import platform
-import random
 import sys
 import tempfile
 import time
@@ -35,16 +34,7 @@ from nbkit.sim.calibrate import calibration_trace, compare  # noqa: E402
 from nbkit.sim.config import single_instance_config  # noqa: E402
 from nbkit.sim.hardware import get_hardware  # noqa: E402
 from nbkit.sim.report import read_csv  # noqa: E402
-from nbkit.traces import TraceRequest, read_trace, write_trace  # noqa: E402
-
-
-def poisson_trace(n: int, rate: float, prompt: tuple[int, int], output: tuple[int, int], seed: int) -> list:
-    rng = random.Random(seed)
-    t, out = 0.0, []
-    for _ in range(n):
-        out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(t * 1e9)))
-        t += rng.expovariate(rate)
-    return out
+from nbkit.traces import poisson_trace, read_trace, write_trace  # noqa: E402
 
 
 def real_run(cluster, trace_path: Path, csv_path: Path, label: str):

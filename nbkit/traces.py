@@ -25,7 +25,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-__all__ = ["TraceRequest", "SubRequest", "TraceSession", "TraceError", "read_trace", "write_trace", "parse_line"]
+__all__ = ["TraceRequest", "SubRequest", "TraceSession", "TraceError", "read_trace", "write_trace", "parse_line",
+           "poisson_trace"]
 
 
 class TraceError(ValueError):
@@ -145,3 +146,27 @@ def write_trace(path: str | os.PathLike, items: Iterable[TraceRequest | TraceSes
     with open(path, "w", encoding="utf-8") as f:
         for item in items:
             f.write(json.dumps(_to_json(item), separators=(",", ":")) + "\n")
+
+
+def poisson_trace(n: int, rate: float, input_toks: tuple[int, int] = (128, 1024),
+                  output_toks: tuple[int, int] = (32, 256), *, seed: int = 0) -> list[TraceRequest]:
+    """``n`` requests with Poisson arrivals at ``rate`` per second (the first at 0), prompt and
+    output lengths uniform in the inclusive ranges; the same ``seed`` gives the same trace.
+
+        >>> t = poisson_trace(1000, rate=10.0, seed=1)
+        >>> round(t[-1].arrival_time_ns / 1e9 / 999, 1)          # mean gap ~ 1/rate
+        0.1
+    """
+    import random
+
+    if n < 0 or rate <= 0:
+        raise ValueError(f"n={n!r}, rate={rate!r}: need n >= 0 and rate > 0")
+    for name, (lo, hi) in (("input_toks", input_toks), ("output_toks", output_toks)):
+        if not 1 <= lo <= hi:
+            raise ValueError(f"{name}={(lo, hi)!r}: need 1 <= low <= high")
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(n):
+        out.append(TraceRequest(rng.randint(*input_toks), rng.randint(*output_toks), int(t * 1e9)))
+        t += rng.expovariate(rate)
+    return out

@@ -47,3 +47,15 @@ def test_errors_name_line_and_field(tmp_path, line, needle):
         read_trace(p)
     assert needle in str(e.value)
     assert "bad.jsonl:1" in str(e.value)
+
+
+def test_poisson_trace_rate_lengths_and_seed():
+    from nbkit.traces import poisson_trace
+    t = poisson_trace(4000, rate=20.0, input_toks=(10, 20), output_toks=(1, 3), seed=5)
+    gaps = [(b.arrival_time_ns - a.arrival_time_ns) / 1e9 for a, b in zip(t, t[1:])]
+    assert t[0].arrival_time_ns == 0 and all(g >= 0 for g in gaps)
+    assert abs(sum(gaps) / len(gaps) - 1 / 20.0) < 0.005
+    assert {r.input_toks for r in t} == set(range(10, 21)) and {r.output_toks for r in t} == {1, 2, 3}
+    assert poisson_trace(50, 3.0, seed=1) == poisson_trace(50, 3.0, seed=1) != poisson_trace(50, 3.0, seed=2)
+    with pytest.raises(ValueError, match="input_toks"):
+        poisson_trace(5, 1.0, input_toks=(0, 4))
