@@ -142,14 +142,14 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
             return False
         return duration_s is None or time.perf_counter() - t0 < duration_s
 
-    async def request(call: Call, session_id: str, turn: int) -> Reply | None:
+    async def request(call: Call, session_id: str, turn: int, group: int | None = None) -> Reply | None:
         if sem is not None:
             await sem.acquire()
         try:
             if not may_send():
                 return None
             row = RequestResult(request_id=state["sent"], policy=target.policy, input_toks=call.input_toks,
-                                session_id=session_id, turn=turn)
+                                session_id=session_id, turn=turn, group=group)
             state["sent"] += 1
             state["in_flight"] += 1
             state["peak"] = max(state["peak"], state["in_flight"])
@@ -179,7 +179,7 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
         if isinstance(it, Prompt):
             await request(Call(prompt=it.text, messages=None if target.api != "chat" else
                                [{"role": "user", "content": it.text}], max_tokens=it.output_toks,
-                               input_toks=it.input_toks), "", 0)
+                               input_toks=it.input_toks), "", 0, it.group)
             return
         history = ""
         messages: list[dict] = []

@@ -63,6 +63,7 @@ class RequestResult:
     error: str = ""
     session_id: str = ""
     turn: int = 0
+    group: int | None = None       # the workload item's group (shared_prefix: which system prompt)
 
     @property
     def tpot_s(self) -> float | None:
@@ -87,12 +88,13 @@ def tpot(e2e_s: float | None, ttft_s: float | None, output_toks: int) -> float |
 
 # -- frames and CSV ---------------------------------------------------------------------------------
 def to_frame(rows: Iterable[RequestResult], time_unit: str = "s", extra: bool = True):
-    """Requests as a DataFrame: the CSV columns (and ``error``, ``session_id``, ``turn`` when ``extra``)."""
+    """Requests as a DataFrame: the CSV columns (and ``error``, ``session_id``, ``turn``, ``group`` when
+    ``extra``)."""
     import pandas as pd
 
     _check_unit(time_unit)
     recs = [r.row() for r in rows]
-    cols = list(CSV_COLUMNS) + (["error", "session_id", "turn"] if extra else [])
+    cols = list(CSV_COLUMNS) + (["error", "session_id", "turn", "group"] if extra else [])
     df = pd.DataFrame(recs, columns=cols)
     for c in ("ttft_s", "tpot_s", "e2e_s", "queue_wait_s", "arrival_s"):
         df[c] = pd.to_numeric(df[c], errors="coerce").astype(float)
