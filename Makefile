@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.nbkit-installed
 PYTEST  := $(BIN)/python -m pytest
 NB_TIMEOUT ?= 1200
 
-.PHONY: venv model chromium demo test test-fast test-vllm test-notebooks bench clean
+.PHONY: venv model chromium demo test test-fast test-vllm test-notebooks bench bench-venv clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -43,8 +43,20 @@ test-notebooks: model
 test: model chromium
 	$(PYTEST) --timeout=1800 --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
 
-bench: model
+# Benchmarks print figures and write benchmarks/results/ (not part of `make test`).
+bench: model bench-venv
 	$(BIN)/python benchmarks/lifecycle.py
+	$(BIN)/python benchmarks/router_overhead.py --gen-client aiohttp --max-seconds 560
+	$(BIN)/python benchmarks/sim_speed.py
+	$(BIN)/python benchmarks/sim_fidelity.py
+	$(BIN)/python benchmarks/compare_routers.py
+
+# The peer routers, in their own venv so they cannot disturb the project's
+bench-venv: .bench-venv/.installed
+.bench-venv/.installed:
+	test -x .bench-venv/bin/python || $(PY) -m venv .bench-venv
+	.bench-venv/bin/pip install -q sglang-router==0.3.2 vllm-router==0.1.17
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache
