@@ -159,6 +159,24 @@ def test_calibrate_recovers_known_factors(tmp_path, unit):
     assert fit.profile.mem_eff == get_hardware("cpu").mem_eff      # not fitted, not moved
 
 
+def test_calibrate_recovers_the_request_overhead_and_the_fixed_costs(tmp_path):
+    true = dict(compute_eff=0.35, step_overhead_s=0.003, seq_overhead_s=0.0004, request_overhead_s=0.009)
+    cfg = single_instance_config("tiny", "cpu", max_num_seqs=128)
+    items = calibration_trace((1, 4, 16, 64), repeats=2, gap_s=20.0, seed=1)
+    res = Simulator(cfg, hardware={"cpu": get_hardware("cpu").replace(**true)}, policy="RR").run(items)
+    path = tmp_path / "real.csv"
+    res.write_csv(path)
+    # from the old, far-off starting point: overheads 4x too big, no request overhead
+    start = get_hardware("cpu").replace(compute_eff=0.5, step_overhead_s=0.008, seq_overhead_s=0.0008,
+                                        request_overhead_s=0.0)
+    fit = calibrate(read_csv(path), cfg, start=start, policy="RR",
+                    params=("compute_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s"))
+    for k, v in true.items():
+        assert fit.fitted[k] == pytest.approx(v, rel=0.05), (k, fit.report())
+    for k in ("mean_ttft_s", "mean_tpot_s", "throughput_tok_s"):
+        assert abs(fit.after["rel_err"][k]) < 0.01
+
+
 def test_calibrate_cli_saves_a_profile_the_run_uses(tmp_path, capsys):
     cfg, path = _real_run(tmp_path, "ns")
     cfg_path = tmp_path / "cpu.json"

@@ -279,6 +279,20 @@ def test_dp_group_ranks_step_in_lockstep():
     assert len(common) >= 0.9 * min(len(a.step_ends), len(b.step_ends))
 
 
+def test_request_overhead_shifts_ttft_and_e2e_once():
+    cfg = single_instance_config("tiny", "cpu")
+    base = sim_hardware.get_hardware("cpu")
+    items = [TraceRequest(200 + 37 * k, 8 + k, int(k * 0.15e9)) for k in range(12)]
+    runs = {o: Simulator(cfg, policy="RR", hardware={"cpu": base.replace(request_overhead_s=o)}).run(items)
+            for o in (0.0, 0.02)}
+    a, b = runs[0.0].records, runs[0.02].records
+    for x, y in zip(a, b):
+        assert y.ttft_s == pytest.approx(x.ttft_s + 0.02)
+        assert y.e2e_s == pytest.approx(x.e2e_s + 0.02)
+        assert y.tpot_s == pytest.approx(x.tpot_s)
+    assert "request_overhead_s" in sim_hardware.FITTABLE
+
+
 def test_rejected_request_is_reported():
     cfg = cfg_of([inst("tiny", "cpu", max_model_len=256)])
     res = Simulator(cfg).run([TraceRequest(300, 10, 0), TraceRequest(100, 10, 0)])

@@ -85,8 +85,8 @@ def test_streamed_chat_with_usage(server):
     usage = chunks[-1]["usage"]
     assert chunks[-1]["choices"] == [] and usage["completion_tokens"] == 12
     assert usage["prompt_tokens"] > 5 and usage["total_tokens"] == usage["prompt_tokens"] + 12
-    # paced by the cpu profile: ~8-9 ms per decode step at batch 1, so 12 tokens take > 50 ms
-    assert arrivals[-1] - arrivals[1] > 0.05
+    # paced by the cpu profile: ~2 ms per decode step at batch 1, so 10 more tokens take > 15 ms
+    assert arrivals[-1] - arrivals[1] > 0.015
 
 
 def test_completion_not_streamed(server):

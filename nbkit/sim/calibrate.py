@@ -14,8 +14,10 @@ the simulated times match the real ones::
 or ``python -m nbkit.sim calibrate --csv real.csv --cluster-config C --output cpu-fitted.json``.
 
 What is matched: the mean TTFT and the mean decode time (``e2e - ttft``) of groups of requests
-(all of them; quartiles by input length, by output length and by arrival time, so prefill cost,
-decode cost and load levels each weigh in) and the run's makespan, as relative errors.
+(all of them; quartiles by input length, by output length and by arrival time; load levels by
+the number of requests in flight, 1, 2-3, 4-7, ..., so prefill cost, decode cost, the fixed costs
+seen at low load and the per-sequence costs of big batches each weigh in) and the run's
+makespan, as relative errors.
 
 How (``method="linear"``, the default where it applies): a simulated step lasts::
 
@@ -24,7 +26,8 @@ How (``method="linear"``, the default where it applies): a simulated step lasts:
 with ``F`` (``B``) the step's compute (memory) time at full efficiency, whichever side of the
 roofline binds. With the schedule held fixed, every request's TTFT and decode time are sums of
 step durations plus constants (busy periods start at arrivals), so the group means are linear in
-``theta = (step_overhead_s, seq_overhead_s, 1/compute_eff, 1/mem_eff)``. Each iteration simulates
+``theta = (step_overhead_s, seq_overhead_s, 1/compute_eff, 1/mem_eff, request_overhead_s)``
+(the last shifts every TTFT and E2E: requests reach the engine that long after they arrive). Each iteration simulates
 once at the current ``theta``, solves that linear least-squares problem (non-negative, with a
 small ridge towards the starting values so parameters the data cannot see stay put) and moves
 there; on noise-free data the true parameters are a fixed point. Lockstep DP groups and
@@ -115,6 +118,25 @@ def compare(real: Sequence[RequestRecord], sim: Sequence[RequestRecord]) -> dict
     return {"real": a, "sim": b, "rel_err": {k: (b[k] - a[k]) / a[k] if a[k] else math.nan for k in a}}
 
 
+def _load_groups(real: Sequence[RequestRecord]) -> list[list[int]]:
+    """Indices of ``real`` grouped by the number of requests (on the same instance) in flight at
+    some point of each one's life, itself included: 1, 2-3, 4-7, 8-15, ..."""
+    import bisect
+
+    by_inst: dict[Any, list[int]] = {}
+    for i, r in enumerate(real):
+        by_inst.setdefault(r.instance_id, []).append(i)
+    levels: dict[int, list[int]] = {}
+    for idx in by_inst.values():
+        starts = sorted(real[i].arrival_s for i in idx)
+        ends = sorted(real[i].arrival_s + real[i].e2e_s for i in idx)
+        for i in idx:
+            a, e = real[i].arrival_s, real[i].arrival_s + real[i].e2e_s
+            n = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
+            levels.setdefault(max(1, n).bit_length(), []).append(i)
+    return [sorted(levels[k]) for k in sorted(levels)]
+
+
 def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], step: float = 0.4,
                 max_evals: int = 200, tol: float = 1e-9) -> tuple[list[float], float, int]:
     """Minimise ``f`` from ``x0``; returns (x, f(x), evaluations). Plain Nelder-Mead with the
@@ -192,12 +214,17 @@ class CalibrationResult:
                                               "evals": self.evals, "after": self.after})
 
 
-# theta index of each fittable parameter; theta = (step_overhead_s, seq_overhead_s, 1/ce, 1/me)
-_THETA = {"step_overhead_s": 0, "seq_overhead_s": 1, "compute_eff": 2, "mem_eff": 3}
+# theta index of each fittable parameter;
+# theta = (step_overhead_s, seq_overhead_s, 1/ce, 1/me, request_overhead_s)
+_THETA = {"step_overhead_s": 0, "seq_overhead_s": 1, "compute_eff": 2, "mem_eff": 3, "request_overhead_s": 4}
+_NTH = len(_THETA)
+# a generous size of each theta component, for parameters that start at 0 (the ridge then
+# hardly pulls them back to 0)
+_TYPICAL = (1e-2, 1e-3, 1.0, 1.0, 1e-2)
 
 
 def _theta_of(p: HardwareProfile) -> list[float]:
-    return [p.step_overhead_s, p.seq_overhead_s, 1.0 / p.compute_eff, 1.0 / p.mem_eff]
+    return [p.step_overhead_s, p.seq_overhead_s, 1.0 / p.compute_eff, 1.0 / p.mem_eff, p.request_overhead_s]
 
 
 def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[str]) -> HardwareProfile:
@@ -217,11 +244,14 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
               method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
               polish_evals: int = 60, replay_routing: bool = True, policy: Any = "least_load",
-              name: str | None = None) -> CalibrationResult:
+              name: str | None = None, load_groups: bool = True) -> CalibrationResult:
     """Fit ``params`` of the (single) hardware profile used by ``config`` to ``records``.
 
     ``trace``: what was sent, when the CSV alone cannot say (sessions); by default a flat trace
     is rebuilt from the CSV (arrival, input and output tokens per request). ``replay_routing``
+    ``load_groups`` adds groups by load level (requests in flight during each request, in
+    powers of two), so that the few lightly loaded requests of a bursty trace, which show the
+    fixed costs, weigh as much as each level of the big bursts. ``replay_routing``
     sends each request to the instance the CSV names (``instance_id``), so the fit does not
     depend on the routing policy. ``start`` replaces the profile the search starts from.
     ``max_evals`` bounds the simulations (linear: iterations; Nelder-Mead: evaluations, at least
@@ -305,6 +335,8 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     for key in (lambda i: real[i].input_toks, lambda i: real[i].output_toks, lambda i: real[i].arrival_s):
         order = sorted(idx, key=key)
         groups += [order[b * n // k:(b + 1) * n // k] for b in range(k)]
+    if load_groups:
+        groups += _load_groups(real)
     groups = [g for g in groups if g]
     real_ttft = [[sum(real[i].ttft_s for i in g) / len(g)] for g in groups]
     dec_groups = [[i for i in g if real[i].output_toks > 1] for g in groups]
@@ -396,11 +428,11 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
     sim = sim0
     evals = 0
     for _ in range(max_iters):
-        rows_t = np.zeros((len(real), 4))
+        rows_t = np.zeros((len(real), _NTH))
         const_t = np.zeros(len(real))
-        rows_d = np.zeros((len(real), 4))
+        rows_d = np.zeros((len(real), _NTH))
         const_d = np.zeros(len(real))
-        rows_end = np.zeros((len(real), 4))
+        rows_end = np.zeros((len(real), _NTH))
         const_end = np.zeros(len(real))
         prepared = {}
         for e in sim.engines:
@@ -412,7 +444,8 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
             F = (m.c_tok * T + m.c_logit * L + m.c_pair * P) * m.hw.compute_eff     # at full efficiency
             B = (m.m_const + m.m_kv * (R + T)) * m.hw.mem_eff
             comp = F * theta[2] > B * theta[3]
-            feats = np.stack([np.ones_like(T), S, np.where(comp, F, 0.0), np.where(comp, 0.0, B)], axis=1)
+            feats = np.stack([np.ones_like(T), S, np.where(comp, F, 0.0), np.where(comp, 0.0, B),
+                              np.zeros_like(T)], axis=1)
             const = m.ar_const + m.ar_tok * T
             # parameters held fixed go to the constant
             for j in range(4):
@@ -423,7 +456,7 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
             new = np.ones(len(start), dtype=bool)
             new[1:] = start[1:] > ends[:-1] + 1e-12
             first = np.maximum.accumulate(np.where(new, np.arange(len(start)), 0))
-            cumF = np.vstack([np.zeros((1, 4)), np.cumsum(feats, axis=0)])
+            cumF = np.vstack([np.zeros((1, _NTH)), np.cumsum(feats, axis=0)])
             cumC = np.concatenate([[0.0], np.cumsum(const)])
             endF = cumF[1:] - cumF[first]            # end_k = anchor_k + endF_k . theta + endC_k
             endC = start[first] + cumC[1:] - cumC[first]
@@ -442,6 +475,12 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
             const_d[i] = endC[kl] - endC[kf]
             rows_end[i] = endF[kl]
             const_end[i] = endC[kl]
+            if 4 in fit_idx:
+                # every request reaches the engine request_overhead_s after its arrival, and so
+                # does every busy period's anchor: all end times move by it one for one
+                rows_t[i, 4] = rows_end[i, 4] = 1.0
+                const_t[i] -= theta[4]
+                const_end[i] -= theta[4]
         # simulated times are relative to the simulator's t0 = first arrival; so are real ones
         A, b = [], []
         for g, dg, rt, rd in zip(groups, dec_groups, real_ttft, real_dec):
@@ -461,12 +500,13 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
         A = np.array(A)[:, fit_idx]
         b = np.array(b)
         th0 = np.array([theta0[j] for j in fit_idx])
-        scale = np.where(th0 > 0, th0, 1e-6)
+        # unknowns in units of the start values (a typical size where a start value is 0); the
+        # ridge pulls each towards its start value
+        scale = np.where(th0 > 0, th0, np.array([_TYPICAL[j] for j in fit_idx]))
         lam = math.sqrt(ridge)
         A_reg = np.vstack([A * scale, lam * np.eye(len(fit_idx))])
-        b_reg = np.concatenate([b, lam * np.ones(len(fit_idx))])
-        sol = _nnls_small(A_reg, b_reg) * scale
-        x_next = sol / scale
+        b_reg = np.concatenate([b, lam * th0 / scale])
+        x_next = _nnls_small(A_reg, b_reg)
         new_theta = list(theta)
         for j, v in zip(fit_idx, x_next * scale):
             new_theta[j] = float(v)

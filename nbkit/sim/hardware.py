@@ -14,8 +14,9 @@ run and saves a profile as JSON::
 
 Units: FLOP/s, GB/s (1e9 bytes/s), GB (1e9 bytes), seconds, nanoseconds for link latencies.
 The numbers are data-sheet peaks (dense 16-bit tensor FLOP/s, HBM bandwidth) with default
-efficiencies; ``cpu`` starts from plausible values for vLLM-CPU on 2 cores (the tiny model decodes
-~1,100 tok/s at 128 concurrent requests) and is meant to be calibrated.
+efficiencies; ``cpu`` (one core of a 2-core EPYC per vLLM-CPU replica) holds values fitted to a
+real run of the tiny model (~2 ms per decode step at low load, ~19 ms at 64 running requests) and
+is best recalibrated for other models or machines.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ __all__ = ["HardwareProfile", "PROFILES", "get_hardware", "save_profile", "load_
            "UnknownHardwareError", "FITTABLE"]
 
 #: Fields ``calibrate`` may fit.
-FITTABLE = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s")
+FITTABLE = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s")
 
 
 class UnknownHardwareError(ValueError):
@@ -43,6 +44,10 @@ class HardwareProfile:
     step time = step_overhead_s + seq_overhead_s * sequences
               + max(FLOPs / (peak_flops * compute_eff), bytes / (mem_bw * mem_eff))   (per device)
               + all-reduce time (TP > 1)
+
+    ``request_overhead_s`` is a fixed latency per request outside the engine (HTTP, tokenization,
+    the API server handing the request to the engine core and the first token back): a request
+    reaches the engine that long after it arrives, so TTFT and E2E include it once.
     """
 
     name: str
@@ -53,6 +58,7 @@ class HardwareProfile:
     mem_eff: float = 0.8              # achieved fraction of mem_bw
     step_overhead_s: float = 0.002    # fixed cost per engine step (scheduling, launch, sampling)
     seq_overhead_s: float = 0.0       # extra cost per scheduled sequence per step
+    request_overhead_s: float = 0.0   # fixed latency per request before it reaches the engine
     tp_link_bw_gbs: float | None = None     # device-to-device link for TP; None: the cluster's link
     tp_link_latency_ns: float | None = None
     kv_cache_gb: float | None = None  # fixed KV-cache size (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE); None: from memory
@@ -77,11 +83,18 @@ PROFILES: dict[str, HardwareProfile] = {p.name: p for p in [
     HardwareProfile("L40S", 362e12, 864, 48, notes="PCIe only: TP uses the cluster link"),
     HardwareProfile("RTXPRO6000", 500e12, 1597, 96,
                     notes="RTX PRO 6000 Blackwell 96GB, PCIe only: TP uses the cluster link"),
-    HardwareProfile("cpu", 2.0e11, 20, 23, compute_eff=0.5, mem_eff=0.6, step_overhead_s=0.008,
-                    seq_overhead_s=0.0008, tp_link_bw_gbs=10, tp_link_latency_ns=20000,
-                    kv_cache_gb=1.073741824, reserve_gb=0.0, block_size=128,
-                    notes="2-core AMD EPYC (Zen 4, AVX-512 BF16) running vLLM-CPU; uncalibrated "
-                          "starting point, fit with `nbkit sim calibrate`"),
+    # cpu: fitted (``nbkit sim calibrate``) on a real bursty run (bursts of 1-64 requests, prompts
+    # 16-512, outputs 8-64) of the tiny model on one core of this machine, then rounded: a decode
+    # step of a few sequences takes ~2 ms, 64 running sequences ~19 ms, a 950-token prompt's first
+    # token ~36 ms after it is sent (prefill ~30 us/token); the fit gave compute_eff 0.41,
+    # step 2.1 ms, 0.2 ms per sequence, 10-12 ms per request; mem_eff went to its bound (the tiny
+    # model's weights stay in cache) and is kept just under it.
+    HardwareProfile("cpu", 2.0e11, 20, 23, compute_eff=0.41, mem_eff=0.9, step_overhead_s=0.0021,
+                    seq_overhead_s=0.0002, request_overhead_s=0.011, tp_link_bw_gbs=10,
+                    tp_link_latency_ns=20000, kv_cache_gb=1.073741824, reserve_gb=0.0, block_size=128,
+                    notes="2-core AMD EPYC (Zen 4, AVX-512 BF16) running vLLM-CPU, one core per replica; "
+                          "defaults from a calibration run of the tiny model; refit with "
+                          "`nbkit sim calibrate` for other models or machines"),
 ]}
 
 _ALIASES = {"h100-sxm": "H100", "h100-80g": "H100", "h200-sxm": "H200", "a100": "A100-80G",

@@ -12,7 +12,8 @@ The second form takes ``vllm serve``'s command line (``serve MODEL --host --port
 --max-num-batched-tokens --block-size --gpu-memory-utilization --served-model-name ...``; other
 vLLM flags such as ``--enforce-eager`` are accepted and ignored), so a launcher can swap
 ``nbkit.vllm_entry`` for ``nbkit.sim.server``. On the cpu profile ``VLLM_CPU_KVCACHE_SPACE`` (GiB)
-sets the KV cache as it does for vLLM-CPU.
+sets the KV cache as it does for vLLM-CPU. A request reaches its engine the profile's
+``request_overhead_s`` after it was accepted (HTTP and tokenization), so TTFT includes it.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST
 /v1/chat/completions`` (both with ``stream`` and ``stream_options.include_usage``), ``POST
@@ -94,7 +95,7 @@ def _render_chat(messages: Any) -> str:
 class _Stream:
     """One request's token feed from the engine to the HTTP handler."""
 
-    __slots__ = ("req", "engine", "queue", "sent", "t_arrival", "t_first", "t_last", "done", "prompt")
+    __slots__ = ("req", "engine", "queue", "sent", "t_arrival", "t_first", "t_last", "done", "prompt", "admitted")
 
     def __init__(self, engine: int, prompt: int):
         self.engine = engine
@@ -106,6 +107,7 @@ class _Stream:
         self.done = False
         self.prompt = prompt
         self.req: Req | None = None
+        self.admitted = True
 
 
 class SimReplica:
@@ -307,13 +309,35 @@ class SimReplica:
         s = _Stream(engine, n_in)
         r = Req(uuid.uuid4().hex, n_in, max_tokens, ids=tuple(ids), data=s)
         s.req = r
-        if not e.add(r, self.now()):
+        if not e.fits(n_in, max_tokens):
+            e.rejected += 1
             raise ValueError(f"request of {n_in} + {max_tokens} tokens does not fit this replica's KV cache")
-        if self._wake:
-            self._wake[engine].set()
+        delay = e.setup.hw.request_overhead_s / self.speed
+        loop = None
+        if delay > 0 and self._wake:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        if loop is not None:    # the hardware's fixed per-request latency (HTTP, tokenization)
+            s.admitted = False
+            loop.call_later(delay, self._admit, s)
+        else:
+            self._admit(s)
         return s
 
+    def _admit(self, s: _Stream) -> None:
+        if s.done or s.admitted:
+            return
+        s.admitted = True
+        self.engines[s.engine].add(s.req, self.now())
+        if self._wake:
+            self._wake[s.engine].set()
+
     def abort(self, s: _Stream) -> None:
+        if not s.admitted:          # still in its request overhead: never reached the engine
+            s.done = True
+            return
         if s.req is not None and not s.done:
             self.engines[s.engine].abort(s.req)
             s.done = True

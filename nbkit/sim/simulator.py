@@ -24,6 +24,10 @@ among the ``"decode"`` instances (a second instance of the same policy) and wait
 request, with its prompt's KV already present but the last prompt token, whose computation gives
 the first token the client sees. TTFT therefore includes prefill, transfer and one decode step.
 
+Request overhead: a request reaches its (entry) instance's engine ``hw.request_overhead_s`` after
+it arrives and is routed (the API server's HTTP handling and tokenization), so its TTFT and E2E
+include that once; the policy sees it as dispatched from the arrival on.
+
 Sessions (:class:`~nbkit.traces.TraceSession`): sub-request ``k+1`` arrives ``tool_duration_ns``
 after sub-request ``k`` finished; its prompt is the conversation so far plus its new input, whose
 blocks are shared with earlier turns, so the prefix cache applies; ``RequestInfo.session`` is the
@@ -60,7 +64,7 @@ from .report import RequestRecord, fmt_rate, format_summary, summarize, write_cs
 
 __all__ = ["Simulator", "SimResult", "simulate"]
 
-_STEP, _SUB, _XFER, _LOG = 0, 1, 2, 3
+_STEP, _SUB, _XFER, _LOG, _ADMIT = 0, 1, 2, 3, 4
 
 
 class _Unit:
@@ -308,7 +312,16 @@ class Simulator:
             job.entry = r
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
+            delay = e.setup.hw.request_overhead_s
+            if delay > 0:       # HTTP, tokenization: the request reaches the engine later
+                counter[0] += 1
+                push(heap, (t + delay, counter[0], _ADMIT, (e, r)))
+                return
+            admit(e, r, t)
+
+        def admit(e: Engine, r: Req, t: float) -> None:
             if not e.add(r, t):
+                job = r.data
                 record(job, e, None, "http_400")
                 session_next(job, t, failed=True)
                 return
@@ -412,6 +425,8 @@ class Simulator:
                     step_end(x, now)
                 elif kind == _SUB:
                     start_sub(x, now)
+                elif kind == _ADMIT:
+                    admit(x[0], x[1], now)
                 elif kind == _XFER:
                     on_xfer(x[0], x[1], now)
                 else:
