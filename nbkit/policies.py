@@ -196,6 +196,9 @@ class Policy:
 
     name: ClassVar[str] = ""
     defaults: ClassVar[dict[str, Any]] = {}
+    #: Whether decisions read the scraped signals (running, waiting, KV usage). A router scrapes
+    #: every 250 ms only for policies that do; the others are served by local accounting alone.
+    uses_scrape: ClassVar[bool] = True
 
     def __init__(self, seed: int | None = None, **options: Any):
         self.seed = seed
@@ -330,6 +333,8 @@ class RoundRobinPolicy(Policy):
     """The candidate with the smallest ``index`` greater than the last one chosen, wrapping
     around. Ranks filtered out are skipped without disturbing the order of the others."""
 
+    uses_scrape = False
+
     def __init__(self, seed: int | None = None, **options: Any):
         super().__init__(seed, **options)
         self.last_index: int | None = None
@@ -352,6 +357,8 @@ class RoundRobinPolicy(Policy):
 class RandomPolicy(Policy):
     """Uniformly at random."""
 
+    uses_scrape = False
+
     def _select(self, candidates, request):
         pick = self.rng.choice(list(candidates))
         return Choice(pick.index, pick.key, f"random: 1 of {len(candidates)}")
@@ -360,6 +367,8 @@ class RandomPolicy(Policy):
 @register("least_outstanding")
 class LeastOutstandingPolicy(Policy):
     """Fewest ``in_flight`` requests (local accounting only); ties at random."""
+
+    uses_scrape = False
 
     def _select(self, candidates, request):
         pick, best, costs = self._pick_min(candidates, lambda c: c.in_flight)

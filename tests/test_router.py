@@ -1427,3 +1427,16 @@ def test_prefix_affinity_charges_only_the_uncached_prompt_so_a_shared_prefix_sta
     picks = run(main())
     assert len(picks) == 1, picks
     assert all(s.pending_prefill_tokens == 0 and s.in_flight == 0 for s in router.states)
+
+
+def test_scrape_every_250ms_only_for_policies_that_read_scraped_load():
+    from nbkit.router import IDLE_SCRAPE_S
+    router = Router(ranks(2), "round_robin")
+    assert router.current_scrape_interval == IDLE_SCRAPE_S
+    for name in ("least_load", "power_of_two", "prefix_affinity", "session"):
+        router.policy = name
+        assert router.current_scrape_interval == 0.25, name
+    router.policy = lambda candidates, request: candidates[0]    # custom: may read anything
+    assert router.current_scrape_interval == 0.25
+    router.policy = "least_outstanding"
+    assert router.current_scrape_interval == IDLE_SCRAPE_S

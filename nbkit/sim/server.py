@@ -319,8 +319,8 @@ class SimReplica:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
+        s.admitted = False      # until it reaches the engine (abort() before that only marks it done)
         if loop is not None:    # the hardware's fixed per-request latency (HTTP, tokenization)
-            s.admitted = False
             loop.call_later(delay, self._admit, s)
         else:
             self._admit(s)
