@@ -56,7 +56,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from router_overhead import Children, free_port, machine, versions  # noqa: E402
+from router_overhead import Children, _finite, free_port, machine, versions  # noqa: E402
 
 NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity")
 PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware")}
@@ -354,16 +354,6 @@ def _vllm_version() -> str | None:
         except metadata.PackageNotFoundError:
             continue
     return None
-
-
-def _finite(x):
-    if isinstance(x, float):
-        return round(x, 4) if x == x and abs(x) != float("inf") else None
-    if isinstance(x, dict):
-        return {k: _finite(v) for k, v in x.items()}
-    if isinstance(x, list):
-        return [_finite(v) for v in x]
-    return x
 
 
 def parse_args(argv=None):
