@@ -44,10 +44,8 @@ import asyncio
 import json
 import math
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -56,7 +54,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from router_overhead import Children, _finite, free_port, machine, versions  # noqa: E402
+from router_overhead import Children, _finite, announce_machine, free_port, versions  # noqa: E402
 
 NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity")
 PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware")}
@@ -70,7 +68,8 @@ GOAL_TOLERANCE = 0.05    # "at least matches": within 5% (run-to-run noise on a 
 def router_argv(kind: str, policy: str, port: int, urls: list[str], args) -> list[str] | str:
     """The command line of a router, or why it cannot run."""
     if kind == "nbkit":
-        return [sys.executable, str(Path(__file__).resolve()), "--serve-endpoint", "--port", str(port),
+        # the same endpoint process as router_overhead.py's (`--serve-endpoint`, aiohttp, gc.freeze)
+        return [sys.executable, str(HERE / "router_overhead.py"), "--serve-endpoint", "--port", str(port),
                 "--policy", policy, "--parent-pid", str(os.getpid()), "--urls", *urls]
     exe = args.peers_venv / "bin" / ("sglang-router" if kind == "sglang" else "vllm-router")
     if not exe.exists():
@@ -82,29 +81,6 @@ def router_argv(kind: str, policy: str, port: int, urls: list[str], args) -> lis
     if kind == "sglang":
         return [str(exe), "launch", *common, "--log-level", "warn"]
     return [str(exe), *common, "--log-level", "warning"]
-
-
-def serve_endpoint(args) -> None:
-    """Internal (--serve-endpoint): nbkit's Endpoint over the given replica URLs, until SIGTERM."""
-    from nbkit.cluster import Rank
-    from nbkit.dispatch import Endpoint
-
-    ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(args.urls)]
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning")
-    ep.start()
-    print(f"nbkit endpoint on {ep.url} policy={args.policy}", flush=True)
-    try:
-        while not stop.wait(0.5):
-            if args.parent_pid:
-                try:
-                    os.kill(args.parent_pid, 0)
-                except ProcessLookupError:
-                    break
-    finally:
-        ep.stop()
 
 
 async def wait_ready(url: str, model: str, proc, timeout: float) -> str | None:
@@ -392,14 +368,7 @@ def parse_args(argv=None):
     ap.add_argument("--csv-dir", type=Path, default=HERE / "results" / "compare_routers")
     ap.add_argument("--no-progress", action="store_true")
     # internal: nbkit's endpoint in its own process
-    ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--policy", help=argparse.SUPPRESS)
-    ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--urls", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.serve_endpoint:
-        return args
     args.requests = args.requests or (50 if args.quick else 150)
     args.routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     args.nbkit_policies = [p.strip() for p in args.nbkit_policies.split(",") if p.strip()]
@@ -417,14 +386,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.serve_endpoint:
-        serve_endpoint(args)
-        return 0
-    info = machine()
-    print(f"machine: {info['cpu_model']}, {info['cores_usable']} usable cores, python {info['python']}, "
-          f"loadavg {info['loadavg_at_start']}", flush=True)
-    if info["loadavg_at_start"][0] > 0.5 * (info["cores_usable"] or 1):
-        print("note: the machine is busy (loadavg above); latencies will be noisier than on an idle machine", flush=True)
+    info = announce_machine()
     args.csv_dir.mkdir(parents=True, exist_ok=True)
     children = Children(Path(tempfile.mkdtemp(prefix="nbkit-compare-routers-")))
     try:

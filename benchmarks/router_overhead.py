@@ -122,6 +122,17 @@ def machine() -> dict:
             "loadavg_at_start": list(os.getloadavg())}
 
 
+def announce_machine() -> dict:
+    """:func:`machine`, printed, with a note when the machine is already busy."""
+    info = machine()
+    print(f"machine: {info['cpu_model']}, {info['cores_usable']} usable cores, python {info['python']}, "
+          f"loadavg {info['loadavg_at_start']}", flush=True)
+    if info["loadavg_at_start"][0] > 0.5 * (info["cores_usable"] or 1):
+        print("note: the machine is busy (loadavg above); latencies will be noisier than on an idle machine",
+              flush=True)
+    return info
+
+
 def versions(peers_venv: Path | None) -> dict:
     from importlib import metadata
     out = {}
@@ -770,12 +781,7 @@ def main(argv=None) -> int:
         serve_endpoint(args)
         return 0
 
-    info = machine()
-    print(f"machine: {info['cpu_model']}, {info['cores_usable']} usable cores, python {info['python']}, "
-          f"loadavg {info['loadavg_at_start']}", flush=True)
-    if info["loadavg_at_start"][0] > 0.5 * (info["cores_usable"] or 1):
-        print("note: the machine is busy (loadavg above); latencies will be noisier than on an idle machine",
-              flush=True)
+    info = announce_machine()
     children = Children(Path(tempfile.mkdtemp(prefix="nbkit-router-bench-")))
     try:
         if args.uvloop:
