@@ -22,11 +22,10 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST
-from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import loop
-from .forward import Forwarder, request_info
+from .forward import HOP_BY_HOP, Forwarder, request_info
 from .router import RequestRecord, Router
 from .transport import ALL_ERRORS, check_transport, make_transport
 
@@ -35,6 +34,10 @@ ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/
 
 
 PROXIED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
+
+
+def _error(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
 
 
 class Endpoint:
@@ -71,6 +74,8 @@ class Endpoint:
                                  registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self._m_inflight = Gauge("nbkit_in_flight", "In-flight requests per rank", ["rank"], registry=self.registry)
         self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that pass health checks", registry=self.registry)
+        self._requests_by: dict = {}  # labelled children, looked up once (labels() costs per call)
+        self._picks_by: dict = {}
         self.router.listeners.append(self._observe)
         self._server = None
         self._task: asyncio.Task | None = None
@@ -80,25 +85,28 @@ class Endpoint:
     async def app(self, scope, receive, send) -> None:
         """The ASGI app: ``/health`` and ``/metrics`` here, every other path to a replica.
 
-        A bare ASGI callable on purpose: a framework's router and middleware stack would cost
-        about as much CPU per request as the forwarding itself."""
+        A bare ASGI callable on purpose: a framework's router, request object and middleware
+        stack would cost about as much CPU per request as the forwarding itself. Streams go out
+        through starlette's StreamingResponse (it watches for the client going away)."""
         if scope["type"] != "http":
             return
-        request = Request(scope, receive)
         path, method = scope["path"], scope["method"]
         try:
             if method == "GET" and path == "/health":
-                response = await self._health(request)
+                response = await self._health()
             elif method == "GET" and path == "/metrics":
-                response = await self._metrics(request)
+                response = await self._metrics()
             elif method in PROXIED_METHODS:
-                response = await self._proxy(request)
+                response = await self._proxy(scope, receive)
+                if type(response) is tuple:  # (status, headers, body): the common, non-streamed case
+                    status, headers, body = response
+                    await send({"type": "http.response.start", "status": status, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    return
             else:
-                response = JSONResponse({"error": {"message": f"method {method} not allowed",
-                                                   "type": "MethodNotAllowed"}}, status_code=405)
+                response = _error(405, f"method {method} not allowed", "MethodNotAllowed")
         except Exception as e:  # noqa: BLE001 - answer 500 like a framework would, and say why
-            response = JSONResponse({"error": {"message": f"nbkit endpoint: {e!r}", "type": "InternalError"}},
-                                    status_code=500)
+            response = _error(500, f"nbkit endpoint: {e!r}", "InternalError")
         await response(scope, receive, send)
 
     @property
@@ -106,57 +114,80 @@ class Endpoint:
         return f"http://{self.host}:{self.port}"
 
     def _observe(self, rec: RequestRecord) -> None:
-        self._m_requests.labels(rec.path, rec.outcome).inc()
+        key = (rec.path, rec.outcome)
+        c = self._requests_by.get(key)
+        if c is None:
+            c = self._requests_by[key] = self._m_requests.labels(rec.path, rec.outcome)
+        c.inc()
         if rec.rank:
-            self._m_picks.labels(rec.rank).inc()
+            c = self._picks_by.get(rec.rank)
+            if c is None:
+                c = self._picks_by[rec.rank] = self._m_picks.labels(rec.rank)
+            c.inc()
         self._m_queue.observe(rec.queue_wait_s)
         if rec.ttft_s is not None and rec.outcome == "ok":
             self._m_ttft.observe(rec.ttft_s)
 
     # -- handlers --------------------------------------------------------------------------------
-    async def _health(self, request: Request) -> Response:
+    async def _health(self) -> Response:
         healthy = [s.key for s in self.router.states if s.healthy]
         return JSONResponse({"healthy": healthy, "ranks": len(self.router.states)},
                             status_code=200 if healthy else 503)
 
-    async def _metrics(self, request: Request) -> Response:
+    async def _metrics(self) -> Response:
         self._m_retries.set(self.router.counters["retries"])
         for s in self.router.states:
             self._m_inflight.labels(s.key).set(s.in_flight)
         self._m_healthy.set(sum(1 for s in self.router.states if s.healthy))
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
-    async def _proxy(self, request: Request) -> Response:
-        path = request.url.path
-        if request.url.query:
-            path += "?" + request.url.query
-        body = await request.body()
+    async def _proxy(self, scope, receive):
+        """Forward one request; returns ``(status, headers, body)`` or a streaming/error Response."""
+        path = scope["path"]
+        query = scope.get("query_string")
+        full_path = path + "?" + query.decode("latin-1") if query else path
+        method = scope["method"]
+        body = b""
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return _error(499, "client went away", "ClientClosedRequest")
+            body += message.get("body", b"")
+            more = message.get("more_body", False)
+        headers = {}
+        rank = None
+        for k, v in scope["headers"]:
+            k = k.decode("latin-1")
+            if k in HOP_BY_HOP:
+                continue
+            v = v.decode("latin-1")
+            if k == "x-nbkit-rank":
+                rank = int(v) if v.isdigit() else v
+            headers[k] = v
         parsed = None
-        if request.method == "POST" and body and request.url.path in ROUTED_POST:
+        if method == "POST" and body and path in ROUTED_POST:
             try:
                 parsed = json.loads(body)
             except ValueError:
-                return JSONResponse({"error": {"message": "request body is not valid JSON", "type": "BadRequest"}},
-                                    status_code=400)
+                return _error(400, "request body is not valid JSON", "BadRequest")
         if isinstance(parsed, dict) and not parsed.get("model") and self.default_model:
             parsed["model"] = self.default_model  # so curl users may leave "model" out
             body = json.dumps(parsed).encode()
-        info = request_info(parsed if isinstance(parsed, dict) else None, request.headers)
-        stream = bool(isinstance(parsed, dict) and parsed.get("stream"))
-        rank = request.headers.get("x-nbkit-rank")
-        if rank is not None and rank.isdigit():
-            rank = int(rank)
+        if not isinstance(parsed, dict):
+            parsed = None
+        info = request_info(parsed, headers)
+        stream = bool(parsed and parsed.get("stream"))
         try:
-            up = await self._fwd.open(request.method, path, content=body or None, headers=request.headers,
+            up = await self._fwd.open(method, full_path, content=body or None, headers=headers,
                                       info=info, rank=rank, stream=stream, timeout=self.timeout)
         except ValueError as e:
-            return JSONResponse({"error": {"message": str(e), "type": "BadRequest"}}, status_code=400)
+            return _error(400, str(e), "BadRequest")
         except ALL_ERRORS as e:
-            return JSONResponse({"error": {"message": f"no replica could serve the request: {e!r}",
-                                           "type": "ServiceUnavailable"}}, status_code=503)
+            return _error(503, f"no replica could serve the request: {e!r}", "ServiceUnavailable")
         if up.stream:
             return StreamingResponse(up.aiter(), status_code=up.status_code, headers=up.headers())
-        return Response(up.body, status_code=up.status_code, headers=up.headers())
+        return up.status_code, up.raw_headers(len(up.body)), up.body
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def _astart(self) -> "Endpoint":

@@ -92,6 +92,14 @@ class Upstream:
         h["x-nbkit-rank"] = self.lease.rank.name
         return h
 
+    def raw_headers(self, content_length: int) -> list[tuple[bytes, bytes]]:
+        """:meth:`headers` as ASGI wants them, with the length of the body read whole."""
+        h = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.response.headers.items()
+             if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"]
+        h.append((b"content-length", str(content_length).encode()))
+        h.append((b"x-nbkit-rank", self.lease.rank.name.encode("latin-1")))
+        return h
+
     async def aiter(self) -> AsyncIterator[bytes]:
         """The stream's raw bytes; releases the lease however the iteration ends."""
         outcome, error = "ok", ""
