@@ -97,14 +97,48 @@ def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
 
 
 async def wrap(coro: Coroutine[Any, Any, T]) -> T:
-    """Await ``coro`` (which runs on the background loop) from whatever loop the caller is on."""
+    """Await ``coro`` (which runs on the background loop) from whatever loop the caller is on.
+
+    One wake-up of each loop and no ``concurrent.futures`` machinery in between: this hop is on
+    the path of every request a RoutedClient sends, so it is kept as short as it can be. If the
+    caller is cancelled, the task on nbkit's loop is cancelled too."""
     if in_loop_thread():
         return await coro
-    fut = submit(coro)
+    caller = asyncio.get_running_loop()
+    home = get_loop()
+    fut = caller.create_future()
+    box: dict[str, Any] = {}
+
+    def deliver(task: asyncio.Task) -> None:  # on the caller's loop
+        if fut.done():
+            return
+        if task.cancelled():
+            fut.cancel()
+        elif task.exception() is not None:
+            fut.set_exception(task.exception())
+        else:
+            fut.set_result(task.result())
+
+    def done(task: asyncio.Task) -> None:  # on nbkit's loop
+        try:
+            caller.call_soon_threadsafe(deliver, task)
+        except RuntimeError:  # the caller's loop is closed: nobody is waiting any more
+            pass
+
+    def start() -> None:  # on nbkit's loop
+        task = box["task"] = home.create_task(coro)
+        task.add_done_callback(done)
+        if box.get("cancelled"):
+            task.cancel()
+
+    home.call_soon_threadsafe(start)
     try:
-        return await asyncio.wrap_future(fut)
+        return await fut
     except asyncio.CancelledError:
-        fut.cancel()
+        box["cancelled"] = True
+        task = box.get("task")
+        if task is not None:
+            home.call_soon_threadsafe(task.cancel)
         raise
 
 

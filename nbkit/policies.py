@@ -34,12 +34,15 @@ The load score
 ``load_score`` estimates, in tokens, the work queued on a rank::
 
     load = pending_prefill_tokens + pending_decode_tokens                 # local accounting, always
-         + tokens_per_waiting * max(0, running + waiting - in_flight)     # scrape, only if not stale
+         + tokens_per_waiting * max(0, running + waiting - ours)          # scrape, only if not stale
          + kv_weight * kv_cache_usage ** 2                                # scrape, only if not stale
 
 The first line is what this router sent and has not seen finish. The second counts requests the
-replica reports beyond our own ``in_flight`` (work from other clients, which we cannot size) at
-``tokens_per_waiting`` tokens each (default 256). The third (``kv_weight`` default 512, usage
+replica reports beyond our own (work from other clients, which we cannot size) at
+``tokens_per_waiting`` tokens each (default 256); ``ours = max(in_flight, in_flight_seen)``, where
+``in_flight_seen`` is the most requests this router had there since the scrape before the one
+read: vLLM's gauges describe its last step, so requests that have finished since still count in
+them, and comparing with the current ``in_flight`` alone would charge them as phantom foreign load. The third (``kv_weight`` default 512, usage
 clamped to 0..1) grows quadratically so nearly full KV caches, which preempt, are avoided while
 half-full ones barely count. A stale scrape contributes nothing.
 
@@ -119,6 +122,7 @@ class RankLoad:
     kv_cache_usage: float = 0.0       # last scrape, 0..1
     stale: bool = True                # True if the scrape is missing or older than 2 intervals
     healthy: bool = True
+    in_flight_seen: int = 0           # peak in_flight over the window the last scrape describes
 
 
 @dataclass
@@ -154,11 +158,12 @@ def load_score(r: RankLoad, tokens_per_waiting: float = DEFAULT_TOKENS_PER_WAITI
     """Estimated queued work on rank ``r``, in tokens (lower is better)::
 
         pending_prefill_tokens + pending_decode_tokens
-        + (not stale) * tokens_per_waiting * max(0, running + waiting - in_flight)
+        + (not stale) * tokens_per_waiting * max(0, running + waiting - max(in_flight, in_flight_seen))
         + (not stale) * kv_weight * clamp(kv_cache_usage, 0, 1) ** 2
 
     Local accounting always counts. The scrape terms count only when ``r.stale`` is false: the
-    requests the replica reports beyond our own ``in_flight`` come from other clients and are
+    requests the replica reports beyond our own (``in_flight``, or ``in_flight_seen`` when the
+    scrape may still count requests finished since) come from other clients and are
     charged ``tokens_per_waiting`` each; the quadratic KV term keeps requests off nearly full
     caches.
 
@@ -168,7 +173,7 @@ def load_score(r: RankLoad, tokens_per_waiting: float = DEFAULT_TOKENS_PER_WAITI
     """
     score = float(r.pending_prefill_tokens + r.pending_decode_tokens)
     if not r.stale:
-        foreign = r.running + r.waiting - r.in_flight
+        foreign = r.running + r.waiting - max(r.in_flight, r.in_flight_seen)
         if foreign > 0:
             score += tokens_per_waiting * foreign
         kv = min(max(float(r.kv_cache_usage), 0.0), 1.0)

@@ -34,11 +34,14 @@ import httpx
 
 from .metrics import EngineMetrics, parse_metrics
 from .policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
+from .transport import Transport, make_transport
 
 #: Consecutive failures that open a rank's circuit breaker.
 BREAKER_FAILURES = 3
 #: Seconds an open breaker keeps a rank out before a request may try it again.
 BREAKER_OPEN_S = 5.0
+#: Seconds a /metrics or /health probe may take.
+PROBE_TIMEOUT_S = 2.0
 #: Records kept in memory.
 MAX_RECORDS = 20_000
 
@@ -83,6 +86,8 @@ class RankState:
     failures: int = 0
     open_until: float = 0.0
     picks: int = 0
+    inflight_peak: int = 0        # max in_flight since the last scrape was sent
+    inflight_seen: int = 0        # ... frozen when that scrape answered (see load_score)
 
     @property
     def key(self) -> str:
@@ -92,7 +97,7 @@ class RankState:
         m = self.scraped
         stale = m is None or now - m.scraped_at > stale_after
         return RankLoad(
-            key=self.key, index=self.index, in_flight=self.in_flight,
+            key=self.key, index=self.index, in_flight=self.in_flight, in_flight_seen=self.inflight_seen,
             pending_prefill_tokens=self.pending_prefill_tokens, pending_decode_tokens=self.pending_decode_tokens,
             running=m.running if m else 0.0, waiting=m.waiting if m else 0.0,
             kv_cache_usage=m.kv_cache_usage if m else 0.0, stale=stale,
@@ -170,7 +175,7 @@ class Router:
     def __init__(self, ranks: Sequence, policy: str | Policy | Callable = "least_load", *,
                  max_per_rank: int | None = None, max_concurrency: int | None = None,
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
-                 seed: int | None = None, client: httpx.AsyncClient | None = None):
+                 seed: int | None = None, client: "httpx.AsyncClient | Transport | str | None" = None):
         if max_per_rank is not None and max_per_rank < 1:
             raise ValueError(f"max_per_rank={max_per_rank!r}: must be >= 1 or None")
         if max_concurrency is not None and max_concurrency < 1:
@@ -191,8 +196,9 @@ class Router:
         self._queue: deque[tuple] = deque()  # (future, info, rank, exclude, record, roles), FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
-        self._client = client
-        self._own_client = client is None
+        self._client = client        # for /metrics and /health: an httpx.AsyncClient, a Transport or a name
+        self._own_client = client is None or isinstance(client, str)
+        self._probe: Transport | None = None
         self.counters = {"requests": 0, "retries": 0, "failures": 0}
 
     # -- configuration ---------------------------------------------------------------------------
@@ -279,6 +285,8 @@ class Router:
 
     def _grant(self, s: RankState, choice: Choice, info: RequestInfo, record: RequestRecord) -> Lease:
         s.in_flight += 1
+        if s.in_flight > s.inflight_peak:
+            s.inflight_peak = s.in_flight
         s.pending_prefill_tokens += _uncached(info, choice)
         s.pending_decode_tokens += info.max_tokens
         s.picks += 1
@@ -399,8 +407,7 @@ class Router:
         """Start scraping and health checks on the current (nbkit's) loop."""
         if self._tasks:
             return
-        if self._client is None:
-            self._client = httpx.AsyncClient(timeout=httpx.Timeout(2.0), limits=httpx.Limits(max_connections=64))
+        self._prober()
         self._tasks = [asyncio.ensure_future(self._scrape_loop()), asyncio.ensure_future(self._health_loop())]
 
     async def aclose(self) -> None:
@@ -412,29 +419,48 @@ class Router:
             if not fut.done():
                 fut.set_exception(NoCandidateError("router closed"))
         self._queue.clear()
-        if self._own_client and self._client is not None:
-            await self._client.aclose()
-            self._client = None
+        if self._probe is not None and self._own_client:
+            await self._probe.aclose()
+        self._probe = None
+
+    def _prober(self) -> Transport:
+        """The transport for /metrics and /health (aiohttp unless a client was given: probes are
+        small and frequent, and aiohttp costs the least CPU per GET)."""
+        if self._probe is None:
+            self._probe = make_transport(self._client or "aiohttp", timeout=PROBE_TIMEOUT_S,
+                                         connect_timeout=PROBE_TIMEOUT_S, max_connections=64)
+        return self._probe
 
     async def scrape_once(self) -> None:
+        probe = self._prober()
         by_url: dict[str, list[RankState]] = {}
         for s in self.states:
             by_url.setdefault(s.rank.url, []).append(s)
 
         async def one(url: str, states: list[RankState]) -> None:
+            peaks = []
+            for s in states:  # the window this reading may describe starts now
+                peaks.append(s.inflight_peak)
+                s.inflight_peak = s.in_flight
             try:
-                r = await self._client.get(f"{url}/metrics")
-                if r.status_code != 200:
-                    return
-                snaps = parse_metrics(r.text)
-            except (httpx.HTTPError, ValueError):
+                r = await probe.send("GET", f"{url}/metrics", timeout=PROBE_TIMEOUT_S)
+                try:
+                    if r.status_code != 200:
+                        return
+                    text = (await r.aread()).decode("utf-8", "replace")
+                finally:
+                    await r.aclose()
+                snaps = parse_metrics(text)
+            except (*probe.errors, ValueError):
                 return
-            for s in states:
+            for s, peak in zip(states, peaks):
                 m = snaps.get(str(s.rank.dp_rank))
                 if m is None and len(snaps) == 1:
                     m = next(iter(snaps.values()))
                 if m is not None:
                     s.scraped = m
+                    # everything ours that ran since the previous scrape was sent may be in the gauge
+                    s.inflight_seen = max(peak, s.inflight_peak)
 
         await asyncio.gather(*(one(u, ss) for u, ss in by_url.items()))
 
@@ -453,10 +479,14 @@ class Router:
             await asyncio.sleep(max(0.0, self.current_scrape_interval - (time.monotonic() - t)))
 
     async def check_health_once(self) -> None:
+        probe = self._prober()
         async def one(s: RankState) -> None:
             try:
-                ok = (await self._client.get(f"{s.rank.url}/health")).status_code == 200
-            except httpx.HTTPError:
+                r = await probe.send("GET", f"{s.rank.url}/health", timeout=PROBE_TIMEOUT_S)
+                ok = r.status_code == 200
+                await r.aread()
+                await r.aclose()
+            except probe.errors:
                 ok = False
             in_grace = time.monotonic() - s.added_at < self.startup_grace
             if ok:

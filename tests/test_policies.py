@@ -210,6 +210,14 @@ def test_load_score_formula():
     assert load_score(r) == 0                          # our own requests not yet seen: no credit
 
 
+def test_requests_finished_since_the_scrape_are_not_foreign_load():
+    # the gauge still shows 3 running; ours dropped from 3 to 0 after the scrape: nothing foreign
+    r = RankLoad("r", 0, in_flight=0, in_flight_seen=3, running=3, stale=False)
+    assert load_score(r, kv_weight=0) == 0
+    r.in_flight_seen = 1                               # 2 of the 3 are someone else's
+    assert load_score(r, kv_weight=0) == 2 * 256
+
+
 def test_least_load_uses_tokens_not_request_counts():
     # replica0: one long generation; replica1: many short ones.
     long_ = RankLoad("replica0", 0, in_flight=1, pending_decode_tokens=4000)

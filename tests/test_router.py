@@ -23,7 +23,7 @@ from nbkit.cluster import Rank
 from nbkit.dispatch import Endpoint
 from nbkit.forward import Forwarder, Upstream, request_info, sse_events
 from nbkit.metrics import EngineMetrics
-from nbkit.policies import NoCandidateError, RequestInfo, RoundRobinPolicy, SessionPolicy
+from nbkit.policies import NoCandidateError, RequestInfo, load_score, RoundRobinPolicy, SessionPolicy
 from nbkit.router import BREAKER_FAILURES, Router
 
 TIMEOUT = 5.0
@@ -916,6 +916,29 @@ def test_scrape_keeps_old_reading_on_error_and_a_missing_reading_is_stale():
     state["ok"] = False
     run(router.scrape_once())
     assert router.states[0].scraped is first
+
+
+def test_scrape_remembers_our_peak_in_flight_so_finished_requests_are_not_foreign():
+    def handler(request):
+        return httpx.Response(200, text=metrics_text({"0": (2, 0, 0.0)}))
+
+    router = Router(ranks(1), "least_load", client=httpx.AsyncClient(transport=httpx.MockTransport(handler)))
+
+    async def main():
+        a = await router.acquire(RequestInfo(prompt_tokens=1, max_tokens=1))
+        b = await router.acquire(RequestInfo(prompt_tokens=1, max_tokens=1))
+        await router.scrape_once()        # the replica reports our 2 as running
+        a.release()
+        b.release()                       # ... finished since: the reading still says 2
+        return router.loads()[0]
+
+    load = run(main())
+    assert (load.in_flight, load.in_flight_seen, load.running, load.stale) == (0, 2, 2, False)
+    assert load_score(load, kv_weight=0) == 0
+    run(router.scrape_once())             # this reading's window still covers the interval before it
+    assert router.loads()[0].in_flight_seen == 2
+    run(router.scrape_once())             # ... and the next one starts with none of ours in flight
+    assert router.loads()[0].in_flight_seen == 0
 
 
 def test_stale_reading_does_not_count_in_least_load():
