@@ -5,8 +5,10 @@ vLLM-CPU replicas of the tiny model, on a shared-prefix and a mixed-length workl
     .venv/bin/python benchmarks/compare_routers.py [--quick] [--requests 150] [--routers nbkit,sglang,vllm]
                                                   [--workloads shared-prefix,mixed] [--rate auto|R] [--load 0.8]
                                                   [--peers-venv .bench-venv]
-Defaults: 150 measured requests per (router, policy, workload), 10 routers x 2 workloads, about
-20-30 minutes on 2 cores; --quick: 50 requests each (about 10 minutes).
+Defaults: 150 measured requests per (router, policy, workload) in each of 2 interleaved rounds
+(--rounds), 10 routers x 2 workloads, about 15 minutes on 2 cores; --quick: 50 requests each.
+One run of 150 requests has a p99 of the 2nd-worst request, which moved by up to 2x between runs
+of the same router here: the table pools the rounds and shows each round's p99 beside it.
 
 The peers live in a separate venv so they do not disturb the project's:
     python3 -m venv .bench-venv && .bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17
@@ -166,13 +168,13 @@ async def calibrate(cluster, warm, work, args) -> float:
     return float(s["request_throughput"])
 
 
-async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, ctx: dict, args) -> dict:
+async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, ctx: dict, args, rnd: int = 0) -> dict:
     from nbkit import bench
 
     cluster, children = ctx["cluster"], ctx["children"]
     label = f"{LABELS[kind]} ({policy})"
     load = {"concurrency": args.concurrency} if args.concurrency else {"request_rate": rate}
-    row = {"workload": wname, "router": kind, "policy": policy, "label": label, "rate": rate}
+    row = {"workload": wname, "router": kind, "policy": policy, "label": label, "rate": rate, "round": rnd}
     port = free_port()
     argv = router_argv(kind, policy, port, cluster.urls, args)
     if isinstance(argv, str):
@@ -192,7 +194,7 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
         if warm is not None:
             await bench.arun(url, warm, **load, seed=args.seed + 7, model=cluster.model, progress=False,
                              timeout_s=args.request_timeout)
-        csv = args.csv_dir / f"{wname}-{kind}-{policy}.csv"
+        csv = args.csv_dir / f"{wname}-{kind}-{policy}-r{rnd}.csv"
         res = await bench.arun(url, work, **load, seed=args.seed, model=cluster.model, policy=policy,
                                label=label, replicas=cluster.urls, output=csv, progress=not args.no_progress,
                                timeout_s=args.request_timeout)
@@ -209,6 +211,8 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
         "e2e_p99_ms": float(s["e2e_p99_ms"]), "prefix_hit_rate": float(s.get("prefix_hit_rate", float("nan"))),
         "replica_share": shares, "csv": str(csv.relative_to(ROOT)) if csv.is_relative_to(ROOT) else str(csv),
     })
+    row["_ttft_ms"] = [r.ttft_s * 1e3 for r in res.requests if r.ok and r.ttft_s is not None]
+    row["_e2e_ms"] = [r.e2e_s * 1e3 for r in res.requests if r.ok and r.e2e_s is not None]
     errors = [r for r in res.requests if not r.ok]
     if errors:
         row["error_sample"] = f"{errors[0].outcome}: {errors[0].error[:200]}"
@@ -250,19 +254,66 @@ async def run_all(args, children: Children) -> dict:
                 rate = float(args.rate)
                 print(f"\n{wname}: offering {rate} req/s to every router", flush=True)
             rates[wname] = rate
-            for kind, policy in plan:
-                print(f"  {wname}: {LABELS[kind]} ({policy}) ...", flush=True)
-                row = await one_run(kind, policy, wname, warm, work, rate, ctx, args)
-                if "error" in row:
-                    print(f"    not measured: {row['error'].splitlines()[0]}", flush=True)
-                else:
-                    print(f"    TTFT p99 {row['ttft_p99_ms']:.0f} ms, {row['output_throughput']:.0f} tok/s, "
-                          f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}", flush=True)
-                rows.append(row)
+            for rnd in range(args.rounds):
+                # interleaved rounds, every other one in reverse order, so a drift of the machine
+                # (another process, thermal, caches) does not favour whoever runs first
+                order = plan if rnd % 2 == 0 else plan[::-1]
+                for kind, policy in order:
+                    print(f"  {wname} round {rnd + 1}/{args.rounds}: {LABELS[kind]} ({policy}) ...", flush=True)
+                    row = await one_run(kind, policy, wname, warm, work, rate, ctx, args, rnd)
+                    if "error" in row:
+                        print(f"    not measured: {row['error'].splitlines()[0]}", flush=True)
+                    else:
+                        print(f"    TTFT p99 {row['ttft_p99_ms']:.0f} ms, {row['output_throughput']:.0f} tok/s, "
+                              f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}", flush=True)
+                    rows.append(row)
     finally:
         await cluster.astop()
-    return {"rows": rows, "rates": rates, "elapsed_s": time.perf_counter() - started,
+    return {"rows": pooled(rows), "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
+            "rates": rates, "elapsed_s": time.perf_counter() - started,
             "replicas": [{"url": p.url, "pinning": p.pinning} for p in cluster.plans]}
+
+
+def pooled(runs: list[dict]) -> list[dict]:
+    """One row per (workload, router, policy) over its rounds: percentiles of all the rounds'
+    requests together, throughput and shares averaged, and each round's p99 TTFT kept to show the spread."""
+    import numpy as np
+
+    out: dict[tuple, dict] = {}
+    for r in runs:
+        key = (r["workload"], r["router"], r["policy"])
+        if "error" in r:
+            out.setdefault(key, {k: r[k] for k in ("workload", "router", "policy", "label", "rate", "error")})
+            continue
+        agg = out.get(key)
+        if agg is None or "error" in agg:
+            agg = out[key] = {k: r[k] for k in ("workload", "router", "policy", "label", "rate")}
+            agg.update(_runs=[], _ttft=[], _e2e=[])
+        agg["_runs"].append(r)
+        agg["_ttft"] += r["_ttft_ms"]
+        agg["_e2e"] += r["_e2e_ms"]
+    rows = []
+    for agg in out.values():
+        runs_ = agg.pop("_runs", None)
+        ttft, e2e = agg.pop("_ttft", []), agg.pop("_e2e", [])
+        if runs_:
+            mean = lambda k: float(np.mean([x[k] for x in runs_]))  # noqa: E731
+            agg.update({
+                "rounds": len(runs_), "sent": sum(x["sent"] for x in runs_),
+                "completed": sum(x["completed"] for x in runs_), "failed": sum(x["failed"] for x in runs_),
+                "request_throughput": mean("request_throughput"), "output_throughput": mean("output_throughput"),
+                "ttft_p50_ms": float(np.percentile(ttft, 50)) if ttft else float("nan"),
+                "ttft_p99_ms": float(np.percentile(ttft, 99)) if ttft else float("nan"),
+                "e2e_p99_ms": float(np.percentile(e2e, 99)) if e2e else float("nan"),
+                "ttft_p99_by_round_ms": [round(x["ttft_p99_ms"], 1) for x in runs_],
+                "prefix_hit_rate": mean("prefix_hit_rate"),
+                "replica_share": [round(float(v), 3) for v in np.mean([x["replica_share"] for x in runs_
+                                                                       if x["replica_share"]], axis=0)]
+                if any(x["replica_share"] for x in runs_) else [],
+                "csv": [x["csv"] for x in runs_],
+            })
+        rows.append(agg)
+    return rows
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -278,21 +329,22 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
         rows = [r for r in out["rows"] if r["workload"] == wname]
         how = (f"closed loop, {args.concurrency} in flight" if args.concurrency
                else f"{out['rates'][wname]} req/s (Poisson)")
-        lines.append(f"\n{wname} workload, {args.requests} requests per router, {how}, "
+        lines.append(f"\n{wname} workload, {args.rounds} round(s) x {args.requests} requests per router, {how}, "
                      "2 vLLM-CPU replicas of the tiny model")
         lines.append(f"{'router (policy)':<34}{'ok/sent':>9}{'req/s':>9}{'tok/s':>9}{'TTFT p50':>9}{'TTFT p99':>9}"
-                     f"{'E2E p99':>9}{'prefix':>9}  share r0/r1")
+                     f"{'E2E p99':>9}{'prefix':>9}  share r0/r1  p99 by round")
         for r in rows:
             if "error" in r:
                 lines.append(f"{r['label']:<34} not measured: {r['error'].splitlines()[0][:90]}")
                 continue
             share = "/".join(f"{x:.0%}" for x in r["replica_share"]) or "-"
-            lines.append(f"{r['label']:<34}{r['completed']:>5}/{r['sent']:<3}{fmt(r['request_throughput'], '.2f')}"
+            lines.append(f"{r['label']:<34}{r['completed']:>5}/{r['sent']:<4}{fmt(r['request_throughput'], '.2f')}"
                          f"{fmt(r['output_throughput'], '.0f')}{fmt(r['ttft_p50_ms'], '.0f')}"
                          f"{fmt(r['ttft_p99_ms'], '.0f')}{fmt(r['e2e_p99_ms'], '.0f')}"
                          f"{fmt(r['prefix_hit_rate'] * 100 if r['prefix_hit_rate'] == r['prefix_hit_rate'] else None, '.0f')}%"
-                         f"  {share}")
-        lines.append("(times in ms; prefix = prefix-cache hit rate of the replicas' queried prompt tokens)")
+                         f"  {share:<11}  {'/'.join(f'{x:.0f}' for x in r.get('ttft_p99_by_round_ms', []))}")
+        lines.append("(times in ms over all rounds' requests; prefix = prefix-cache hit rate of the replicas' "
+                     "queried prompt tokens; req/s, tok/s, prefix and share: mean of the rounds)")
         ok = [r for r in rows if "error" not in r and r["completed"] == r["sent"]]
         nb = [r for r in ok if r["router"] == "nbkit"]
         peers = [r for r in ok if r["router"] != "nbkit"]
@@ -336,7 +388,10 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--quick", action="store_true", help="50 requests per run (default 150)")
-    ap.add_argument("--requests", type=int, default=None, help="measured requests per (router, policy, workload)")
+    ap.add_argument("--requests", type=int, default=None, help="measured requests per (router, policy, workload, round)")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="interleaved rounds: every router runs once per round (every other round in reverse "
+                         "order); figures pool all rounds' requests (default 2)")
     ap.add_argument("--routers", default="nbkit,sglang,vllm", help="comma-separated from nbkit,sglang,vllm")
     ap.add_argument("--nbkit-policies", default=",".join(NBKIT_POLICIES))
     ap.add_argument("--sglang-policies", default=",".join(PEERS["sglang"]))
@@ -370,6 +425,8 @@ def parse_args(argv=None):
     # internal: nbkit's endpoint in its own process
     args = ap.parse_args(argv)
     args.requests = args.requests or (50 if args.quick else 150)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: must be >= 1")
     args.routers = [r.strip() for r in args.routers.split(",") if r.strip()]
     args.nbkit_policies = [p.strip() for p in args.nbkit_policies.split(",") if p.strip()]
     args.peer_policies = {k: [p.strip() for p in getattr(args, f"{k}_policies").split(",") if p.strip()]
@@ -412,7 +469,7 @@ def main(argv=None) -> int:
         "versions": {**versions(args.peers_venv), "vllm": _vllm_version()},
         "setup": {"replicas": out["replicas"], "model": args.model or "nbkit tiny model (random weights)",
                   "kv_blocks_per_replica": args.kv_blocks, "max_model_len": args.max_model_len,
-                  "requests_per_run": args.requests, "rates": out["rates"], "rate_mode": args.rate, "load": args.load,
+                  "requests_per_run": args.requests, "rounds": args.rounds, "rates": out["rates"], "rate_mode": args.rate, "load": args.load,
                   "arrivals": (f"closed loop, {args.concurrency} in flight" if args.concurrency
                                else "Poisson, same seed for every router"), "seed": args.seed,
                   "shared_prefix": {"prefixes": args.prefixes, "prefix_len": args.prefix_len,
@@ -420,7 +477,7 @@ def main(argv=None) -> int:
                                     "warmup_per_prefix": args.warmup_per_prefix},
                   "mixed": {"input": args.mixed_input, "output": args.mixed_output},
                   "load_generator": "nbkit.bench (aiohttp, streamed, ignore_eos)", "quick": args.quick},
-        "goals": goals, "rows": out["rows"], "elapsed_s": round(out["elapsed_s"], 1),
+        "goals": goals, "rows": out["rows"], "runs": out["runs"], "elapsed_s": round(out["elapsed_s"], 1),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(_finite(result), indent=1) + "\n")

@@ -214,8 +214,15 @@ def test_calibrate_cli_saves_a_profile_the_run_uses(tmp_path, capsys):
 def test_calibration_trace_command(tmp_path, capsys):
     out = tmp_path / "calib.jsonl"
     assert main(["calibration-trace", "--output", str(out), "--bursts", "1,4", "--repeats", "2",
-                 "--gap-s", "5"]) == 0
+                 "--gap-s", "5", "--singles", "3", "--single-gap-s", "1"]) == 0
     from nbkit.traces import read_trace
     items = read_trace(out)
-    assert len(items) == 10
-    assert sorted({i.arrival_time_ns for i in items}) == [0, 5_000_000_000, 10_000_000_000, 15_000_000_000]
+    assert len(items) == 3 + 10
+    # 3 lone requests 1 s apart, then (after one gap) the 4 bursts 5 s apart
+    assert sorted({i.arrival_time_ns for i in items}) == [int(t * 1e9) for t in (0, 1, 2, 8, 13, 18, 23)]
+    assert [i.arrival_time_ns for i in items[:3]] == [0, 1_000_000_000, 2_000_000_000]
+
+
+def test_calibration_trace_rejects_bad_singles():
+    with pytest.raises(ValueError, match="singles=-1"):
+        calibration_trace(singles=-1)
