@@ -55,7 +55,8 @@ def test_sim_subcommand_reaches_the_simulator(tmp_path, capsys):
     from nbkit.cli import main
     from nbkit.traces import read_trace
     out = tmp_path / "calib.jsonl"
-    assert main(["sim", "calibration-trace", "--output", str(out), "--bursts", "1,2", "--repeats", "1"]) == 0
+    assert main(["sim", "calibration-trace", "--output", str(out), "--bursts", "1,2", "--repeats", "1",
+                 "--singles", "0"]) == 0
     assert len(read_trace(out)) == 3
     assert main(["sim", "--cluster-config", str(tmp_path / "missing.json"), "--dataset", str(out)]) == 2
     assert "missing.json" in capsys.readouterr().err

@@ -159,6 +159,30 @@ def test_calibrate_recovers_known_factors(tmp_path, unit):
     assert fit.profile.mem_eff == get_hardware("cpu").mem_eff      # not fitted, not moved
 
 
+def test_calibrate_recovers_the_decode_overhead(tmp_path):
+    true = dict(compute_eff=0.35, step_overhead_s=0.002, seq_overhead_s=0.0002, request_overhead_s=0.01,
+                decode_overhead_s=0.015)
+    cfg = single_instance_config("tiny", "cpu", max_num_seqs=128)
+    items = calibration_trace((1, 4, 16, 64), repeats=2, gap_s=20.0, seed=1)
+    res = Simulator(cfg, hardware={"cpu": get_hardware("cpu").replace(**true)}, policy="RR").run(items)
+    lone = [r for r in res.records if r.output_toks > 1][:1]
+    assert lone[0].itl_s[0] > 0.015                       # the client waits for token 2
+    path = tmp_path / "real.csv"
+    res.write_csv(path)
+    fit = calibrate(read_csv(path), cfg, policy="RR",
+                    params=("compute_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s",
+                            "decode_overhead_s"))
+    for k, v in true.items():
+        # decode_overhead_s trades against step_overhead_s x (output - 1): only the spread of
+        # output lengths among lone requests tells them apart, and the ridge has a say
+        tol = 0.15 if k == "decode_overhead_s" else 0.05
+        assert fit.fitted[k] == pytest.approx(v, rel=tol), (k, fit.report())
+    # without it, the lone short requests' TPOT cannot be matched as well
+    fit0 = calibrate(read_csv(path), cfg, policy="RR",
+                     params=("compute_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s"))
+    assert fit.loss < fit0.loss
+
+
 def test_calibrate_recovers_the_request_overhead_and_the_fixed_costs(tmp_path):
     true = dict(compute_eff=0.35, step_overhead_s=0.003, seq_overhead_s=0.0004, request_overhead_s=0.009)
     cfg = single_instance_config("tiny", "cpu", max_num_seqs=128)

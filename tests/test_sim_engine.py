@@ -293,6 +293,33 @@ def test_request_overhead_shifts_ttft_and_e2e_once():
     assert "request_overhead_s" in sim_hardware.FITTABLE
 
 
+def test_decode_overhead_delays_tokens_after_the_first_only():
+    cfg = single_instance_config("tiny", "cpu")
+    base = sim_hardware.get_hardware("cpu")
+    items = [TraceRequest(200 + 37 * k, 1 + k, int(k * 0.5e9)) for k in range(6)]   # spaced: each runs alone
+    a, b = (Simulator(cfg, policy="RR", hardware={"cpu": base.replace(decode_overhead_s=o)}).run(items).records
+            for o in (0.0, 0.03))
+    for x, y in zip(a, b):
+        assert y.ttft_s == pytest.approx(x.ttft_s)
+        extra = 0.03 if x.output_toks > 1 else 0.0          # a one-token answer has no "rest"
+        assert y.e2e_s == pytest.approx(x.e2e_s + extra)
+        if x.itl_s:
+            assert y.itl_s[0] == pytest.approx(x.itl_s[0] + 0.03)
+
+
+def test_api_serial_spaces_a_burst_at_the_engine():
+    cfg = single_instance_config("tiny", "cpu")
+    base = sim_hardware.get_hardware("cpu").replace(request_overhead_s=0.0)
+    burst = [TraceRequest(64, 4, 0) for _ in range(5)]
+    lone = Simulator(cfg, policy="RR", hardware={"cpu": base.replace(api_serial_s=0.05)}).run(burst[:1]).records
+    assert lone[0].ttft_s == pytest.approx(
+        Simulator(cfg, policy="RR", hardware={"cpu": base}).run(burst[:1]).records[0].ttft_s + 0.05)
+    recs = Simulator(cfg, policy="RR", hardware={"cpu": base.replace(api_serial_s=0.05)}).run(burst).records
+    ttfts = sorted(r.ttft_s for r in recs)
+    # the k-th request reaches the engine k x 50 ms after the burst: far longer than its prefill
+    assert all(0.045 < b - a < 0.08 for a, b in zip(ttfts, ttfts[1:])), ttfts
+
+
 def test_rejected_request_is_reported():
     cfg = cfg_of([inst("tiny", "cpu", max_model_len=256)])
     res = Simulator(cfg).run([TraceRequest(300, 10, 0), TraceRequest(100, 10, 0)])

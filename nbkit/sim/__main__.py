@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
-    from .hardware import FITTABLE
+    from .hardware import DEFAULT_FIT, FITTABLE
     ap = argparse.ArgumentParser(prog="nbkit sim calibrate",
                                  description="fit a hardware profile to a real run's per-request CSV")
     _add_common(ap)
@@ -101,7 +101,7 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dataset", "--trace", dest="dataset", default=None,
                     help="the trace that ran (default: rebuilt from the CSV's arrivals and token counts)")
     ap.add_argument("--output", required=True, help="profile JSON to write")
-    ap.add_argument("--params", default=",".join(FITTABLE), help=f"comma-separated, among {', '.join(FITTABLE)}")
+    ap.add_argument("--params", default=",".join(DEFAULT_FIT), help=f"comma-separated, among {', '.join(FITTABLE)}")
     ap.add_argument("--method", default="auto", choices=["auto", "linear", "nelder-mead"])
     ap.add_argument("--max-evals", type=int, default=40)
     ap.add_argument("--name", default=None, help="name of the saved profile (default: the hardware's)")

@@ -26,8 +26,9 @@ How (``method="linear"``, the default where it applies): a simulated step lasts:
 with ``F`` (``B``) the step's compute (memory) time at full efficiency, whichever side of the
 roofline binds. With the schedule held fixed, every request's TTFT and decode time are sums of
 step durations plus constants (busy periods start at arrivals), so the group means are linear in
-``theta = (step_overhead_s, seq_overhead_s, 1/compute_eff, 1/mem_eff, request_overhead_s)``
-(the last shifts every TTFT and E2E: requests reach the engine that long after they arrive). Each iteration simulates
+``theta = (step_overhead_s, seq_overhead_s, 1/compute_eff, 1/mem_eff, request_overhead_s,
+decode_overhead_s)`` (``request_overhead_s`` shifts every TTFT and E2E: requests reach the engine
+that long after they arrive; ``decode_overhead_s`` every decode time: tokens 2..n arrive that much later). Each iteration simulates
 once at the current ``theta``, solves that linear least-squares problem (non-negative, with a
 small ridge towards the starting values so parameters the data cannot see stay put) and moves
 there; on noise-free data the true parameters are a fixed point. Lockstep DP groups and
@@ -50,7 +51,7 @@ from typing import Any, Callable, Sequence
 
 from ..traces import TraceRequest, TraceSession, read_trace
 from .config import ClusterConfig, load_cluster_config, resolve_instances
-from .hardware import FITTABLE, HardwareProfile, save_profile
+from .hardware import DEFAULT_FIT, FITTABLE, HardwareProfile, save_profile
 from .report import RequestRecord
 from .simulator import Simulator
 
@@ -225,21 +226,25 @@ class CalibrationResult:
 
 
 # theta index of each fittable parameter;
-# theta = (step_overhead_s, seq_overhead_s, 1/ce, 1/me, request_overhead_s)
-_THETA = {"step_overhead_s": 0, "seq_overhead_s": 1, "compute_eff": 2, "mem_eff": 3, "request_overhead_s": 4}
+# theta = (step_overhead_s, seq_overhead_s, 1/ce, 1/me, request_overhead_s, decode_overhead_s)
+_THETA = {"step_overhead_s": 0, "seq_overhead_s": 1, "compute_eff": 2, "mem_eff": 3, "request_overhead_s": 4,
+          "decode_overhead_s": 5}
 _NTH = len(_THETA)
 # a generous size of each theta component, for parameters that start at 0 (the ridge then
 # hardly pulls them back to 0)
-_TYPICAL = (1e-2, 1e-3, 1.0, 1.0, 1e-2)
+_TYPICAL = (1e-2, 1e-3, 1.0, 1.0, 1e-2, 1e-2)
 
 
 def _theta_of(p: HardwareProfile) -> list[float]:
-    return [p.step_overhead_s, p.seq_overhead_s, 1.0 / p.compute_eff, 1.0 / p.mem_eff, p.request_overhead_s]
+    return [p.step_overhead_s, p.seq_overhead_s, 1.0 / p.compute_eff, 1.0 / p.mem_eff, p.request_overhead_s,
+            p.decode_overhead_s]
 
 
 def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[str]) -> HardwareProfile:
     vals = {}
     for k in names:
+        if k not in _THETA:
+            continue
         v = theta[_THETA[k]]
         if k in ("compute_eff", "mem_eff"):
             vals[k] = min(1.0, 1.0 / max(v, 1e-9))
@@ -250,7 +255,7 @@ def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[s
 
 def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | str, *,
               trace: Sequence[TraceRequest | TraceSession] | str | None = None,
-              params: Sequence[str] = FITTABLE, dtype: str = "float16", block_size: int | None = None,
+              params: Sequence[str] = DEFAULT_FIT, dtype: str = "float16", block_size: int | None = None,
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
               method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
               polish_evals: int = 60, replay_routing: bool = True, policy: Any = "least_load",
@@ -384,7 +389,9 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     loss_start = loss_of(start_recs)
 
     x_names = names
-    x0 = [math.log(max(float(getattr(base, k)), 1e-7)) for k in x_names]
+    # a parameter that starts at 0 starts the log-space search at a typical size instead
+    floor = {k: (1e-3 if k == "api_serial_s" else 1e-7) for k in x_names}
+    x0 = [math.log(max(float(getattr(base, k)), floor[k])) for k in x_names]
 
     def prof_at(x):
         vals = {k: math.exp(v) for k, v in zip(x_names, x)}
@@ -394,7 +401,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
         return base.replace(**vals)
 
     def search(from_prof: HardwareProfile, step: float, evals: int):
-        xs = [math.log(max(float(getattr(from_prof, k)), 1e-7)) for k in x_names]
+        xs = [math.log(max(float(getattr(from_prof, k)), floor[k])) for k in x_names]
 
         def objective(x):
             reg = ridge * sum((a - b) ** 2 for a, b in zip(x, x0))
@@ -432,7 +439,7 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
     """The fixed-point iteration of the module doc; returns (profile, loss, records, simulations)."""
     import numpy as np
 
-    fit_idx = sorted(_THETA[k] for k in names)
+    fit_idx = sorted(_THETA[k] for k in names if k in _THETA)  # api_serial_s: held here, fitted by the polish
     best = (base, loss_start, sim0.result.records)
     theta = list(theta0)
     sim = sim0
@@ -455,7 +462,7 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
             B = (m.m_const + m.m_kv * (R + T)) * m.hw.mem_eff
             comp = F * theta[2] > B * theta[3]
             feats = np.stack([np.ones_like(T), S, np.where(comp, F, 0.0), np.where(comp, 0.0, B),
-                              np.zeros_like(T)], axis=1)
+                              np.zeros_like(T), np.zeros_like(T)], axis=1)
             const = m.ar_const + m.ar_tok * T
             # parameters held fixed go to the constant
             for j in range(4):
@@ -491,6 +498,13 @@ def _linear_fit(base, names, theta0, sim0, simulate, loss_of, loss_start, real, 
                 rows_t[i, 4] = rows_end[i, 4] = 1.0
                 const_t[i] -= theta[4]
                 const_end[i] -= theta[4]
+            if r.data is not None and r.data.output > 1:
+                # tokens 2..n reach the client decode_overhead_s later (reported times only)
+                if 5 in fit_idx:
+                    rows_d[i, 5] = rows_end[i, 5] = 1.0
+                else:
+                    const_d[i] += theta[5]
+                    const_end[i] += theta[5]
         # simulated times are relative to the simulator's t0 = first arrival; so are real ones
         A, b = [], []
         for g, dg, rt, rd in zip(groups, dec_groups, real_ttft, real_dec):

@@ -27,10 +27,13 @@ from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 __all__ = ["HardwareProfile", "PROFILES", "get_hardware", "save_profile", "load_profile",
-           "UnknownHardwareError", "FITTABLE"]
+           "UnknownHardwareError", "FITTABLE", "DEFAULT_FIT"]
 
 #: Fields ``calibrate`` may fit.
-FITTABLE = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s")
+FITTABLE = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s", "decode_overhead_s",
+            "api_serial_s")
+#: What ``nbkit sim calibrate`` fits unless told otherwise.
+DEFAULT_FIT = ("compute_eff", "mem_eff", "step_overhead_s", "seq_overhead_s", "request_overhead_s", "decode_overhead_s")
 
 
 class UnknownHardwareError(ValueError):
@@ -48,6 +51,13 @@ class HardwareProfile:
     ``request_overhead_s`` is a fixed latency per request outside the engine (HTTP, tokenization,
     the API server handing the request to the engine core and the first token back): a request
     reaches the engine that long after it arrives, so TTFT and E2E include it once.
+    ``decode_overhead_s`` is a fixed time per request between its first token and the rest: on
+    vLLM-CPU the first decode steps after a prefill are slower and the stream's first chunks cost
+    the API server more, so short outputs show a higher TPOT (lone requests of 8-14 tokens ran at
+    ~3.4 ms per token, of 50-60 tokens at ~1.9 ms). The client sees tokens 2..n that much later.
+    ``api_serial_s`` is CPU time per request in front of the engine that requests take one at a
+    time (vLLM's API server parses and tokenizes on one event loop): requests arriving together
+    reach the engine that far apart, so a burst's last request waits for all the others.
     """
 
     name: str
@@ -59,6 +69,8 @@ class HardwareProfile:
     step_overhead_s: float = 0.002    # fixed cost per engine step (scheduling, launch, sampling)
     seq_overhead_s: float = 0.0       # extra cost per scheduled sequence per step
     request_overhead_s: float = 0.0   # fixed latency per request before it reaches the engine
+    decode_overhead_s: float = 0.0    # fixed extra time per request between its first token and the rest
+    api_serial_s: float = 0.0         # per-request time in front of the engine, one request at a time
     tp_link_bw_gbs: float | None = None     # device-to-device link for TP; None: the cluster's link
     tp_link_latency_ns: float | None = None
     kv_cache_gb: float | None = None  # fixed KV-cache size (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE); None: from memory

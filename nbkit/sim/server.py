@@ -124,6 +124,7 @@ class SimReplica:
         self.model_name = model_name
         self.tokens = _Tokens(tokenizer)
         self.speed = speed
+        self._api_free: dict[int, float] = {}   # per engine: monotonic time its API server is free (api_serial_s)
         s0 = setups[0]
         cap = s0.num_blocks * s0.block_size
         self.max_model_len = min(max_model_len or s0.model.max_position_embeddings, cap)
@@ -313,6 +314,11 @@ class SimReplica:
             e.rejected += 1
             raise ValueError(f"request of {n_in} + {max_tokens} tokens does not fit this replica's KV cache")
         delay = e.setup.hw.request_overhead_s / self.speed
+        if e.setup.hw.api_serial_s > 0:   # one request at a time in front of the engine
+            now = time.monotonic()
+            done = max(now, self._api_free.get(engine, 0.0)) + e.setup.hw.api_serial_s / self.speed
+            self._api_free[engine] = done
+            delay += done - now
         loop = None
         if delay > 0 and self._wake:
             try:
@@ -333,6 +339,10 @@ class SimReplica:
         self.engines[s.engine].add(s.req, self.now())
         if self._wake:
             self._wake[s.engine].set()
+
+    def decode_overhead_s(self, s: _Stream) -> float:
+        """Wall seconds between a stream's first token and the rest (the profile's decode_overhead_s)."""
+        return self.engines[s.engine].setup.hw.decode_overhead_s / self.speed
 
     def abort(self, s: _Stream) -> None:
         if not s.admitted:          # still in its request overhead: never reached the engine
@@ -461,10 +471,14 @@ def build_app(replica: SimReplica):
         try:
             k = 0
             pieces = []
+            late = replica.decode_overhead_s(s)
             while True:
                 n = await s.queue.get()
                 if n is None:
                     break
+                if k and late > 0:
+                    await asyncio.sleep(late)
+                    late = 0.0
                 for _ in range(n):
                     pieces.append(_filler(k))
                     k += 1
@@ -517,10 +531,14 @@ async def _sse(replica: SimReplica, s: _Stream, rid: str, created: int, model: s
         if chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
+        late = replica.decode_overhead_s(s)
         while True:
             n = await s.queue.get()
             if n is None:
                 break
+            if k and late > 0:  # tokens 2..n come that much later (HardwareProfile.decode_overhead_s)
+                await asyncio.sleep(late)
+                late = 0.0
             for _ in range(n):
                 piece = _filler(k)
                 k += 1

@@ -231,6 +231,7 @@ class Simulator:
         records: list[RequestRecord] = []
         heap: list = []
         counter = [0]
+        api_free: dict[int, float] = {}  # per instance: when its API server is free again (api_serial_s)
         push = heapq.heappush
         link_bw, link_lat = self.link_bw, self.link_latency
         loads = self._loads
@@ -289,6 +290,11 @@ class Simulator:
                 finals[str(job.rid)] = (e, r)
             ttft = r.first_token - job.arrival
             e2e = r.finish_time - job.arrival
+            late = e.setup.hw.decode_overhead_s if job.output > 1 else 0.0
+            if late > 0:        # tokens 2..n reach the client that much later (see HardwareProfile)
+                e2e += late
+                if itl:
+                    itl[0] += late
             tpot = (e2e - ttft) / (job.output - 1) if job.output > 1 else None
             records.append(RequestRecord(
                 str(job.rid), e.index, e.key, pname, job.arrival - t0, qw, ttft, tpot, itl, e2e,
@@ -313,6 +319,11 @@ class Simulator:
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
             delay = e.setup.hw.request_overhead_s
+            serial = e.setup.hw.api_serial_s
+            if serial > 0:      # the API server takes requests one at a time
+                done = max(t, api_free.get(e.index, 0.0)) + serial
+                api_free[e.index] = done
+                delay += done - t
             if delay > 0:       # HTTP, tokenization: the request reaches the engine later
                 counter[0] += 1
                 push(heap, (t + delay, counter[0], _ADMIT, (e, r)))
