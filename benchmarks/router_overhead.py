@@ -480,6 +480,26 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
 
 
 # -- nbkit endpoint in its own process -------------------------------------------------------------
+def policy_of(spec: str):
+    """``name`` or ``name:option=value,...`` (e.g. ``prefix_affinity:affinity_weight=0.5``) -> a Policy."""
+    from nbkit.policies import get_policy
+
+    name, _, opts = spec.partition(":")
+    options = {}
+    for item in filter(None, (o.strip() for o in opts.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"--policy {spec!r}: expected name:option=value,...")
+        try:
+            options[key] = int(value)
+        except ValueError:
+            try:
+                options[key] = float(value)
+            except ValueError:
+                options[key] = value
+    return get_policy(name, **options)
+
+
 def serve_endpoint(args) -> None:
     from nbkit.cluster import Rank
     from nbkit.dispatch import Endpoint
@@ -488,7 +508,8 @@ def serve_endpoint(args) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ep = Endpoint(ranks, port=args.port, policy=args.policy, log_level="warning", transport=args.transport)
+    ep = Endpoint(ranks, port=args.port, policy=policy_of(args.policy), log_level="warning",
+                  transport=args.transport)
     ep.start()
     import gc
     gc.freeze()  # as `nbkit serve` does: long-lived objects leave the collector's scans

@@ -330,7 +330,7 @@ def test_prefix_affinity_follows_cached_prefix_when_loads_equal():
 def test_prefix_affinity_loses_to_load_beyond_cached_benefit():
     p = get_policy("prefix_affinity", seed=0)
     p.on_dispatch(Choice(1, "replica1", "test"), RequestInfo(prefix=_prefixed("q", 3200)))
-    benefit = 2.0 * 3200 / 4                            # default affinity_weight 2 x 800 cached tokens
+    benefit = 1.0 * 3200 / 4                            # default affinity_weight 1 x 800 cached tokens
     cands = ranks(2)
     cands[1].pending_prefill_tokens = int(benefit + 300)     # clearly more than the benefit
     req = RequestInfo(prefix=_prefixed("another question", 3200))
@@ -343,7 +343,7 @@ def test_prefix_affinity_loses_to_load_beyond_cached_benefit():
 def test_prefix_affinity_crossover_at_cached_tokens_no_cliff(prefix_chars):
     p = get_policy("prefix_affinity", seed=0)
     p.on_dispatch(Choice(1, "replica1", "test"), RequestInfo(prefix=_prefixed("q", prefix_chars)))
-    cached = 2.0 * prefix_chars / 4                       # the benefit: affinity_weight 2 x cached tokens
+    cached = 1.0 * prefix_chars / 4                       # the benefit: affinity_weight 1 x cached tokens
     req = RequestInfo(prefix=_prefixed("next question", prefix_chars))
     cands = ranks(2)
     cands[0].pending_decode_tokens = 200                    # the other rank is not idle
