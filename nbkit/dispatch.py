@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from . import loop
-from .forward import HOP_BY_HOP, Forwarder, request_info
+from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
 from .transport import ALL_ERRORS, check_transport, make_transport
 
@@ -155,16 +155,11 @@ class Endpoint:
                 return _error(499, "client went away", "ClientClosedRequest")
             body += message.get("body", b"")
             more = message.get("more_body", False)
-        headers = {}
-        rank = None
-        for k, v in scope["headers"]:
-            k = k.decode("latin-1")
-            if k in HOP_BY_HOP:
-                continue
-            v = v.decode("latin-1")
-            if k == "x-nbkit-rank":
-                rank = int(v) if v.isdigit() else v
-            headers[k] = v
+        # the Forwarder drops hop-by-hop headers; ASGI gives names in lower case
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        rank = headers.get("x-nbkit-rank")
+        if rank is not None and rank.isdigit():
+            rank = int(rank)
         parsed = None
         if method == "POST" and body and path in ROUTED_POST:
             try:

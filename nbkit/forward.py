@@ -86,16 +86,22 @@ class Upstream:
     def record(self) -> RequestRecord:
         return self.lease.record
 
+    def _passed_headers(self):
+        """The response headers that go on to the caller (no hop-by-hop, no content-encoding:
+        the body is passed on decoded)."""
+        for k, v in self.response.headers.items():
+            lk = k.lower()
+            if lk not in HOP_BY_HOP and lk != "content-encoding":
+                yield k, v
+
     def headers(self) -> dict[str, str]:
-        h = {k: v for k, v in self.response.headers.items() if k.lower() not in HOP_BY_HOP
-             and k.lower() != "content-encoding"}
+        h = dict(self._passed_headers())
         h["x-nbkit-rank"] = self.lease.rank.name
         return h
 
     def raw_headers(self, content_length: int) -> list[tuple[bytes, bytes]]:
         """:meth:`headers` as ASGI wants them, with the length of the body read whole."""
-        h = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self.response.headers.items()
-             if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"]
+        h = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._passed_headers()]
         h.append((b"content-length", str(content_length).encode()))
         h.append((b"x-nbkit-rank", self.lease.rank.name.encode("latin-1")))
         return h
@@ -161,11 +167,12 @@ class Forwarder:
         record = self.router.new_record(path, info)
         tried: set[str] = set()
         attempt = 0
+        passed = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
         while True:
             lease = await self.router.acquire(info, rank=rank, exclude=tried, record=record, roles=roles)
             record.attempts = attempt + 1
-            hdrs = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
-            hdrs.update(dict(lease.rank.headers))
+            hdrs = dict(passed)
+            hdrs.update(lease.rank.headers)  # (name, value) pairs, e.g. X-data-parallel-rank
             pool = [st for st in self.router.states if roles is None or getattr(st.rank, "role", "both") in roles]
             elsewhere = rank is None and len(tried) + 1 < len(pool)  # another rank is left to try
             # 5xx/429 are retried on another rank only; a transport error before the first byte

@@ -431,6 +431,14 @@ class Router:
                                          connect_timeout=PROBE_TIMEOUT_S, max_connections=64)
         return self._probe
 
+    async def _get(self, url: str) -> tuple[int, bytes]:
+        """GET ``url`` with the probe transport: status and whole body (the connection is reused)."""
+        r = await self._prober().send("GET", url, timeout=PROBE_TIMEOUT_S)
+        try:
+            return r.status_code, await r.aread()
+        finally:
+            await r.aclose()
+
     async def scrape_once(self) -> None:
         probe = self._prober()
         by_url: dict[str, list[RankState]] = {}
@@ -443,14 +451,10 @@ class Router:
                 peaks.append(s.inflight_peak)
                 s.inflight_peak = s.in_flight
             try:
-                r = await probe.send("GET", f"{url}/metrics", timeout=PROBE_TIMEOUT_S)
-                try:
-                    if r.status_code != 200:
-                        return
-                    text = (await r.aread()).decode("utf-8", "replace")
-                finally:
-                    await r.aclose()
-                snaps = parse_metrics(text)
+                status, body = await self._get(f"{url}/metrics")
+                if status != 200:
+                    return
+                snaps = parse_metrics(body.decode("utf-8", "replace"))
             except (*probe.errors, ValueError):
                 return
             for s, peak in zip(states, peaks):
@@ -482,10 +486,7 @@ class Router:
         probe = self._prober()
         async def one(s: RankState) -> None:
             try:
-                r = await probe.send("GET", f"{s.rank.url}/health", timeout=PROBE_TIMEOUT_S)
-                ok = r.status_code == 200
-                await r.aread()
-                await r.aclose()
+                ok = (await self._get(f"{s.rank.url}/health"))[0] == 200
             except probe.errors:
                 ok = False
             in_grace = time.monotonic() - s.added_at < self.startup_grace

@@ -78,6 +78,17 @@ class HardwareProfile:
     block_size: int = 16              # vLLM's default KV block size on this device
     notes: str = ""
 
+    def admission(self, now: float, api_free_at: float) -> tuple[float, float]:
+        """When a request arriving at ``now`` reaches the engine, and when the API server is free
+        again, given that it was busy until ``api_free_at`` (simulated seconds): it first waits its
+        ``api_serial_s`` turn, then ``request_overhead_s`` more."""
+        if self.api_serial_s > 0:
+            api_free_at = max(now, api_free_at) + self.api_serial_s
+            start = api_free_at
+        else:
+            start = now
+        return start + self.request_overhead_s, api_free_at
+
     def replace(self, **changes) -> "HardwareProfile":
         return replace(self, **changes)
 

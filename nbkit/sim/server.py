@@ -124,7 +124,7 @@ class SimReplica:
         self.model_name = model_name
         self.tokens = _Tokens(tokenizer)
         self.speed = speed
-        self._api_free: dict[int, float] = {}   # per engine: monotonic time its API server is free (api_serial_s)
+        self._api_free: dict[int, float] = {}   # per engine: simulated time its API server is free (api_serial_s)
         s0 = setups[0]
         cap = s0.num_blocks * s0.block_size
         self.max_model_len = min(max_model_len or s0.model.max_position_embeddings, cap)
@@ -313,12 +313,9 @@ class SimReplica:
         if not e.fits(n_in, max_tokens):
             e.rejected += 1
             raise ValueError(f"request of {n_in} + {max_tokens} tokens does not fit this replica's KV cache")
-        delay = e.setup.hw.request_overhead_s / self.speed
-        if e.setup.hw.api_serial_s > 0:   # one request at a time in front of the engine
-            now = time.monotonic()
-            done = max(now, self._api_free.get(engine, 0.0)) + e.setup.hw.api_serial_s / self.speed
-            self._api_free[engine] = done
-            delay += done - now
+        now = self.now()
+        at, self._api_free[engine] = e.setup.hw.admission(now, self._api_free.get(engine, 0.0))
+        delay = (at - now) / self.speed
         loop = None
         if delay > 0 and self._wake:
             try:
@@ -340,9 +337,20 @@ class SimReplica:
         if self._wake:
             self._wake[s.engine].set()
 
-    def decode_overhead_s(self, s: _Stream) -> float:
-        """Wall seconds between a stream's first token and the rest (the profile's decode_overhead_s)."""
-        return self.engines[s.engine].setup.hw.decode_overhead_s / self.speed
+    async def token_counts(self, s: _Stream):
+        """The stream's new tokens, batch by batch, until it ends; tokens 2..n come the profile's
+        ``decode_overhead_s`` later than the engine makes them."""
+        late = self.engines[s.engine].setup.hw.decode_overhead_s / self.speed
+        first = True
+        while True:
+            n = await s.queue.get()
+            if n is None:
+                return
+            if not first and late > 0:
+                await asyncio.sleep(late)
+                late = 0.0
+            first = False
+            yield n
 
     def abort(self, s: _Stream) -> None:
         if not s.admitted:          # still in its request overhead: never reached the engine
@@ -471,14 +479,7 @@ def build_app(replica: SimReplica):
         try:
             k = 0
             pieces = []
-            late = replica.decode_overhead_s(s)
-            while True:
-                n = await s.queue.get()
-                if n is None:
-                    break
-                if k and late > 0:
-                    await asyncio.sleep(late)
-                    late = 0.0
+            async for n in replica.token_counts(s):
                 for _ in range(n):
                     pieces.append(_filler(k))
                     k += 1
@@ -531,14 +532,7 @@ async def _sse(replica: SimReplica, s: _Stream, rid: str, created: int, model: s
         if chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                          "finish_reason": None})
-        late = replica.decode_overhead_s(s)
-        while True:
-            n = await s.queue.get()
-            if n is None:
-                break
-            if k and late > 0:  # tokens 2..n come that much later (HardwareProfile.decode_overhead_s)
-                await asyncio.sleep(late)
-                late = 0.0
+        async for n in replica.token_counts(s):
             for _ in range(n):
                 piece = _filler(k)
                 k += 1

@@ -318,12 +318,8 @@ class Simulator:
             job.entry = r
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
-            delay = e.setup.hw.request_overhead_s
-            serial = e.setup.hw.api_serial_s
-            if serial > 0:      # the API server takes requests one at a time
-                done = max(t, api_free.get(e.index, 0.0)) + serial
-                api_free[e.index] = done
-                delay += done - t
+            at, api_free[e.index] = e.setup.hw.admission(t, api_free.get(e.index, 0.0))
+            delay = at - t
             if delay > 0:       # HTTP, tokenization: the request reaches the engine later
                 counter[0] += 1
                 push(heap, (t + delay, counter[0], _ADMIT, (e, r)))
