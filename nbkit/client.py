@@ -12,14 +12,23 @@
     client.policy = "prefix_affinity"                                 # switch live
     client.records_frame()                                            # one row per request
 
-All HTTP runs on nbkit's loop thread (:mod:`nbkit.loop`), so the awaitables work from a notebook
-cell, ``asyncio.run`` or any other loop, and streams are bridged chunk by chunk. Closing a stream
-early (``break``, ``aclose()``, cancelling the task) closes the connection to the replica and
-vLLM aborts the request there.
+Where the HTTP runs. The router (its accounting, queue, scraper and health checks) lives on
+nbkit's loop thread (:mod:`nbkit.loop`) and is shared by every caller:
 
-Each call from another loop crosses threads twice (about 0.1-0.2 ms). A script or load generator
-that owns its event loop can skip that with ``local=True``: the client then lives on the first
-loop that uses it (and only that one; no ``.sync``)::
+- awaited from a Jupyter kernel's cell, a request crosses to nbkit's loop and back (about
+  0.1 ms) and streams are bridged chunk by chunk: ipykernel stops running its loop between cells,
+  which would strand connections, and an abandoned stream's clean-up, left on the kernel's loop;
+- awaited from any other loop (``asyncio.run`` in a script, a load generator, a web server),
+  the request runs on that loop with its own connection pool, and only the router is shared;
+- ``client.sync.*`` (blocking, for scripts and other threads) runs on nbkit's loop.
+
+``hop=True`` / ``hop=False`` overrides the first two choices.
+
+Closing a stream early (``break``, ``aclose()``, cancelling the task) closes the connection to
+the replica and vLLM aborts the request there.
+
+``local=True`` keeps everything, the scraper too, on the first loop that uses the client (and
+only that one; no ``.sync``, no nbkit thread)::
 
     async def main():
         async with RoutedClient(cluster, local=True) as client:
@@ -30,7 +39,11 @@ loop that uses it (and only that one; no ``.sync``)::
 from __future__ import annotations
 
 import asyncio
+import atexit
 import json
+import sys
+import threading
+import weakref
 from typing import Any, AsyncIterator, Sequence
 
 from . import loop
@@ -51,6 +64,20 @@ def _ranks_of(target) -> list:
     return list(target.ranks) if hasattr(target, "ranks") else list(target)
 
 
+def _in_kernel_thread() -> bool:
+    """True on a Jupyter kernel's main thread (whose loop ipykernel pauses between cells)."""
+    return "ipykernel" in sys.modules and threading.current_thread() is threading.main_thread()
+
+
+_clients: "weakref.WeakSet[RoutedClient]" = weakref.WeakSet()
+
+
+@atexit.register
+def _forget_dead_loops() -> None:
+    for c in list(_clients):
+        c._drop_closed_loops()
+
+
 class RoutedClient:
     """Completions, chat and streaming over the replicas of ``target`` (a Cluster or a list of Ranks)."""
 
@@ -58,9 +85,12 @@ class RoutedClient:
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
                  transport="aiohttp", max_connections: int | None = None, local: bool = False,
-                 **router_options):
+                 hop: bool | None = None, **router_options):
+        if local and hop:
+            raise ValueError("hop=True: a local=True client never leaves its own loop")
         self.target = target
         self.local = bool(local)
+        self.hop = hop
         self._home = None  # local=True: the loop the client lives on
         self.model = model or getattr(target, "model", None)
         self.api_key = api_key
@@ -74,10 +104,11 @@ class RoutedClient:
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
             raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
-        self._http = None
-        self._forwarder: Forwarder | None = None
+        self._forwarders: dict[asyncio.AbstractEventLoop, Forwarder] = {}  # one per loop that sends
         self._started = False
+        self._start_lock = threading.Lock()
         self.sync = _Sync(self)
+        _clients.add(self)
 
     # -- configuration -----------------------------------------------------------------------------
     @property
@@ -86,10 +117,7 @@ class RoutedClient:
 
     @policy.setter
     def policy(self, spec) -> None:
-        if self._started and not self.local:
-            loop.call_soon(setattr, self.router, "policy", spec)
-        else:
-            setattr(self.router, "policy", spec)
+        self.router.policy = spec  # the router swaps it under its lock
 
     @property
     def records(self) -> list[RequestRecord]:
@@ -103,43 +131,81 @@ class RoutedClient:
 
     def refresh_ranks(self) -> None:
         """Pick up the target Cluster's current ranks (after ``cluster.scale``)."""
-        if self.local:
-            self.router.set_ranks(_ranks_of(self.target))
-        else:
-            loop.call_soon(self.router.set_ranks, _ranks_of(self.target))
+        self.router.set_ranks(_ranks_of(self.target))  # under the router's lock
 
     # -- lifecycle ---------------------------------------------------------------------------------
+    def _hop(self) -> bool:
+        """Whether a call from the running loop crosses to nbkit's loop (see the module docstring)."""
+        if self.local or loop.in_loop_thread():
+            return False
+        return _in_kernel_thread() if self.hop is None else bool(self.hop)
+
     def _on(self, coro):
-        """Run ``coro`` where the client lives: nbkit's loop, or (local=True) the caller's own."""
-        if not self.local:
+        """Run ``coro`` where this call runs: on the caller's loop, or across on nbkit's."""
+        if self._hop():
             return loop.wrap(coro)
-        running = asyncio.get_running_loop()
-        if self._home is not None and self._home is not running and not self._home.is_closed():
-            coro.close()
-            raise RuntimeError("RoutedClient(local=True) is bound to the event loop that first used it; "
-                               "use one client per loop, or local=False")
+        if self.local:
+            running = asyncio.get_running_loop()
+            if self._home is not None and self._home is not running and not self._home.is_closed():
+                coro.close()
+                raise RuntimeError("RoutedClient(local=True) is bound to the event loop that first used it; "
+                                   "use one client per loop, or local=False")
         return coro
 
     async def _ensure(self):
-        if self._forwarder is None:
+        """The Forwarder of the running loop (made on first use); starts the router once."""
+        running = asyncio.get_running_loop()
+        fwd = self._forwarders.get(running)
+        if fwd is not None:
+            return fwd
+        if not self._started:
             if self.local:
-                self._home = asyncio.get_running_loop()
-            self._http = make_transport(self._transport_spec, timeout=self.timeout,
-                                        max_connections=self.max_connections)
-            await self.router.start()
-            self._forwarder = Forwarder(self.router, self._http, retries=self.retries)
+                self._home = running
+                await self.router.start()
+            elif loop.in_loop_thread():
+                await self.router.start()
+            else:
+                await loop.wrap(self.router.start())
+            self._started = True
+        fwd = self._forwarders.get(running)  # another first call on this loop may have made it
+        if fwd is None:
+            self._drop_closed_loops()
+            fwd = Forwarder(self.router, make_transport(self._transport_spec, timeout=self.timeout,
+                                                        max_connections=self.max_connections),
+                            retries=self.retries)
             if self.pd_connector:
                 from .pd import PDForwarder
-                self._forwarder = PDForwarder(self._forwarder, self.pd_connector)
-            self._started = True
-        return self._forwarder
+                fwd = PDForwarder(fwd, self.pd_connector)
+            self._forwarders[running] = fwd
+        return fwd
+
+    def _drop_closed_loops(self) -> None:
+        """Forget the connection pools of loops that have closed (``asyncio.run`` returned)."""
+        for lp, fwd in list(self._forwarders.items()):
+            if lp.is_closed():
+                self._forwarders.pop(lp, None)
+                _abandon(_transport_of(fwd))
 
     async def _aclose(self) -> None:
-        await self.router.aclose()
-        if self._http is not None:
-            await self._http.aclose()
-        self._http = self._forwarder = None
+        """Close the router (on its loop) and every connection pool (each on its own loop)."""
+        running = asyncio.get_running_loop()
+        if self._started:
+            if self.local or loop.in_loop_thread():
+                await self.router.aclose()
+            else:
+                await loop.wrap(self.router.aclose())
         self._started = False
+        for lp, fwd in list(self._forwarders.items()):
+            self._forwarders.pop(lp, None)
+            t = _transport_of(fwd)
+            if lp is running:
+                await t.aclose()
+            elif lp.is_closed():
+                _abandon(t)
+            elif loop.get_loop() is lp and not self.local:
+                await loop.wrap(t.aclose())
+            else:  # a loop on another thread: close it there, without waiting
+                asyncio.run_coroutine_threadsafe(t.aclose(), lp)
 
     async def aclose(self) -> None:
         await self._on(self._aclose())
@@ -250,7 +316,23 @@ class RoutedClient:
         return self._streamer(self._stream("/v1/chat/completions", body, rank, session, headers))
 
     def _streamer(self, agen):
-        return agen if self.local else _bridge(agen)
+        return _bridge(agen) if self._hop() else agen
+
+
+def _transport_of(fwd):
+    return getattr(fwd, "transport", None) or fwd.fwd.transport  # a Forwarder, or a PDForwarder around one
+
+
+def _abandon(transport) -> None:
+    """Mark a pool whose loop has closed as closed (its sockets went with the loop), so that
+    aiohttp does not warn about an unclosed session at exit."""
+    session = getattr(transport, "_session", None)
+    connector = getattr(session, "connector", None)
+    if connector is not None and not connector.closed:
+        try:
+            connector._close()
+        except Exception:  # noqa: BLE001 - best effort on a dead loop
+            pass
 
 
 class _Bridge:

@@ -208,7 +208,8 @@ class Forwarder:
                     lease.release("error", repr(e))
                     raise
                 lease.release("retry", repr(e))
-                self.router.counters["retries"] += 1
+                with self.router._lock:
+                    self.router.counters["retries"] += 1
                 if elsewhere:
                     tried.add(lease.rank.name)
                 else:

@@ -76,7 +76,7 @@ class Monitor:
         return list(getattr(self.cluster, "_routers", []))
 
     def records(self) -> list:
-        recs = [r for router in self.routers() for r in router.records]
+        recs = [r for router in self.routers() for r in list(router.records)]  # appended to from other threads
         recs.sort(key=lambda r: r.arrival)
         return recs
 

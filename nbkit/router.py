@@ -19,12 +19,18 @@ older than two intervals is stale and ignored by the policies.
 Admission: with ``max_per_rank`` and/or ``max_concurrency`` set, requests that cannot be placed
 wait in one FIFO queue (never dropped); when a slot frees, the oldest request that can be placed
 picks among the ranks with room.
+
+Threads: one Router may be used from several event loops at once (a RoutedClient serves callers
+on their own loops while the scraper runs on nbkit's): every change to the accounting, the queue
+and the policy's state happens under one lock, and a queued request granted from another thread
+is handed to its own loop with ``call_soon_threadsafe``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -127,8 +133,9 @@ class Lease:
 
     def first_token(self) -> None:
         if self._prefill:
-            self.state.pending_prefill_tokens -= self._prefill
-            self._prefill = 0
+            with self.router._lock:
+                self.state.pending_prefill_tokens -= self._prefill
+                self._prefill = 0
         now = time.perf_counter()
         if self.record.ttft_s is None:
             self.record.ttft_s = now - self._t0
@@ -143,26 +150,65 @@ class Lease:
             self.record.itl_s.append(now - self._last)
         self._last = now
         self.record.tokens_out += n
-        take = min(n, self._decode)
-        self._decode -= take
-        self.state.pending_decode_tokens -= take
+        with self.router._lock:
+            take = min(n, self._decode)
+            self._decode -= take
+            self.state.pending_decode_tokens -= take
 
     def release(self, outcome: str = "ok", error: str = "") -> None:
-        if self.released:
-            return
-        self.released = True
-        s = self.state
-        s.in_flight -= 1
-        s.pending_prefill_tokens -= self._prefill
-        s.pending_decode_tokens -= self._decode
-        self._prefill = self._decode = 0
-        self.record.e2e_s = time.perf_counter() - self._t0
-        self.record.outcome = outcome
-        if error:
-            self.record.error = error
-        if outcome == "ok":
-            s.failures = 0
-        self.router._finished(self)
+        with self.router._lock:
+            if self.released:
+                return
+            self.released = True
+            s = self.state
+            s.in_flight -= 1
+            s.pending_prefill_tokens -= self._prefill
+            s.pending_decode_tokens -= self._decode
+            self._prefill = self._decode = 0
+            self.record.e2e_s = time.perf_counter() - self._t0
+            self.record.outcome = outcome
+            if error:
+                self.record.error = error
+            if outcome == "ok":
+                s.failures = 0
+            self.router._finished(self)
+
+
+class _Waiter:
+    """A request in the admission queue; ``granted`` once a lease is on its way to it."""
+
+    __slots__ = ("fut", "info", "rank", "exclude", "record", "roles", "granted")
+
+    def __init__(self, fut, info, rank, exclude, record, roles):
+        self.fut, self.info, self.rank, self.exclude, self.record, self.roles = fut, info, rank, exclude, record, roles
+        self.granted = False
+
+
+def _settle(fut: asyncio.Future, lease: Lease | None = None, exc: BaseException | None = None) -> None:
+    """Complete a waiter's future from whichever thread the grant happens on."""
+    try:
+        here = asyncio.get_running_loop()
+    except RuntimeError:
+        here = None
+    home = fut.get_loop()
+    if home is here:
+        _complete(fut, lease, exc)
+        return
+    try:
+        home.call_soon_threadsafe(_complete, fut, lease, exc)
+    except RuntimeError:  # the waiter's loop is closed: nobody is waiting any more
+        if lease is not None:
+            lease.release("cancelled")
+
+
+def _complete(fut: asyncio.Future, lease: Lease | None, exc: BaseException | None) -> None:
+    if fut.done():  # the waiter was cancelled while its lease was on the way
+        if lease is not None:
+            lease.release("cancelled")
+    elif exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(lease)
 
 
 #: Scrape interval while the policy ignores scraped load (round_robin, random, least_outstanding)
@@ -183,6 +229,7 @@ class Router:
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
         self._seed = seed
+        self._lock = threading.RLock()
         self._policy = self._make_policy(policy)
         self.max_per_rank = max_per_rank
         self.max_concurrency = max_concurrency
@@ -193,7 +240,7 @@ class Router:
         self.set_ranks(ranks)
         self.records: deque[RequestRecord] = deque(maxlen=MAX_RECORDS)
         self.listeners: list[Callable[[RequestRecord], None]] = []
-        self._queue: deque[tuple] = deque()  # (future, info, rank, exclude, record, roles), FIFO
+        self._queue: deque[_Waiter] = deque()  # FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._client = client        # for /metrics and /health: an httpx.AsyncClient, a Transport or a name
@@ -210,8 +257,9 @@ class Router:
     def policy(self, spec) -> None:
         """Switch policy live (by name, instance, class or callable)."""
         p = self._make_policy(spec)
-        p.on_ranks_changed([s.key for s in self.states])
-        self._policy = p
+        with self._lock:
+            p.on_ranks_changed([s.key for s in self.states])
+            self._policy = p
 
     def _make_policy(self, spec) -> Policy:
         if isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy)):
@@ -230,10 +278,11 @@ class Router:
             new.append(s)
         if not new:
             raise ValueError("ranks: a router needs at least one rank")
-        self.states = new
-        self._policy.on_ranks_changed([s.key for s in new])
-        if getattr(self, "_queue", None):
-            self._pump()  # new ranks may have room for queued requests
+        with self._lock:
+            self.states = new
+            self._policy.on_ranks_changed([s.key for s in new])
+            if getattr(self, "_queue", None):
+                self._pump()  # new ranks may have room for queued requests
 
     @property
     def in_flight(self) -> int:
@@ -312,31 +361,34 @@ class Router:
             raise e
         if record is None:
             record = self.new_record(path, info)
+        with self._lock:
+            try:
+                if rank is not None:
+                    self._resolve(rank)  # fail fast on a bad rank
+                # The queue only ever holds requests that cannot be placed now (every release pumps
+                # it), so a newcomer that fits somewhere goes at once without overtaking anyone who could.
+                self._pump()
+                placed = self._place(info, rank, exclude, roles)
+            except Exception as e:
+                self._abandon(record, "error", repr(e))
+                raise
+            if placed is not None:
+                return self._grant(*placed, info, record)
+            waiter = _Waiter(asyncio.get_running_loop().create_future(), info, rank, exclude, record, roles)
+            self._queue.append(waiter)
         try:
-            if rank is not None:
-                self._resolve(rank)  # fail fast on a bad rank
-            # The queue only ever holds requests that cannot be placed now (every release pumps
-            # it), so a newcomer that fits somewhere goes at once without overtaking anyone who could.
-            self._pump()
-            placed = self._place(info, rank, exclude, roles)
-        except Exception as e:
-            self._abandon(record, "error", repr(e))
-            raise
-        if placed is not None:
-            return self._grant(*placed, info, record)
-        fut = asyncio.get_running_loop().create_future()
-        self._queue.append((fut, info, rank, exclude, record, roles))
-        try:
-            return await fut
+            return await waiter.fut
         except asyncio.CancelledError:
-            if fut.done() and not fut.cancelled():
-                fut.result().release("cancelled")
-            else:
-                try:
-                    self._queue.remove(next(q for q in self._queue if q[0] is fut))
-                except (StopIteration, ValueError):
-                    pass
-                self._abandon(record, "cancelled")
+            with self._lock:
+                if not waiter.granted:
+                    try:
+                        self._queue.remove(waiter)
+                    except ValueError:
+                        pass
+                    self._abandon(record, "cancelled")
+                elif waiter.fut.done() and not waiter.fut.cancelled():
+                    waiter.fut.result().release("cancelled")
+                # else: the lease is on its way from another thread; _complete releases it there
             raise
         except Exception as e:
             self._abandon(record, "error", repr(e))
@@ -350,7 +402,8 @@ class Router:
             self._publish(record)
 
     def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
-        self.counters["requests"] += 1
+        with self._lock:
+            self.counters["requests"] += 1
         return RequestRecord(id=next(self._ids), path=path, policy=self._policy.name, arrival=time.time(),
                              tokens_in=info.prompt_tokens)
 
@@ -374,30 +427,33 @@ class Router:
         """Place the oldest waiting requests that can be placed now."""
         if not self._queue:
             return
-        kept = deque()
-        while self._queue:
-            item = self._queue.popleft()
-            fut, info, rank, exclude, record, roles = item
-            if fut.done():
-                continue
-            try:
-                placed = self._place(info, rank, exclude, roles)
-            except Exception as e:  # noqa: BLE001 - hand the error to the waiter
-                fut.set_exception(e)
-                continue
-            if placed is None:
-                kept.append(item)
-                if not self._global_room():
-                    kept.extend(self._queue)
-                    self._queue.clear()
-                    break
-                continue
-            fut.set_result(self._grant(*placed, info, record))
-        self._queue = kept
+        with self._lock:
+            kept = deque()
+            while self._queue:
+                w = self._queue.popleft()
+                if w.fut.done():  # cancelled: its own loop abandons the record
+                    continue
+                try:
+                    placed = self._place(w.info, w.rank, w.exclude, w.roles)
+                except Exception as e:  # noqa: BLE001 - hand the error to the waiter
+                    w.granted = True
+                    _settle(w.fut, exc=e)
+                    continue
+                if placed is None:
+                    kept.append(w)
+                    if not self._global_room():
+                        kept.extend(self._queue)
+                        self._queue.clear()
+                        break
+                    continue
+                w.granted = True
+                _settle(w.fut, self._grant(*placed, w.info, w.record))
+            self._queue = kept
 
     def report_failure(self, state: RankState) -> None:
         """A connection error / 5xx / 429 on ``state``: count it towards its circuit breaker."""
-        state.failures += 1
+        with self._lock:
+            state.failures += 1
         in_grace = time.monotonic() - state.added_at < self.startup_grace and state.scraped is None
         if state.failures >= BREAKER_FAILURES and not in_grace:
             state.open_until = time.monotonic() + BREAKER_OPEN_S
@@ -415,10 +471,11 @@ class Router:
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        for fut, *_ in self._queue:
-            if not fut.done():
-                fut.set_exception(NoCandidateError("router closed"))
-        self._queue.clear()
+        with self._lock:
+            for w in self._queue:
+                w.granted = True
+                _settle(w.fut, exc=NoCandidateError("router closed"))
+            self._queue.clear()
         if self._probe is not None and self._own_client:
             await self._probe.aclose()
         self._probe = None
@@ -447,9 +504,10 @@ class Router:
 
         async def one(url: str, states: list[RankState]) -> None:
             peaks = []
-            for s in states:  # the window this reading may describe starts now
-                peaks.append(s.inflight_peak)
-                s.inflight_peak = s.in_flight
+            with self._lock:
+                for s in states:  # the window this reading may describe starts now
+                    peaks.append(s.inflight_peak)
+                    s.inflight_peak = s.in_flight
             try:
                 status, body = await self._get(f"{url}/metrics")
                 if status != 200:
@@ -457,14 +515,15 @@ class Router:
                 snaps = parse_metrics(body.decode("utf-8", "replace"))
             except (*probe.errors, ValueError):
                 return
-            for s, peak in zip(states, peaks):
-                m = snaps.get(str(s.rank.dp_rank))
-                if m is None and len(snaps) == 1:
-                    m = next(iter(snaps.values()))
-                if m is not None:
-                    s.scraped = m
-                    # everything ours that ran since the previous scrape was sent may be in the gauge
-                    s.inflight_seen = max(peak, s.inflight_peak)
+            with self._lock:
+                for s, peak in zip(states, peaks):
+                    m = snaps.get(str(s.rank.dp_rank))
+                    if m is None and len(snaps) == 1:
+                        m = next(iter(snaps.values()))
+                    if m is not None:
+                        s.scraped = m
+                        # everything ours that ran since the previous scrape was sent may be in the gauge
+                        s.inflight_seen = max(peak, s.inflight_peak)
 
         await asyncio.gather(*(one(u, ss) for u, ss in by_url.items()))
 
@@ -490,12 +549,13 @@ class Router:
             except probe.errors:
                 ok = False
             in_grace = time.monotonic() - s.added_at < self.startup_grace
-            if ok:
-                s.healthy, s.failures, s.open_until = True, 0, 0.0
-            elif not in_grace:
-                s.healthy = False
-            if ok or not in_grace:
-                self._pump()
+            with self._lock:
+                if ok:
+                    s.healthy, s.failures, s.open_until = True, 0, 0.0
+                elif not in_grace:
+                    s.healthy = False
+                if ok or not in_grace:
+                    self._pump()
 
         await asyncio.gather(*(one(s) for s in self.states))
 

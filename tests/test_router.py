@@ -1288,15 +1288,22 @@ def test_endpoint_stream_with_content_encoding_reaches_the_caller_decodable():
 # ---------------------------------------------------------------------- RoutedClient / bridge
 
 
+@pytest.fixture(params=["caller-loop", "kernel-hop"])
+def where(request, monkeypatch):
+    """Run a client test both ways a call can go: on the caller's own loop (scripts), and across
+    to nbkit's loop with streams bridged (what a Jupyter kernel's cell does)."""
+    if request.param == "kernel-hop":
+        monkeypatch.setattr("nbkit.client._in_kernel_thread", lambda: True)
+    return request.param
+
+
 def routed_client(fake: Fake, n: int = 2, **kw) -> RoutedClient:
-    c = RoutedClient(ranks(n), "round_robin", model="m", seed=0, **kw)
-    c._http = fake.client()
-    c._forwarder = Forwarder(c.router, c._http, retries=c.retries)
-    c._started = True
+    c = RoutedClient(ranks(n), "round_robin", model="m", seed=0, transport=fake.client(), **kw)
+    c._started = True  # no scraper or health checks: the fake answers requests only
     return c
 
 
-def test_routed_client_complete_chat_and_errors():
+def test_routed_client_complete_chat_and_errors(where):
     fake = Fake()
     c = routed_client(fake)
 
@@ -1316,7 +1323,7 @@ def test_routed_client_complete_chat_and_errors():
     assert_clean(c.router)
 
 
-def test_routed_client_stream_to_end_and_closed_early():
+def test_routed_client_stream_to_end_and_closed_early(where):
     fake = Fake()
     c = routed_client(fake, 1)
     body = Body([sse_chunk("a"), sse_chunk("b"), sse_chunk("c"), USAGE_CHUNK, DONE])
@@ -1339,7 +1346,7 @@ def test_routed_client_stream_to_end_and_closed_early():
     assert_clean(c.router)
 
 
-def test_routed_client_stream_cancelled_task_releases():
+def test_routed_client_stream_cancelled_task_releases(where):
     fake = Fake()
     c = routed_client(fake, 1)
 
@@ -1377,7 +1384,7 @@ def test_routed_client_sync_forms():
     assert_clean(c.router)
 
 
-def test_routed_client_stream_left_with_break_is_released():
+def test_routed_client_stream_left_with_break_is_released(where):
     fake = Fake()
     c = routed_client(fake, 1)
     fake.on["r0"] = lambda request: sse_response(Body(SSE, delay=0.3))
@@ -1392,6 +1399,85 @@ def test_routed_client_stream_left_with_break_is_released():
     assert_clean(c.router)
 
 
+def test_routed_client_shared_by_several_loops_and_threads_keeps_one_fifo_queue():
+    """Callers on different loops (threads running asyncio.run, plus the blocking forms on nbkit's
+    loop) share one router: its per-rank cap holds across all of them, a slot freed on one thread
+    admits a request queued on another, and the accounting ends at zero."""
+    import threading
+    fake = Fake()
+    async def slow(request):
+        await asyncio.sleep(0.01)
+        return completion()
+
+    fake.on["r0"] = slow
+    c = routed_client(fake, 1, max_per_rank=1)
+    peak, errors = [], []
+
+    def watch():
+        for _ in range(400):
+            peak.append(c.router.in_flight)
+            time.sleep(0.002)
+
+    async def burst():
+        outs = await asyncio.gather(*(c.complete("hi", max_tokens=2) for _ in range(8)))
+        assert all(o["nbkit"]["rank"] == "replica0" for o in outs)
+
+    def thread_main():
+        try:
+            run(burst())
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=thread_main) for _ in range(3)]
+    w = threading.Thread(target=watch)
+    w.start()
+    for t in threads:
+        t.start()
+    sync_outs = [c.sync.complete("hi")["nbkit"]["rank"] for _ in range(4)]
+    for t in threads:
+        t.join(30)
+    w.join(30)
+    assert not errors, errors
+    assert sync_outs == ["replica0"] * 4
+    assert max(peak) <= 1
+    assert len(fake.seen) == 3 * 8 + 4
+    assert [r.outcome for r in c.records] == ["ok"] * 28
+    assert sum(r.queue_wait_s > 0.005 for r in c.records) >= 10  # they did queue behind each other
+    assert_clean(c.router)
+    c.close()
+
+
+def test_routed_client_slot_freed_on_another_thread_wakes_a_quiet_loop_at_once():
+    """A request queued on a loop that has nothing else to do is admitted as soon as a request
+    on another thread (here a blocking call on nbkit's loop) frees the slot, not whenever that
+    loop next wakes up for some other reason."""
+    import threading
+    fake = Fake()
+
+    async def answer(request):
+        if request.headers.get("x-tag") == "slow":
+            await asyncio.sleep(0.3)
+        return completion()
+
+    fake.on["r0"] = answer
+    c = routed_client(fake, 1, max_per_rank=1)
+    holder = threading.Thread(target=lambda: c.sync.complete("hi", headers={"x-tag": "slow"}))
+    holder.start()
+    deadline = time.monotonic() + 5
+    while c.router.in_flight == 0 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert c.router.in_flight == 1
+    t0 = time.monotonic()
+    out = run(c.complete("hi"), timeout=5)
+    waited = time.monotonic() - t0
+    holder.join(5)
+    assert out["nbkit"]["rank"] == "replica0"
+    assert waited < 1.5, f"the queued request waited {waited:.2f} s for a slot freed after 0.3 s"
+    assert [r.outcome for r in c.records] == ["ok", "ok"]
+    assert_clean(c.router)
+    c.close()
+
+
 class SlowCloseBody(Body):
     """Closing takes a while, as closing a real connection may."""
 
@@ -1401,7 +1487,7 @@ class SlowCloseBody(Body):
 
 
 
-def test_routed_client_cancelled_stream_raises_cancelled_error_when_close_is_slow():
+def test_routed_client_cancelled_stream_raises_cancelled_error_when_close_is_slow(where):
     fake = Fake()
     c = routed_client(fake, 1)
 
