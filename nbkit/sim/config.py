@@ -22,8 +22,9 @@ Units and meaning:
 - ``pd_type``: ``null`` (serves whole requests), ``"prefill"`` or ``"decode"``.
 
 Optional instance keys (defaults as shown): ``dp_group`` (null; instances sharing a value are the
-ranks of one data-parallel deployment and step in lockstep), ``max_num_seqs`` (256),
-``max_num_batched_tokens`` (8192), ``gpu_memory_utilization`` (0.9), ``block_size`` (null: the
+ranks of one data-parallel deployment and step in lockstep), ``max_num_seqs`` and
+``max_num_batched_tokens`` (null: vLLM's API-server defaults for the hardware, 256 and 8192, on
+the cpu profile 128 and 2048, times ``tp_size`` as vLLM-CPU does), ``gpu_memory_utilization`` (0.9), ``block_size`` (null: the
 ``--block-size`` flag), ``enable_prefix_caching`` (true), ``kv_cache_gb`` (null: what memory
 leaves after weights; per device; the cpu profile uses 1 GiB like ``VLLM_CPU_KVCACHE_SPACE=1``),
 ``max_model_len`` (null: no limit but the KV cache), ``model_spec`` (null: from ``model_name``),
@@ -85,8 +86,8 @@ class InstanceConfig(_Strict):
     tp_size: int = Field(1, ge=1, le=64)
     # optional extras
     dp_group: Union[int, str, None] = None
-    max_num_seqs: int = Field(256, ge=1)
-    max_num_batched_tokens: int = Field(8192, ge=1)
+    max_num_seqs: int | None = Field(None, ge=1)
+    max_num_batched_tokens: int | None = Field(None, ge=1)
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1)
     block_size: int | None = Field(None, ge=1, le=4096)
     enable_prefix_caching: bool = True
@@ -177,7 +178,8 @@ def load_cluster_config(source: str | os.PathLike | dict) -> ClusterConfig:
             raise SimConfigError(f"nodes[{n}].num_instances", f"is {node.num_instances} but "
                                  f"{len(node.instances)} instance(s) are listed")
         for j, inst in enumerate(node.instances):
-            if inst.max_num_batched_tokens < inst.max_num_seqs:
+            if (inst.max_num_batched_tokens is not None and inst.max_num_seqs is not None
+                    and inst.max_num_batched_tokens < inst.max_num_seqs):
                 raise SimConfigError(f"nodes[{n}].instances[{j}].max_num_batched_tokens",
                                      f"{inst.max_num_batched_tokens} must be >= max_num_seqs "
                                      f"({inst.max_num_seqs}), as vLLM requires")
@@ -296,12 +298,18 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
                                              f"{getattr(first, f)!r} ({p0}) and {getattr(inst, f)!r}")
             else:
                 groups[g] = (path, inst)
+        # vLLM's defaults scale with the TP size on CPU only (EngineArgs._set_default_args)
+        scale = tp if hw.name == "cpu" else 1
+        max_seqs = inst.max_num_seqs if inst.max_num_seqs is not None else min(
+            hw.max_num_seqs * scale, inst.max_num_batched_tokens or hw.max_num_seqs * scale)
+        max_tokens = (inst.max_num_batched_tokens if inst.max_num_batched_tokens is not None
+                      else max(hw.max_num_batched_tokens * scale, max_seqs))
         link_bw = hw.tp_link_bw_gbs if hw.tp_link_bw_gbs is not None else cfg.link_bw
         link_lat = hw.tp_link_latency_ns if hw.tp_link_latency_ns is not None else cfg.link_latency
         out.append(InstanceSetup(
             index=i, key=inst.name or f"inst{i}", path=path, node=node, model=model, hw=hw, tp_size=tp,
             pd_type=inst.pd_type, dp_group=None if inst.dp_group is None else str(inst.dp_group),
-            max_num_seqs=inst.max_num_seqs, max_num_batched_tokens=inst.max_num_batched_tokens,
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
             block_size=bs, num_blocks=blocks, enable_prefix_caching=inst.enable_prefix_caching,
             max_model_len=inst.max_model_len, dtype_bytes=nbytes, mem_bw_gbs=inst.npu_mem.mem_bw,
             mem_size_gb=inst.npu_mem.mem_size, weights_gb=weights / 1e9, tp_link_bw_gbs=link_bw,

@@ -76,6 +76,8 @@ class HardwareProfile:
     kv_cache_gb: float | None = None  # fixed KV-cache size (vLLM-CPU: VLLM_CPU_KVCACHE_SPACE); None: from memory
     reserve_gb: float = 1.5           # memory kept for activations / graphs per device
     block_size: int = 16              # vLLM's default KV block size on this device
+    max_num_batched_tokens: int = 8192  # vLLM's default token budget per step for its API server here
+    max_num_seqs: int = 256           # ... and sequences per step
     notes: str = ""
 
     def admission(self, now: float, api_free_at: float) -> tuple[float, float]:
@@ -115,6 +117,9 @@ PROFILES: dict[str, HardwareProfile] = {p.name: p for p in [
     HardwareProfile("cpu", 2.0e11, 20, 23, compute_eff=0.41, mem_eff=0.9, step_overhead_s=0.0021,
                     seq_overhead_s=0.0002, request_overhead_s=0.011, tp_link_bw_gbs=10,
                     tp_link_latency_ns=20000, kv_cache_gb=1.073741824, reserve_gb=0.0, block_size=128,
+                    # vLLM's CPU defaults for the API server (EngineArgs: 2048 x TP size, 128 x TP size):
+                    # a burst of long prompts is prefilled over several steps, not one
+                    max_num_batched_tokens=2048, max_num_seqs=128,
                     notes="2-core AMD EPYC (Zen 4, AVX-512 BF16) running vLLM-CPU, one core per replica; "
                           "defaults from a calibration run of the tiny model; refit with "
                           "`nbkit sim calibrate` for other models or machines"),

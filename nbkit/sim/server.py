@@ -186,12 +186,13 @@ class SimReplica:
         inst: dict[str, Any] = {
             "model_name": model, "model_spec": spec_name, "hardware": hw.name, "tp_size": args.tensor_parallel_size,
             "npu_mem": {"mem_size": args.mem_size_gb or hw.mem_size_gb, "mem_bw": hw.mem_bw_gbs, "mem_latency": 0},
-            "max_num_seqs": args.max_num_seqs, "enable_prefix_caching": args.enable_prefix_caching,
+            "enable_prefix_caching": args.enable_prefix_caching,
             "gpu_memory_utilization": args.gpu_memory_utilization}
+        # unset: vLLM's defaults for the hardware (the config resolves them)
+        if args.max_num_seqs:
+            inst["max_num_seqs"] = args.max_num_seqs
         if args.max_num_batched_tokens:
             inst["max_num_batched_tokens"] = args.max_num_batched_tokens
-        elif args.max_num_seqs > 8192:
-            inst["max_num_batched_tokens"] = args.max_num_seqs
         if args.block_size:
             inst["block_size"] = args.block_size
         if kv is not None:
@@ -571,7 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--tensor-parallel-size", "--tp", "-tp", type=int, default=1)
     ap.add_argument("--data-parallel-size", "-dp", type=int, default=1)
-    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-seqs", type=int, default=None)
     ap.add_argument("--max-num-batched-tokens", type=int, default=None)
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--block-size", type=int, default=None)
