@@ -14,14 +14,17 @@ A peer that is missing or fails to start is reported and skipped; the others sti
 What runs (all on 127.0.0.1):
   backends   2 processes of benchmarks/mock_backend.py (uvicorn + starlette), answering at once
   direct     the generator's client (httpx.AsyncClient; --gen-client aiohttp) -> backend, alternating
-  client-*   nbkit.client.RoutedClient (on nbkit's loop thread, in this process) -> backend
+  client-*   nbkit.client.RoutedClient in this process -> backend: the request runs on the
+             generator's loop, the router (scraper, health checks) on nbkit's loop thread
   endpoint-* nbkit.dispatch.Endpoint in its own process; generator -> endpoint -> backend
   sglang-*   sglang-router launch ... in its own process; generator -> router -> backend
   vllm-*     vllm-router ... in its own process; generator -> router -> backend
   (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
   nbkit paths use aiohttp on a uvloop loop (the defaults); *-httpx use the httpx transport, and
   endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's configuration before the switch);
-  client-rr-local is RoutedClient(local=True), on the generator's own loop (no thread hop)
+  client-rr-local is RoutedClient(local=True): the router's tasks on the generator's loop too;
+  client-rr-hop is RoutedClient(hop=True): each call crosses to nbkit's loop and back, which is
+  what a call awaited in a Jupyter cell does
 Load: open loop, request i is sent at t0 + i/rate whatever happened to the others, after a
 warm-up that is discarded. Latency is time.perf_counter() around the call. For each (path, rate)
 a direct baseline runs at the same rate in blocks alternating with the path's blocks (so drift on
@@ -73,6 +76,7 @@ ALL_PATHS = {
     "endpoint-ll": ("endpoint", "least_load", None),
     # nbkit's earlier transport side by side: httpx (on uvloop), and httpx on asyncio's loop
     "client-rr-local": ("client", "round_robin", "local"),
+    "client-rr-hop": ("client", "round_robin", "hop"),
     "client-rr-httpx": ("client", "round_robin", "httpx"),
     "endpoint-rr-httpx": ("endpoint", "round_robin", "httpx"),
     "endpoint-rr-httpx-asyncio": ("endpoint", "round_robin", "httpx+asyncio"),
@@ -391,9 +395,10 @@ class Target:
 
     def __init__(self, name: str, kind: str, policy: str | None, variant: str | None = None):
         self.name, self.kind, self.policy = name, kind, policy
-        # nbkit paths: variant "httpx", "httpx+asyncio" or "local" (default: aiohttp on uvloop)
+        # nbkit paths: variant "httpx", "httpx+asyncio", "local" or "hop" (default: aiohttp on uvloop)
         self.local = variant == "local"
-        self.transport = "aiohttp" if variant in (None, "local") else variant.split("+")[0]
+        self.hop = True if variant == "hop" else None
+        self.transport = "aiohttp" if variant in (None, "local", "hop") else variant.split("+")[0]
         self.loop = "asyncio" if variant and variant.endswith("+asyncio") else "uvloop"
         self.label = LABELS[kind] + (f" ({policy})" if policy else "") + (f" [{variant}]" if variant else "")
         self.proc: subprocess.Popen | None = None
@@ -423,7 +428,7 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
         from nbkit.cluster import Rank
         ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
         rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S, transport=p.transport,
-                          local=p.local)
+                          local=p.local, hop=p.hop)
 
         async def send(i: int):
             out = await rc.complete("hi", max_tokens=1, model="m")
