@@ -297,7 +297,11 @@ def test_url_target_times_the_stream_and_reads_rank_and_usage(server, http, tmp_
     assert set(ok["rank"]) == {"replica0", "replica1"} and set(ok["instance_id"]) == {0, 1}
     assert (ok["output_toks"] == 5).all() and (ok["input_toks"] == 7).all()  # from the usage chunk
     assert all(len(v) == 4 for v in ok["itl_s"])                              # 5 tokens -> 4 gaps
-    assert (ok["ttft_s"] >= 0.003).all() and all(min(v) >= 0.002 for v in ok["itl_s"])
+    assert (ok["ttft_s"] >= 0.003).all()
+    # the server sends the tokens 4 ms apart; on a busy machine two of them can reach the client in
+    # one read (a gap of ~0, the next one twice as long), so check that real gaps were timed
+    # rather than every gap (this was a one-in-several flake)
+    assert all(max(v) >= 0.002 and sum(v) >= 0.004 for v in ok["itl_s"])
     assert np.allclose(ok["e2e_s"], ok["ttft_s"] + ok["itl_s"].apply(sum))
     body = server.bodies[-1]
     assert body["model"] == "fake-model" and body["stream"] is True
