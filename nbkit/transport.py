@@ -57,6 +57,13 @@ class Transport:
         pass
 
 
+def _no_cookies():
+    """A cookie jar that keeps nothing: a router must not store one replica's Set-Cookie and send
+    it with other callers' requests (the callers' own Cookie headers pass through)."""
+    from http.cookiejar import CookieJar, DefaultCookiePolicy
+    return CookieJar(policy=DefaultCookiePolicy(allowed_domains=[]))
+
+
 class HttpxTransport(Transport):
     """httpx.AsyncClient underneath (give one, e.g. with a MockTransport, or let it make one)."""
 
@@ -68,7 +75,7 @@ class HttpxTransport(Transport):
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self._own = client is None
         self.client = client or httpx.AsyncClient(
-            timeout=httpx.Timeout(timeout, connect=connect_timeout),
+            timeout=httpx.Timeout(timeout, connect=connect_timeout), cookies=_no_cookies(),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections or 512))
 
     async def send(self, method, url, *, content=None, headers=None, timeout=None) -> httpx.Response:
@@ -139,8 +146,11 @@ class AiohttpTransport(Transport):
             import aiohttp
             connector = aiohttp.TCPConnector(limit=self.max_connections or 0, limit_per_host=0,
                                              keepalive_timeout=self.keepalive_s, use_dns_cache=True)
+            # no cookie jar: a router must not keep one replica's Set-Cookie and send it with
+            # other callers' requests (and the jar's per-request filtering costs CPU)
             self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout(None),
-                                                  auto_decompress=True, trust_env=False)
+                                                  auto_decompress=True, trust_env=False,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     async def send(self, method, url, *, content=None, headers=None, timeout=None) -> AiohttpResponse:

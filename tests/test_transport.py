@@ -124,6 +124,43 @@ def test_whole_body_and_stream(transport):
 
 
 @pytest.mark.parametrize("transport", TRANSPORT_NAMES)
+def test_a_replicas_cookie_is_not_replayed_to_it_with_other_requests(transport):
+    """A router is shared by many callers: a Set-Cookie from a replica must not be kept and sent
+    with later requests; a caller's own Cookie header still passes through."""
+    seen = []
+
+    async def handler(request: web.Request) -> web.Response:
+        seen.append(request.headers.get("cookie"))
+        resp = web.json_response({"usage": {"prompt_tokens": 1, "completion_tokens": 1}})
+        resp.set_cookie("sticky", "abc")
+        return resp
+
+    async def main():
+        app = web.Application()
+        app.router.add_post("/v1/completions", handler)
+        runner = web.AppRunner(app, handle_signals=False)
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        router = Router(ranks_for(f"http://127.0.0.1:{port}"), "round_robin")
+        fwd = Forwarder(router, transport)
+        try:
+            for extra in ({}, {}, {"cookie": "mine=1"}):
+                up = await fwd.open("POST", "/v1/completions", content=b"{}", headers={**POST, **extra},
+                                    info=RequestInfo(prompt_tokens=1, max_tokens=1))
+                assert up.status_code == 200
+                passed = {k.lower(): v for k, v in up.headers().items()}
+                assert "sticky=abc" in passed.get("set-cookie", "")  # passed back to its caller
+        finally:
+            await fwd.transport.aclose()
+            await router.aclose()
+            await runner.cleanup()
+
+    run(main())
+    assert seen == [None, None, "mine=1"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORT_NAMES)
 def test_closing_a_stream_early_reaches_the_server(transport):
     async def main():
         async with Backend("b0", n_chunks=200, chunk_delay=0.02) as b:
