@@ -5,12 +5,17 @@ predict a different trace and compare with a real run of it.
 
 Steps (one real replica of the tiny model, pinned to core 0; the load generator is this process):
   0. warm-up: the same burst sizes once, not measured (a fresh replica is slower at first)
-  1. calibration trace: 32 lone requests (1 s apart), then bursts of 1, 4, 16, 64 requests (twice each, shuffled, drained between),
-     prompts 16-512 tokens, outputs 8-64 (nbkit.sim.calibrate.calibration_trace)
-  2. real run of it through nbkit.bench (trace timestamps) -> per-request CSV
-  3. nbkit.sim.calibrate on that CSV -> a fitted "cpu" profile (saved next to the results)
-  4. a different trace: Poisson arrivals at --rate req/s, prompts 64-1024, outputs 16-128
-  5. real run of it, and simulations of it with the shipped and the fitted profile
+  1. calibration trace: bursts of 1, 4, 16, 64 requests (twice each, shuffled, drained between),
+     each after 4 lone requests 1 s apart (32 in all), prompts 16-512 tokens, outputs 8-64
+     (nbkit.sim.calibrate.calibration_trace, singles_between=True)
+  2. a different trace for validation: --segments Poisson segments at --rate req/s (3 s apart, so
+     each drains), prompts 64-1024, outputs 16-128
+  3. real runs of both through nbkit.bench (trace timestamps), interleaved: calibration segment 1,
+     validation segment 1, calibration segment 2, ... (this VM's speed drifts by up to ~25 % over
+     minutes; run one after the other, the two traces met different machines); each trace's
+     segments are put back on its own timeline -> one per-request CSV per trace
+  4. nbkit.sim.calibrate on the calibration CSV -> a fitted "cpu" profile (saved next to the results)
+  5. simulations of the validation trace with the shipped and the fitted profile, against its real run
 Prints mean TTFT, mean TPOT and output token throughput, real vs simulated, and the errors
 (goal: each within 10 % after calibration). Takes about 6-8 minutes (--quick: about 3).
 """
@@ -24,6 +29,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -34,7 +40,7 @@ from nbkit.sim import Simulator, calibrate  # noqa: E402
 from nbkit.sim.calibrate import calibration_trace, compare  # noqa: E402
 from nbkit.sim.config import single_instance_config  # noqa: E402
 from nbkit.sim.hardware import get_hardware  # noqa: E402
-from nbkit.sim.report import read_csv  # noqa: E402
+from nbkit.sim.report import read_csv, write_csv  # noqa: E402
 from nbkit.traces import poisson_trace, read_trace, write_trace  # noqa: E402
 
 
@@ -48,6 +54,52 @@ def real_run(cluster, trace_path: Path, csv_path: Path, label: str):
     s = res.summary().iloc[0]
     print(f"[{label}] {s['completed']} ok / {s['failed']} failed in {time.perf_counter() - t:.0f} s", flush=True)
     return read_csv(csv_path)
+
+
+def segments(trace: list, k: int, min_gap_s: float = 1.0) -> list[tuple[int, list]]:
+    """Split ``trace`` (sorted by arrival) into about ``k`` runs of similar size, cutting only
+    where the next request comes at least ``min_gap_s`` after the one before (the replica is idle
+    there), as ``(index of the first request, requests)``."""
+    cuts = [i for i in range(1, len(trace))
+            if (trace[i].arrival_time_ns - trace[i - 1].arrival_time_ns) / 1e9 >= min_gap_s]
+    chosen, want = [], [len(trace) * j // k for j in range(1, k)]
+    for w in want:
+        best = min(cuts, key=lambda c: abs(c - w), default=None)
+        if best is not None and best not in chosen:
+            chosen.append(best)
+    bounds = [0, *sorted(chosen), len(trace)]
+    return [(a, trace[a:b]) for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+def rebased(items: list) -> list:
+    """``items`` with arrivals counted from the first one."""
+    t0 = items[0].arrival_time_ns
+    return [replace(it, arrival_time_ns=it.arrival_time_ns - t0) for it in items]
+
+
+def interleaved_runs(cluster, work: Path, traces: dict, k: int) -> dict:
+    """Run the traces' segments in turn (segment 1 of each, then segment 2, ...) and put each
+    trace's real records back on its own timeline (request ids and arrivals as in the trace).
+    Writes ``<name>.csv`` per trace and returns ``{name: records}``."""
+    parts = {name: segments(items, k) for name, items in traces.items()}
+    merged: dict[str, list] = {name: [] for name in traces}
+    for j in range(max(len(p) for p in parts.values())):
+        order = list(traces) if j % 2 == 0 else list(traces)[::-1]  # alternate who goes first
+        for name in order:
+            if j >= len(parts[name]):
+                continue
+            first, items = parts[name][j]
+            path = work / f"{name}-{j + 1}"
+            write_trace(path.with_suffix(".jsonl"), rebased(items))
+            recs = real_run(cluster, path.with_suffix(".jsonl"), path.with_suffix(".csv"),
+                            f"{name} {j + 1}/{len(parts[name])}")
+            offset = items[0].arrival_time_ns / 1e9
+            merged[name] += [replace(r, request_id=str(int(r.request_id) + first), arrival_s=r.arrival_s + offset)
+                             for r in recs]
+    for name, recs in merged.items():
+        recs.sort(key=lambda r: int(r.request_id))
+        write_csv(work / f"{name}.csv", recs)
+    return merged
 
 
 def fmt(c: dict) -> list[str]:
@@ -91,18 +143,53 @@ def fmt_stream(f: dict) -> list[str]:
                    f"real streams got their first token with their last)"]
 
 
+def by_segment(real, sim, valid: list, k: int) -> list[dict]:
+    """Mean TTFT and TPOT per validation segment, real and simulated: the simulator's model is the
+    same throughout, so where the real segments differ from each other more than the simulated
+    ones do, the machine changed speed (the noise floor of this comparison)."""
+    sim_by = {r.request_id: r for r in sim}
+    rows = []
+    for j, (first, items) in enumerate(segments(valid, k)):
+        ids = {str(i) for i in range(first, first + len(items))}
+        rs = [r for r in real if r.request_id in ids]
+        c = compare(rs, [sim_by[r.request_id] for r in rs if r.request_id in sim_by])
+        rows.append({"segment": j + 1, "requests": len(rs), **{f"{w}_{f}": c[w][f] for w in ("real", "sim")
+                                                               for f in ("mean_ttft_s", "mean_tpot_s")}})
+    return rows
+
+
+def fmt_segments(rows: list[dict]) -> list[str]:
+    out = ["per validation segment (real / calibrated sim):"]
+    for r in rows:
+        out.append(f"  segment {r['segment']}: TTFT {r['real_mean_ttft_s'] * 1e3:6.1f} / {r['sim_mean_ttft_s'] * 1e3:6.1f} ms"
+                   f"   TPOT {r['real_mean_tpot_s'] * 1e3:5.2f} / {r['sim_mean_tpot_s'] * 1e3:5.2f} ms")
+    for f, label in (("mean_tpot_s", "TPOT"), ("mean_ttft_s", "TTFT")):
+        real = [r[f"real_{f}"] for r in rows]
+        sim = [r[f"sim_{f}"] for r in rows]
+        out.append(f"  {label} spread over segments (max/min - 1): real {(max(real) / min(real) - 1) * 100:.0f} %, "
+                   f"sim {(max(sim) / min(sim) - 1) * 100:.0f} %")
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller traces (about 3 minutes)")
     ap.add_argument("--rate", type=float, default=3.0, help="Poisson rate of the validation trace (req/s)")
+    ap.add_argument("--segments", type=int, default=4,
+                    help="run the two traces interleaved in this many segments each (1: one after the other)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sim_fidelity.json")
     args = ap.parse_args(argv)
 
     work = Path(tempfile.mkdtemp(prefix="nbkit-fidelity-"))
     bursts = (1, 4, 16, 32) if args.quick else (1, 4, 16, 64)
     calib = calibration_trace(bursts=bursts, repeats=2, gap_s=8.0 if args.quick else 12.0, seed=1,
-                              singles=16 if args.quick else 32, single_gap_s=1.0)
-    valid = poisson_trace(60 if args.quick else 150, args.rate, (64, 1024), (16, 128), seed=2)
+                              singles=16 if args.quick else 32, single_gap_s=1.0, singles_between=True)
+    k = args.segments
+    valid, t = [], 0
+    for j in range(k):  # k Poisson segments, 3 s apart, so each drains like a calibration burst
+        seg = poisson_trace((60 if args.quick else 150) // k, args.rate, (64, 1024), (16, 128), seed=2 + j)
+        valid += [replace(r, arrival_time_ns=r.arrival_time_ns + t) for r in seg]
+        t = valid[-1].arrival_time_ns + 3_000_000_000
     write_trace(work / "calib.jsonl", calib)
     write_trace(work / "valid.jsonl", valid)
     config = single_instance_config("tiny", "cpu", n=1)
@@ -117,8 +204,8 @@ def main(argv=None) -> int:
         write_trace(work / "warmup.jsonl", calibration_trace(bursts=bursts, repeats=1, gap_s=4.0, seed=99,
                                                              singles=4, single_gap_s=1.0))
         real_run(cluster, work / "warmup.jsonl", work / "warmup.csv", "warm-up (not measured)")
-        real_calib = real_run(cluster, work / "calib.jsonl", work / "calib.csv", "calibration")
-        real_valid = real_run(cluster, work / "valid.jsonl", work / "valid.csv", "validation")
+        real = interleaved_runs(cluster, work, {"calib": calib, "valid": valid}, k)
+        real_calib, real_valid = real["calib"], real["valid"]
 
     # mem_eff stays: the tiny model's weights and KV stay in the CPU's caches, so no step here is
     # bound by memory bandwidth and a fitted mem_eff only soaks up per-sequence costs of the big
@@ -130,10 +217,12 @@ def main(argv=None) -> int:
     fitted = Simulator(config, policy="round_robin", hardware={"cpu": fit.profile}).run(read_trace(work / "valid.jsonl"))
     before, after = compare(real_valid, shipped.records), compare(real_valid, fitted.records)
     stream_after = stream_figures(real_valid, fitted.records)
+    per_segment = by_segment(real_valid, fitted.records, valid, k)
 
-    lines = [f"validation trace: {len(valid)} requests, Poisson {args.rate:g} req/s, prompts 64-1024, outputs 16-128",
+    lines = [f"validation trace: {len(valid)} requests, Poisson {args.rate:g} req/s in {k} segments, "
+             f"prompts 64-1024, outputs 16-128; run interleaved with the calibration trace",
              f"  {'':<14}{'real':>10}{'sim':>10}{'error':>10}", "shipped cpu profile:", *fmt(before),
-             "calibrated profile:", *fmt(after), *fmt_stream(stream_after)]
+             "calibrated profile:", *fmt(after), *fmt_stream(stream_after), *fmt_segments(per_segment)]
     worst = max(abs(v) for v in after["rel_err"].values())
     lines.append(f"goal: each within 10 % after calibration: {'PASS' if worst <= 0.10 else 'FAIL'} "
                  f"(worst {worst * 100:.1f} %)")
@@ -146,8 +235,8 @@ def main(argv=None) -> int:
            "calibration": {"trace": f"bursts {list(bursts)} x2", "requests": len(calib),
                            "start": fit.start, "fitted": fit.fitted, "method": fit.method,
                            "fit_errors": fit.after.get("rel_err")},
-           "validation": {"requests": len(valid), "rate": args.rate, "shipped": before, "calibrated": after,
-                          "calibrated_streams": stream_after},
+           "validation": {"requests": len(valid), "rate": args.rate, "segments": k, "shipped": before, "calibrated": after,
+                          "calibrated_streams": stream_after, "per_segment": per_segment},
            "shipped_profile": get_hardware("cpu").name, "goal_met": worst <= 0.10, "table": lines}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1, default=str))

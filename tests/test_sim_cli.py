@@ -252,3 +252,20 @@ def test_calibration_trace_command(tmp_path, capsys):
 def test_calibration_trace_rejects_bad_singles():
     with pytest.raises(ValueError, match="singles=-1"):
         calibration_trace(singles=-1)
+
+
+def test_calibration_trace_can_spread_the_lone_requests_between_the_bursts():
+    items = calibration_trace(bursts=(1, 4, 16), repeats=2, gap_s=10.0, seed=5, singles=9, single_gap_s=1.0,
+                              singles_between=True)
+    plain = calibration_trace(bursts=(1, 4, 16), repeats=2, gap_s=10.0, seed=5, singles=9, single_gap_s=1.0)
+    assert len(items) == len(plain) == 9 + 2 * (1 + 4 + 16)
+    times = sorted({it.arrival_time_ns for it in items})
+    at = {t: sum(1 for it in items if it.arrival_time_ns == t) for t in times}
+    bursts = [t for t in times if at[t] > 1]
+    assert sorted(at[t] for t in bursts) == [4, 4, 16, 16]
+    # every burst has lone requests in front of it (9 over 6 slots: 2,2,2,1,1,1), each a second
+    # apart, and the first comes gap_s after the burst before, which has drained by then
+    gaps = [(b - a) / 1e9 for a, b in zip(times, times[1:])]
+    assert min(gaps) >= 1.0
+    assert sum(1 for g in gaps if g >= 10.0) == 5
+    assert len(times) == 9 + 6 and times[0] == 0

@@ -119,6 +119,8 @@ def build_trace_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output-tokens", default="8,64", help="min,max output tokens")
     ap.add_argument("--singles", type=int, default=16, help="lone requests before the bursts")
     ap.add_argument("--single-gap-s", type=float, default=2.0, help="seconds between the lone requests")
+    ap.add_argument("--singles-between", action="store_true",
+                    help="spread the lone requests over the run, some before each burst (a drifting machine)")
     ap.add_argument("--seed", type=int, default=0)
     return ap
 
@@ -197,7 +199,8 @@ def _calibration_trace(argv: list[str]) -> int:
     bursts = [int(x) for x in args.bursts.split(",") if x.strip()]
     items = calibration_trace(bursts, args.repeats, pair(args.prompt, "--prompt"),
                               pair(args.output_tokens, "--output-tokens"), args.gap_s, args.seed,
-                              singles=args.singles, single_gap_s=args.single_gap_s)
+                              singles=args.singles, single_gap_s=args.single_gap_s,
+                              singles_between=args.singles_between)
     write_trace(args.output, items)
     print(f"wrote {len(items)} requests ({args.singles} alone, then {len(bursts) * args.repeats} bursts) "
           f"to {args.output}")

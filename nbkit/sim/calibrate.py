@@ -82,7 +82,7 @@ def trace_from_records(records: Sequence[RequestRecord]) -> tuple[list[TraceRequ
 def calibration_trace(bursts: Sequence[int] = (1, 4, 16, 64, 128), repeats: int = 2,
                       prompt: tuple[int, int] = (16, 512), output: tuple[int, int] = (8, 64),
                       gap_s: float = 20.0, seed: int = 0, singles: int = 16,
-                      single_gap_s: float = 2.0) -> list[TraceRequest]:
+                      single_gap_s: float = 2.0, singles_between: bool = False) -> list[TraceRequest]:
     """A trace that pins the parameters down: first ``singles`` requests one at a time,
     ``single_gap_s`` apart (a lone request shows the fixed per-step and per-request costs, which
     big batches hide), then bursts of each size in ``bursts`` (``repeats`` times, shuffled), all
@@ -92,6 +92,9 @@ def calibration_trace(bursts: Sequence[int] = (1, 4, 16, 64, 128), repeats: int 
 
     Without the lone requests a fit on bursts of 1-64 put a lone decode step 22 % too slow on
     vLLM-CPU (2 of 170 requests ran alone): most real traffic runs at low batch sizes.
+    ``singles_between=True`` spreads the lone requests over the run instead: before each burst
+    (``gap_s`` after the one before, so it has drained) comes its share of them, so a machine
+    whose speed drifts over minutes shows both its lone and its batched speed in every stretch.
 
         >>> from nbkit.traces import write_trace
         >>> write_trace("/tmp/calib.jsonl", calibration_trace(gap_s=10))        # doctest: +SKIP
@@ -103,6 +106,16 @@ def calibration_trace(bursts: Sequence[int] = (1, 4, 16, 64, 128), repeats: int 
     rng = random.Random(seed)
     sizes = [b for b in bursts for _ in range(repeats)]
     rng.shuffle(sizes)
+    if singles_between and sizes:
+        out, t = [], 0.0
+        for k, size in enumerate(sizes):
+            for _ in range(singles // len(sizes) + (1 if k < singles % len(sizes) else 0)):
+                out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(t * 1e9))))
+                t += single_gap_s
+            for _ in range(size):
+                out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(t * 1e9))))
+            t += gap_s
+        return out
     out = [TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(k * single_gap_s * 1e9)))
            for k in range(singles)]
     t0 = singles * single_gap_s + (gap_s if singles else 0.0)
