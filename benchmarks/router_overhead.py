@@ -489,20 +489,10 @@ def policy_of(spec: str):
     """``name`` or ``name:option=value,...`` (e.g. ``prefix_affinity:affinity_weight=0.5``) -> a Policy."""
     from nbkit.policies import get_policy
 
-    name, _, opts = spec.partition(":")
-    options = {}
-    for item in filter(None, (o.strip() for o in opts.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SystemExit(f"--policy {spec!r}: expected name:option=value,...")
-        try:
-            options[key] = int(value)
-        except ValueError:
-            try:
-                options[key] = float(value)
-            except ValueError:
-                options[key] = value
-    return get_policy(name, **options)
+    try:
+        return get_policy(spec)
+    except ValueError as e:
+        raise SystemExit(f"--policy {spec!r}: {e}") from None
 
 
 def serve_endpoint(args) -> None:

@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenAI-compatible endpoint, and the replicas use --port-start")
     s.add_argument("--port-start", type=int, default=None, help="first port of the replicas (default: port+1)")
     s.add_argument("--host", default="127.0.0.1", help="address of the endpoint and replicas")
-    s.add_argument("--policy", default="least_load", help="routing policy of the endpoint (N > 1)")
+    s.add_argument("--policy", default="least_load", help="routing policy of the endpoint (N > 1): a name, or name:option=value,... "
+                        "(e.g. prefix_affinity:affinity_weight=0.5)")
     s.add_argument("--enable-request-affinity", action="store_true",
                    help="sticky routing: requests with the same X-Session-Id header or `user` field go to "
                         "the same instance (policy 'session', least_load for requests without a key)")

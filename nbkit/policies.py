@@ -293,13 +293,35 @@ PolicySpec = Union[str, Policy, type[Policy],
                    Callable[[Sequence[RankLoad], RequestInfo], Union[int, RankLoad, Choice]]]
 
 
+def _parse_options(name: str, text: str) -> dict[str, Any]:
+    """``"a=1,b=0.5,c=x"`` -> ``{"a": 1, "b": 0.5, "c": "x"}`` (for ``get_policy("name:...")``)."""
+    out: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ValueError(f"routing policy {name + ':' + text!r}: expected name:option=value,... "
+                             f"(got {item!r})")
+        value = value.strip()
+        for conv in (int, float):
+            try:
+                out[key.strip()] = conv(value)
+                break
+            except ValueError:
+                continue
+        else:
+            out[key.strip()] = {"true": True, "false": False}.get(value.lower(), value)
+    return out
+
+
 def get_policy(spec: PolicySpec, **options: Any) -> Policy:
     """A :class:`Policy` from a name, an instance, a class or a plain function.
 
     - ``str``: a registered name, case-insensitive, or an alias (``LOAD`` -> least_load,
       ``RR`` -> round_robin, ``RAND`` -> random); ``options`` (``seed`` included) go to the
       constructor. ``"custom"`` needs the function as ``fn=``. Unknown names raise ``ValueError``
-      listing the known ones.
+      listing the known ones. Options may also ride in the string, for command lines and
+      configs: ``"prefix_affinity:affinity_weight=0.5,max_prefixes=2048"`` (numbers are parsed;
+      an unknown option raises ``ValueError`` naming it).
     - a ``Policy`` instance is returned as is (``options`` must then be empty).
     - a ``Policy`` subclass is instantiated with ``options``.
     - any other callable becomes ``CustomPolicy(spec, **options)``.
@@ -311,6 +333,10 @@ def get_policy(spec: PolicySpec, **options: Any) -> Policy:
         return spec
     if isinstance(spec, type) and issubclass(spec, Policy):
         return spec(**options)
+    from_text = False
+    if isinstance(spec, str) and ":" in spec:
+        spec, text = spec.split(":", 1)
+        options, from_text = {**_parse_options(spec, text), **options}, True
     if isinstance(spec, str):
         norm = _normalize(spec)
         norm = _ALIASES.get(norm, norm)
@@ -323,7 +349,12 @@ def get_policy(spec: PolicySpec, **options: Any) -> Policy:
             raise ValueError("policy 'custom' needs a callable: get_policy(fn) or "
                              "get_policy('custom', fn=fn), fn(candidates, request) -> "
                              "index | RankLoad | Choice")
-        return cls(**options)
+        try:
+            return cls(**options)
+        except TypeError as e:  # an option the policy does not take (Policy.__init__ names it)
+            if not from_text:
+                raise
+            raise ValueError(f"routing policy {spec!r}: {e}") from None  # a bad value, like a bad name
     if callable(spec):
         return CustomPolicy(spec, **options)
     raise TypeError(f"get_policy: expected a name, a Policy, a Policy subclass or a callable, "

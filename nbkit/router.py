@@ -262,9 +262,9 @@ class Router:
             self._policy = p
 
     def _make_policy(self, spec) -> Policy:
-        if isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy)):
+        if self._seed is not None and (isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy))):
             return get_policy(spec, seed=self._seed)
-        return get_policy(spec)
+        return get_policy(spec)  # a name may carry its own options: "prefix_affinity:affinity_weight=0.5"
 
     def set_ranks(self, ranks: Iterable) -> None:
         """Replace the rank set (after a scale); keeps state of ranks that stay."""

@@ -23,6 +23,8 @@ def test_passthrough_flags_after_double_dash():
     (["serve", "-n", "0"], "n=0"),
     (["serve", "-n", "9", "--device", "cpu"], "tp_size"),
     (["serve", "--tp", "0"], "tp_size"),
+    (["serve", "-n", "2", "--policy", "fastest"], "unknown routing policy 'fastest'"),
+    (["serve", "-n", "2", "--policy", "prefix_affinity:affinity_wieght=0.5"], "affinity_wieght"),
 ])
 def test_serve_rejects_bad_input_before_launching(argv, needle, capsys, monkeypatch, tiny_model_path):
     monkeypatch.setenv("NBKIT_CACHE", str(__import__("pathlib").Path(tiny_model_path).parent))

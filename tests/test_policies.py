@@ -51,6 +51,21 @@ def test_registry_names_and_aliases():
         assert p.name == name and isinstance(p, Policy)
 
 
+def test_options_may_ride_in_the_name_for_command_lines():
+    p = get_policy("prefix_affinity:affinity_weight=0.5, max_blocks_per_rank=64")
+    assert isinstance(p, PrefixAffinityPolicy) and p.affinity_weight == 0.5 and p.max_blocks_per_rank == 64
+    assert get_policy("LOAD:seed=7").seed == 7
+    assert get_policy("least_load:seed=7", seed=9).seed == 9          # an explicit keyword wins
+    with pytest.raises(ValueError, match="affinity_wieght"):
+        get_policy("prefix_affinity:affinity_wieght=0.5")
+    with pytest.raises(ValueError, match="name:option=value"):
+        get_policy("least_load:0.5")
+    from nbkit.cluster import Rank
+    from nbkit.router import Router
+    r = Router([Rank(replica=0, dp_rank=0, url="http://r0:8000", name="r0")], "prefix_affinity:affinity_weight=2")
+    assert r.policy.affinity_weight == 2
+
+
 def test_unknown_name_lists_known_names():
     with pytest.raises(ValueError) as ei:
         get_policy("fastest")
