@@ -49,7 +49,7 @@ from typing import Any, AsyncIterator, Sequence
 from . import loop
 from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
-from .transport import check_transport, make_transport
+from .transport import Transport, check_transport, make_transport
 
 
 class RoutedClientError(RuntimeError):
@@ -104,9 +104,9 @@ class RoutedClient:
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
             raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
-        self._forwarders: dict[asyncio.AbstractEventLoop, Forwarder] = {}  # one per loop that sends
+        # one connection pool (and the Forwarder over it) per loop that sends
+        self._pools: dict[asyncio.AbstractEventLoop, tuple[Forwarder, Transport]] = {}
         self._started = False
-        self._start_lock = threading.Lock()
         self.sync = _Sync(self)
         _clients.add(self)
 
@@ -152,57 +152,52 @@ class RoutedClient:
                                    "use one client per loop, or local=False")
         return coro
 
+    def _at_router(self, coro):
+        """Await ``coro`` on the loop the router's tasks live on (nbkit's, or local=True the home loop)."""
+        return coro if self.local else loop.wrap(coro)
+
     async def _ensure(self):
         """The Forwarder of the running loop (made on first use); starts the router once."""
         running = asyncio.get_running_loop()
-        fwd = self._forwarders.get(running)
-        if fwd is not None:
-            return fwd
+        pool = self._pools.get(running)
+        if pool is not None:
+            return pool[0]
         if not self._started:
             if self.local:
                 self._home = running
-                await self.router.start()
-            elif loop.in_loop_thread():
-                await self.router.start()
-            else:
-                await loop.wrap(self.router.start())
+            await self._at_router(self.router.start())
             self._started = True
-        fwd = self._forwarders.get(running)  # another first call on this loop may have made it
-        if fwd is None:
+        pool = self._pools.get(running)  # another first call on this loop may have made it
+        if pool is None:
             self._drop_closed_loops()
-            fwd = Forwarder(self.router, make_transport(self._transport_spec, timeout=self.timeout,
-                                                        max_connections=self.max_connections),
-                            retries=self.retries)
+            transport = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
+            fwd = Forwarder(self.router, transport, retries=self.retries)
             if self.pd_connector:
                 from .pd import PDForwarder
                 fwd = PDForwarder(fwd, self.pd_connector)
-            self._forwarders[running] = fwd
-        return fwd
+            pool = self._pools[running] = (fwd, transport)
+        return pool[0]
 
     def _drop_closed_loops(self) -> None:
         """Forget the connection pools of loops that have closed (``asyncio.run`` returned)."""
-        for lp, fwd in list(self._forwarders.items()):
+        for lp, (_, transport) in list(self._pools.items()):
             if lp.is_closed():
-                self._forwarders.pop(lp, None)
-                _abandon(_transport_of(fwd))
+                self._pools.pop(lp, None)
+                transport.abandon()
 
     async def _aclose(self) -> None:
         """Close the router (on its loop) and every connection pool (each on its own loop)."""
         running = asyncio.get_running_loop()
         if self._started:
-            if self.local or loop.in_loop_thread():
-                await self.router.aclose()
-            else:
-                await loop.wrap(self.router.aclose())
+            await self._at_router(self.router.aclose())
         self._started = False
-        for lp, fwd in list(self._forwarders.items()):
-            self._forwarders.pop(lp, None)
-            t = _transport_of(fwd)
+        for lp, (_, t) in list(self._pools.items()):
+            self._pools.pop(lp, None)
             if lp is running:
                 await t.aclose()
             elif lp.is_closed():
-                _abandon(t)
-            elif loop.get_loop() is lp and not self.local:
+                t.abandon()
+            elif not self.local and lp is loop.get_loop():
                 await loop.wrap(t.aclose())
             else:  # a loop on another thread: close it there, without waiting
                 asyncio.run_coroutine_threadsafe(t.aclose(), lp)
@@ -317,22 +312,6 @@ class RoutedClient:
 
     def _streamer(self, agen):
         return _bridge(agen) if self._hop() else agen
-
-
-def _transport_of(fwd):
-    return getattr(fwd, "transport", None) or fwd.fwd.transport  # a Forwarder, or a PDForwarder around one
-
-
-def _abandon(transport) -> None:
-    """Mark a pool whose loop has closed as closed (its sockets went with the loop), so that
-    aiohttp does not warn about an unclosed session at exit."""
-    session = getattr(transport, "_session", None)
-    connector = getattr(session, "connector", None)
-    if connector is not None and not connector.closed:
-        try:
-            connector._close()
-        except Exception:  # noqa: BLE001 - best effort on a dead loop
-            pass
 
 
 class _Bridge:

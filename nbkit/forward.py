@@ -208,8 +208,7 @@ class Forwarder:
                     lease.release("error", repr(e))
                     raise
                 lease.release("retry", repr(e))
-                with self.router._lock:
-                    self.router.counters["retries"] += 1
+                self.router.count("retries")
                 if elsewhere:
                     tried.add(lease.rank.name)
                 else:

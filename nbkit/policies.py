@@ -320,7 +320,7 @@ def get_policy(spec: PolicySpec, **options: Any) -> Policy:
       ``RR`` -> round_robin, ``RAND`` -> random); ``options`` (``seed`` included) go to the
       constructor. ``"custom"`` needs the function as ``fn=``. Unknown names raise ``ValueError``
       listing the known ones. Options may also ride in the string, for command lines and
-      configs: ``"prefix_affinity:affinity_weight=0.5,max_prefixes=2048"`` (numbers are parsed;
+      configs: ``"prefix_affinity:affinity_weight=0.5,max_blocks_per_rank=2048"`` (numbers are parsed;
       an unknown option raises ``ValueError`` naming it).
     - a ``Policy`` instance is returned as is (``options`` must then be empty).
     - a ``Policy`` subclass is instantiated with ``options``.

@@ -401,9 +401,13 @@ class Router:
             record.queue_wait_s = time.time() - record.arrival
             self._publish(record)
 
-    def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
+    def count(self, key: str) -> None:
+        """Add one to ``counters[key]`` (callers on several threads)."""
         with self._lock:
-            self.counters["requests"] += 1
+            self.counters[key] += 1
+
+    def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
+        self.count("requests")
         return RequestRecord(id=next(self._ids), path=path, policy=self._policy.name, arrival=time.time(),
                              tokens_in=info.prompt_tokens)
 
@@ -416,7 +420,7 @@ class Router:
     def _publish(self, record: RequestRecord) -> None:
         self.records.append(record)
         if record.outcome not in ("ok", "cancelled"):
-            self.counters["failures"] += 1
+            self.count("failures")
         for fn in list(self.listeners):
             try:
                 fn(record)

@@ -56,6 +56,9 @@ class Transport:
     async def aclose(self) -> None:
         pass
 
+    def abandon(self) -> None:
+        """Forget the pool without closing it: its event loop has closed, and its sockets with it."""
+
 
 def _no_cookies():
     """A cookie jar that keeps nothing: a router must not store one replica's Set-Cookie and send
@@ -162,6 +165,12 @@ class AiohttpTransport(Transport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+    def abandon(self) -> None:
+        # mark it closed, so aiohttp does not warn about an unclosed session at exit
+        if self._session is not None and not self._session.connector.closed:
+            self._session.connector._close()  # sync part of close(); with the loop closed it only sets the flag
+        self._session = None
 
 
 def check_transport(spec) -> None:

@@ -298,12 +298,11 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
                                              f"{getattr(first, f)!r} ({p0}) and {getattr(inst, f)!r}")
             else:
                 groups[g] = (path, inst)
-        # vLLM's defaults scale with the TP size on CPU only (EngineArgs._set_default_args)
-        scale = tp if hw.name == "cpu" else 1
-        max_seqs = inst.max_num_seqs if inst.max_num_seqs is not None else min(
-            hw.max_num_seqs * scale, inst.max_num_batched_tokens or hw.max_num_seqs * scale)
-        max_tokens = (inst.max_num_batched_tokens if inst.max_num_batched_tokens is not None
-                      else max(hw.max_num_batched_tokens * scale, max_seqs))
+        # unset: vLLM's defaults for the hardware (per TP rank on CPU), keeping seqs <= tokens
+        scale = tp if hw.batch_per_tp else 1
+        default_seqs = hw.max_num_seqs * scale
+        max_seqs = inst.max_num_seqs or min(default_seqs, inst.max_num_batched_tokens or default_seqs)
+        max_tokens = inst.max_num_batched_tokens or max(hw.max_num_batched_tokens * scale, max_seqs)
         link_bw = hw.tp_link_bw_gbs if hw.tp_link_bw_gbs is not None else cfg.link_bw
         link_lat = hw.tp_link_latency_ns if hw.tp_link_latency_ns is not None else cfg.link_latency
         out.append(InstanceSetup(

@@ -78,6 +78,7 @@ class HardwareProfile:
     block_size: int = 16              # vLLM's default KV block size on this device
     max_num_batched_tokens: int = 8192  # vLLM's default token budget per step for its API server here
     max_num_seqs: int = 256           # ... and sequences per step
+    batch_per_tp: bool = False        # both defaults are per TP rank (vLLM-CPU), not per instance
     notes: str = ""
 
     def admission(self, now: float, api_free_at: float) -> tuple[float, float]:
@@ -119,7 +120,7 @@ PROFILES: dict[str, HardwareProfile] = {p.name: p for p in [
                     tp_link_latency_ns=20000, kv_cache_gb=1.073741824, reserve_gb=0.0, block_size=128,
                     # vLLM's CPU defaults for the API server (EngineArgs: 2048 x TP size, 128 x TP size):
                     # a burst of long prompts is prefilled over several steps, not one
-                    max_num_batched_tokens=2048, max_num_seqs=128,
+                    max_num_batched_tokens=2048, max_num_seqs=128, batch_per_tp=True,
                     notes="2-core AMD EPYC (Zen 4, AVX-512 BF16) running vLLM-CPU, one core per replica; "
                           "defaults from a calibration run of the tiny model; refit with "
                           "`nbkit sim calibrate` for other models or machines"),
