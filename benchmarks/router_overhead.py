@@ -20,8 +20,9 @@ What runs (all on 127.0.0.1):
   sglang-*   sglang-router launch ... in its own process; generator -> router -> backend
   vllm-*     vllm-router ... in its own process; generator -> router -> backend
   (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
-  nbkit paths use aiohttp on a uvloop loop (the defaults); *-httpx use the httpx transport, and
-  endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's configuration before the switch);
+  nbkit paths use the http1 transport on a uvloop loop (the defaults); *-aiohttp use aiohttp's
+  ClientSession (the default until 2026-11-28), *-httpx the httpx transport, and
+  endpoint-rr-httpx-asyncio httpx on asyncio's loop (nbkit's first configuration);
   client-rr-local is RoutedClient(local=True): the router's tasks on the generator's loop too;
   client-rr-hop is RoutedClient(hop=True): each call crosses to nbkit's loop and back, which is
   what a call awaited in a Jupyter cell does
@@ -77,6 +78,8 @@ ALL_PATHS = {
     # nbkit's earlier transport side by side: httpx (on uvloop), and httpx on asyncio's loop
     "client-rr-local": ("client", "round_robin", "local"),
     "client-rr-hop": ("client", "round_robin", "hop"),
+    "client-rr-aiohttp": ("client", "round_robin", "aiohttp"),
+    "endpoint-rr-aiohttp": ("endpoint", "round_robin", "aiohttp"),
     "client-rr-httpx": ("client", "round_robin", "httpx"),
     "endpoint-rr-httpx": ("endpoint", "round_robin", "httpx"),
     "endpoint-rr-httpx-asyncio": ("endpoint", "round_robin", "httpx+asyncio"),
@@ -395,10 +398,12 @@ class Target:
 
     def __init__(self, name: str, kind: str, policy: str | None, variant: str | None = None):
         self.name, self.kind, self.policy = name, kind, policy
-        # nbkit paths: variant "httpx", "httpx+asyncio", "local" or "hop" (default: aiohttp on uvloop)
+        # nbkit paths: variant "aiohttp", "httpx", "httpx+asyncio", "local" or "hop" (default:
+        # the default transport, http1, on uvloop)
+        from nbkit.transport import DEFAULT_TRANSPORT
         self.local = variant == "local"
         self.hop = True if variant == "hop" else None
-        self.transport = "aiohttp" if variant in (None, "local", "hop") else variant.split("+")[0]
+        self.transport = DEFAULT_TRANSPORT if variant in (None, "local", "hop") else variant.split("+")[0]
         self.loop = "asyncio" if variant and variant.endswith("+asyncio") else "uvloop"
         self.label = LABELS[kind] + (f" ({policy})" if policy else "") + (f" [{variant}]" if variant else "")
         self.proc: subprocess.Popen | None = None
@@ -777,7 +782,7 @@ def parse_args(argv=None):
     ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--policy", help=argparse.SUPPRESS)
-    ap.add_argument("--transport", default="aiohttp", help=argparse.SUPPRESS)
+    ap.add_argument("--transport", default="http1", help=argparse.SUPPRESS)
     ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--urls", nargs="*", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)

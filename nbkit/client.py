@@ -49,7 +49,7 @@ from typing import Any, AsyncIterator, Sequence
 from . import loop
 from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
-from .transport import Transport, check_transport, make_transport
+from .transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
 
 
 class RoutedClientError(RuntimeError):
@@ -84,7 +84,7 @@ class RoutedClient:
     def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
-                 transport="aiohttp", max_connections: int | None = None, local: bool = False,
+                 transport=DEFAULT_TRANSPORT, max_connections: int | None = None, local: bool = False,
                  hop: bool | None = None, **router_options):
         if local and hop:
             raise ValueError("hop=True: a local=True client never leaves its own loop")

@@ -27,7 +27,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from . import loop
 from .forward import Forwarder, request_info
 from .router import RequestRecord, Router
-from .transport import ALL_ERRORS, check_transport, make_transport
+from .transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
 ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
                "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
@@ -46,7 +46,7 @@ class Endpoint:
     def __init__(self, target, *, host: str = "127.0.0.1", port: int = 8000, policy="least_load",
                  router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
-                 log_level: str = "warning", pd: bool | None = None, transport="aiohttp",
+                 log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
                  max_connections: int | None = None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")

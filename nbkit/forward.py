@@ -18,7 +18,7 @@ from typing import AsyncIterator, Mapping
 
 from .policies import RequestInfo
 from .router import Lease, RequestRecord, Router
-from .transport import Transport, make_transport
+from .transport import DEFAULT_TRANSPORT, Transport, make_transport
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -152,8 +152,8 @@ class Upstream:
 class Forwarder:
     """Send requests through a :class:`Router` with retries before the first byte."""
 
-    def __init__(self, router: Router, transport: "Transport | str" = "aiohttp", *, retries: int = 2):
-        """``transport``: a :class:`~nbkit.transport.Transport`, ``"aiohttp"``, ``"httpx"`` or an
+    def __init__(self, router: Router, transport: "Transport | str" = DEFAULT_TRANSPORT, *, retries: int = 2):
+        """``transport``: a :class:`~nbkit.transport.Transport`, ``"http1"`` (default), ``"aiohttp"``, ``"httpx"`` or an
         httpx.AsyncClient (see :func:`nbkit.transport.make_transport`)."""
         if retries < 0:
             raise ValueError(f"retries={retries!r}: must be >= 0")

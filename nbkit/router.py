@@ -40,7 +40,7 @@ import httpx
 
 from .metrics import EngineMetrics, parse_metrics
 from .policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
-from .transport import Transport, make_transport
+from .transport import DEFAULT_TRANSPORT, Transport, make_transport
 
 #: Consecutive failures that open a rank's circuit breaker.
 BREAKER_FAILURES = 3
@@ -485,10 +485,10 @@ class Router:
         self._probe = None
 
     def _prober(self) -> Transport:
-        """The transport for /metrics and /health (aiohttp unless a client was given: probes are
-        small and frequent, and aiohttp costs the least CPU per GET)."""
+        """The transport for /metrics and /health (the default transport unless a client was
+        given: probes are small and frequent, and it costs the least CPU per GET)."""
         if self._probe is None:
-            self._probe = make_transport(self._client or "aiohttp", timeout=PROBE_TIMEOUT_S,
+            self._probe = make_transport(self._client or DEFAULT_TRANSPORT, timeout=PROBE_TIMEOUT_S,
                                          connect_timeout=PROBE_TIMEOUT_S, max_connections=64)
         return self._probe
 

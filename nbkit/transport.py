@@ -1,10 +1,10 @@
-"""HTTP transports for forwarding: aiohttp (the default, cheaper per request) or httpx.
+"""HTTP transports for forwarding: ``http1`` (the default), aiohttp or httpx.
 
 The forwarder only needs "send a request, get a response whose body can be read whole or as a
-stream, and close it"; both transports give the same small response interface (the one of
+stream, and close it"; all three give the same small response interface (the one of
 ``httpx.Response``: ``status_code``, ``headers``, ``aiter_bytes()``, ``aread()``, ``aclose()``)::
 
-    t = make_transport("aiohttp", timeout=600)          # or "httpx", or an httpx.AsyncClient
+    t = make_transport("http1", timeout=600)            # or "aiohttp", "httpx", an httpx.AsyncClient
     resp = await t.send("POST", url, content=b"{...}", headers={"content-type": "application/json"})
     async for chunk in resp.aiter_bytes(): ...          # or: body = await resp.aread()
     await resp.aclose()                                   # unread stream: closes the connection
@@ -13,10 +13,13 @@ stream, and close it"; both transports give the same small response interface (t
 ``t.errors`` is the tuple of exceptions that mean "the exchange failed in transit" (refused,
 reset, timed out): the forwarder retries those before the first byte.
 
-Why two: per request, aiohttp costs about a quarter of httpx's CPU time (see
-``benchmarks/router_overhead.py``), which is what a router in Python can spend; httpx stays
-available (``transport="httpx"``) and is what the unit tests' ``httpx.MockTransport`` stand-ins
-plug into. Both keep connections alive and pooled; ``max_connections`` caps the pool (None: no cap).
+Why three: CPU per request is what a router in Python can spend. ``http1`` (:mod:`nbkit.http1`:
+pooled connections and httptools' parser, nothing else) costs ~0.07 ms per exchange on this
+project's VM, aiohttp's ClientSession ~0.2 ms and httpx ~0.75 ms (see
+``benchmarks/router_overhead.py``). aiohttp is there for what http1 leaves out (redirects,
+proxies, cookies, other content encodings); httpx is what the unit tests'
+``httpx.MockTransport`` stand-ins plug into. All keep connections alive and pooled;
+``max_connections`` caps the exchanges in flight (None: no cap).
 """
 
 from __future__ import annotations
@@ -26,9 +29,13 @@ from typing import AsyncIterator, Mapping
 
 import httpx
 
-__all__ = ["Transport", "HttpxTransport", "AiohttpTransport", "make_transport", "check_transport", "TRANSPORTS", "ALL_ERRORS"]
+from .http1 import Http1Error, Http1Pool
 
-TRANSPORTS = ("aiohttp", "httpx")
+__all__ = ["Transport", "Http1Transport", "HttpxTransport", "AiohttpTransport", "DEFAULT_TRANSPORT", "make_transport", "check_transport", "TRANSPORTS", "ALL_ERRORS"]
+
+TRANSPORTS = ("http1", "aiohttp", "httpx")
+#: what RoutedClient, Endpoint, Forwarder and the router's probes use unless told otherwise
+DEFAULT_TRANSPORT = "http1"
 
 
 def _aiohttp_errors() -> tuple[type[BaseException], ...]:
@@ -40,7 +47,8 @@ def _aiohttp_errors() -> tuple[type[BaseException], ...]:
 
 
 #: Every exception either transport raises for a failed exchange (for callers that catch them all).
-ALL_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, asyncio.TimeoutError, *_aiohttp_errors())
+ALL_ERRORS: tuple[type[BaseException], ...] = (httpx.HTTPError, asyncio.TimeoutError, Http1Error,
+                                               *_aiohttp_errors())
 
 
 class Transport:
@@ -89,6 +97,27 @@ class HttpxTransport(Transport):
     async def aclose(self) -> None:
         if self._own:
             await self.client.aclose()
+
+
+class Http1Transport(Transport):
+    """:class:`nbkit.http1.Http1Pool` underneath (its responses already have the interface)."""
+
+    name = "http1"
+    errors = (Http1Error,)
+
+    def __init__(self, *, timeout: float = 600.0, connect_timeout: float = 10.0,
+                 max_connections: int | None = None):
+        self.timeout, self.connect_timeout = timeout, connect_timeout
+        self.pool = Http1Pool(timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections)
+
+    async def send(self, method, url, *, content=None, headers=None, timeout=None):
+        return await self.pool.request(method, url, content=content, headers=headers, timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    def abandon(self) -> None:
+        self.pool.abandon()
 
 
 class AiohttpResponse:
@@ -180,13 +209,16 @@ def check_transport(spec) -> None:
     raise ValueError(f"transport={spec!r}: expected one of {', '.join(TRANSPORTS)}, a Transport or an httpx.AsyncClient")
 
 
-def make_transport(spec: str | Transport | httpx.AsyncClient = "aiohttp", *, timeout: float = 600.0,
+def make_transport(spec: str | Transport | httpx.AsyncClient = DEFAULT_TRANSPORT, *, timeout: float = 600.0,
                    connect_timeout: float = 10.0, max_connections: int | None = None) -> Transport:
-    """``"aiohttp"`` | ``"httpx"`` | a Transport | an httpx.AsyncClient (used as is, not closed by us)."""
+    """``"http1"`` | ``"aiohttp"`` | ``"httpx"`` | a Transport | an httpx.AsyncClient (used as is,
+    not closed by us)."""
     if isinstance(spec, Transport):
         return spec
     if isinstance(spec, httpx.AsyncClient):
         return HttpxTransport(spec)
+    if spec == "http1":
+        return Http1Transport(timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections)
     if spec == "aiohttp":
         return AiohttpTransport(timeout=timeout, connect_timeout=connect_timeout, max_connections=max_connections)
     check_transport(spec)

@@ -1,4 +1,4 @@
-"""Both HTTP transports of the forwarder against real local servers (aiohttp.web on 127.0.0.1):
+"""The three HTTP transports of the forwarder against real local servers (aiohttp.web on 127.0.0.1):
 whole bodies, SSE streams, early close that reaches the server, failover on refused connections,
 the connection-pool cap, and a clear error for a bad ``transport=``."""
 
@@ -16,7 +16,7 @@ from nbkit.dispatch import Endpoint
 from nbkit.forward import Forwarder
 from nbkit.policies import RequestInfo
 from nbkit.router import Router
-from nbkit.transport import AiohttpTransport, HttpxTransport, make_transport
+from nbkit.transport import AiohttpTransport, Http1Transport, HttpxTransport, make_transport
 
 
 
@@ -26,7 +26,7 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
-TRANSPORT_NAMES = ["aiohttp", "httpx"]
+TRANSPORT_NAMES = ["http1", "aiohttp", "httpx"]
 
 
 def run(coro, timeout: float = 20.0):
@@ -211,7 +211,7 @@ def test_refused_connection_fails_over_and_all_refused_raises(transport):
     run(main())
 
 
-@pytest.mark.parametrize("transport_cls", [AiohttpTransport, HttpxTransport])
+@pytest.mark.parametrize("transport_cls", [Http1Transport, AiohttpTransport, HttpxTransport])
 def test_max_connections_caps_concurrent_upstream_requests(transport_cls):
     async def main():
         async with Backend("b0", chunk_delay=0.1) as b:
@@ -282,7 +282,7 @@ def test_local_client_runs_on_the_callers_loop_and_only_there():
     run(two_loops())
 
 
-def test_endpoint_served_by_uvicorn_forwards_over_aiohttp():
+def test_endpoint_served_by_uvicorn_forwards_over_the_default_transport():
     """The real server path (uvicorn on a port, nbkit's loop thread), not an in-process ASGI call."""
     import httpx
 
