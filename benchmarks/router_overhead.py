@@ -3,7 +3,7 @@ with sglang-router and vllm-router, over the same two minimal local HTTP backend
 
     .venv/bin/python benchmarks/router_overhead.py [--quick] [--peers-venv .bench-venv]
                                                   [--paths direct,client-rr,...] [--rates 50,200]
-                                                  [--gen-client httpx|aiohttp]
+                                                  [--gen-client httpx|aiohttp|http1]
 Defaults: 2000 requests per path at 200 req/s and 500 at 50 req/s, about 4-5 minutes in all
 (--max-seconds skips what would not fit); --quick: 200 per (path, rate), about a minute.
 
@@ -13,7 +13,7 @@ A peer that is missing or fails to start is reported and skipped; the others sti
 
 What runs (all on 127.0.0.1):
   backends   2 processes of benchmarks/mock_backend.py (uvicorn + starlette), answering at once
-  direct     the generator's client (httpx.AsyncClient; --gen-client aiohttp) -> backend, alternating
+  direct     the generator's client (httpx.AsyncClient; --gen-client aiohttp or http1) -> backend, alternating
   client-*   nbkit.client.RoutedClient in this process -> backend: the request runs on the
              generator's loop, the router (scraper, health checks) on nbkit's loop thread
   endpoint-* nbkit.dispatch.Endpoint in its own process; generator -> endpoint -> backend
@@ -359,11 +359,16 @@ def http_client():
 
 
 class LoadClient:
-    """The load generator's HTTP client: httpx.AsyncClient (default) or aiohttp (lighter on CPU)."""
+    """The load generator's HTTP client: httpx.AsyncClient (default), aiohttp (lighter on CPU) or
+    nbkit.http1 (the lightest, and the client path's own transport: with it the direct baseline
+    and the client path differ by the router alone)."""
 
     def __init__(self, kind: str = "httpx"):
         self.kind = kind
-        if kind == "aiohttp":
+        if kind == "http1":
+            from nbkit.http1 import Http1Pool
+            self._c = Http1Pool(timeout=REQUEST_TIMEOUT_S, connect_timeout=REQUEST_TIMEOUT_S)
+        elif kind == "aiohttp":
             import aiohttp
             self._c = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1024),
                                             timeout=aiohttp.ClientTimeout(total=REQUEST_TIMEOUT_S))
@@ -373,6 +378,12 @@ class LoadClient:
     def sender(self, urls: list[str]) -> Callable[[int], Awaitable[bool]]:
         targets = [u + "/v1/completions" for u in urls]
         c = self._c
+        if self.kind == "http1":
+            async def send(i: int):
+                r = await c.request("POST", targets[i % len(targets)], content=BODY_BYTES, headers=HEADERS)
+                body = await r.aread()
+                return True if r.status_code == 200 else f"HTTP {r.status_code}: {body[:200]!r}"
+            return send
         if self.kind == "aiohttp":
             async def send(i: int):
                 async with c.post(targets[i % len(targets)], data=BODY_BYTES, headers=HEADERS) as r:
@@ -388,6 +399,8 @@ class LoadClient:
     async def aclose(self) -> None:
         if self.kind == "aiohttp":
             await self._c.close()
+        elif self.kind == "http1":
+            await self._c.aclose()
         else:
             await self._c.aclose()
 
@@ -775,8 +788,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-seconds", type=float, default=280.0,
                     help="skip paths that would not finish within this many seconds (default 280)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "router_overhead.json")
-    ap.add_argument("--gen-client", choices=("httpx", "aiohttp"), default="httpx",
-                    help="the load generator's HTTP client (default httpx; aiohttp takes less CPU)")
+    ap.add_argument("--gen-client", choices=("httpx", "aiohttp", "http1"), default="httpx",
+                    help="the load generator's HTTP client (default httpx; aiohttp takes less CPU, http1 the least and matches the client path)")
     ap.add_argument("--uvloop", action="store_true", help="run the load generator on uvloop (default: asyncio)")
     # internal: the nbkit endpoint's own process
     ap.add_argument("--serve-endpoint", action="store_true", help=argparse.SUPPRESS)

@@ -8,11 +8,13 @@ Steps (one real replica of the tiny model, pinned to core 0; the load generator 
   1. calibration trace: bursts of 1, 4, 16, 64 requests (twice each, shuffled, drained between),
      each after 4 lone requests 1 s apart (32 in all), prompts 16-512 tokens, outputs 8-64
      (nbkit.sim.calibrate.calibration_trace, singles_between=True)
-  2. a different trace for validation: --segments Poisson segments at --rate req/s (3 s apart, so
-     each drains), prompts 64-1024, outputs 16-128
+  2. a different trace for validation: --segments (default 8) Poisson segments of 20 requests at
+     --rate req/s (3 s apart, so each drains), prompts 64-1024, outputs 16-128
   3. real runs of both through nbkit.bench (trace timestamps), interleaved: calibration segment 1,
      validation segment 1, calibration segment 2, ... (this VM's speed drifts by up to ~25 % over
-     minutes; run one after the other, the two traces met different machines); each trace's
+     minutes and by more than 10 % within one; run one after the other, the two traces met
+     different machines; 8 segments, one calibration burst each, follow the drift more closely
+     than 4 did); each trace's
      segments are put back on its own timeline -> one per-request CSV per trace
   4. nbkit.sim.calibrate on the calibration CSV -> a fitted "cpu" profile (saved next to the results)
   5. simulations of the validation trace with the shipped and the fitted profile, against its real run
@@ -175,7 +177,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smaller traces (about 3 minutes)")
     ap.add_argument("--rate", type=float, default=3.0, help="Poisson rate of the validation trace (req/s)")
-    ap.add_argument("--segments", type=int, default=4,
+    ap.add_argument("--segments", type=int, default=8,
                     help="run the two traces interleaved in this many segments each (1: one after the other)")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "sim_fidelity.json")
     args = ap.parse_args(argv)
@@ -187,7 +189,7 @@ def main(argv=None) -> int:
     k = args.segments
     valid, t = [], 0
     for j in range(k):  # k Poisson segments, 3 s apart, so each drains like a calibration burst
-        seg = poisson_trace((60 if args.quick else 150) // k, args.rate, (64, 1024), (16, 128), seed=2 + j)
+        seg = poisson_trace((64 if args.quick else 160) // k, args.rate, (64, 1024), (16, 128), seed=2 + j)
         valid += [replace(r, arrival_time_ns=r.arrival_time_ns + t) for r in seg]
         t = valid[-1].arrival_time_ns + 3_000_000_000
     write_trace(work / "calib.jsonl", calib)
