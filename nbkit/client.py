@@ -259,7 +259,7 @@ class RoutedClient:
 
     async def _request(self, path: str, body: dict, rank, session, headers) -> dict:
         up = await self._open(path, body, rank, session, headers, stream=False)
-        out = json.loads(up.body)
+        out = up.data if isinstance(up.data, dict) else json.loads(up.body)
         out.setdefault("nbkit", {}).update(rank=up.lease.rank.name, request_id=up.record.id)
         return out
 

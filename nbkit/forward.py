@@ -77,6 +77,7 @@ class Upstream:
     first: bytes = b""
     _it: AsyncIterator[bytes] | None = None
     _errors: tuple = ()
+    data: object = None           # a whole JSON body, parsed once by finish() (None: not JSON)
 
     @property
     def status_code(self) -> int:
@@ -137,7 +138,8 @@ class Upstream:
         """For a body read whole: take the token counts from ``usage`` and release (done by open())."""
         outcome = "ok" if self.status_code < 400 else f"http_{self.status_code}"
         try:
-            usage = json.loads(self.body).get("usage") or {}
+            self.data = json.loads(self.body)
+            usage = self.data.get("usage") or {}
             if usage.get("prompt_tokens") is not None:
                 self.record.tokens_in = usage["prompt_tokens"]
             if usage.get("completion_tokens") is not None:

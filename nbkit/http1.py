@@ -432,8 +432,12 @@ class Http1Pool:
         (None: the pool's)."""
         if self.closed:
             raise RuntimeError("Http1Pool is closed")
-        if self._loop is None:
-            self._loop = asyncio.get_running_loop()
+        running = asyncio.get_running_loop()
+        if self._loop is not running:
+            if self._loop is not None:
+                raise RuntimeError("Http1Pool used from another event loop than the one it started on "
+                                   "(make one pool per loop)")
+            self._loop = running
             if self.max_connections is not None:
                 self._slots = asyncio.Semaphore(self.max_connections)
         key, host, target = self._target(url)

@@ -323,3 +323,21 @@ def test_bad_header_or_url_is_refused_before_anything_is_sent():
             assert s.connections == 0
             await pool.aclose()
     run(main())
+
+
+def test_a_pool_belongs_to_the_loop_that_first_used_it():
+    async def first(pool, url):
+        await (await pool.request("GET", url + "/")).aread()
+
+    async def main():
+        async with Scripted(answer) as s:
+            pool = Http1Pool()
+            await first(pool, s.url)
+
+            def other_loop():
+                return asyncio.run(first(pool, s.url))
+
+            with pytest.raises(RuntimeError, match="another event loop"):
+                await asyncio.to_thread(other_loop)
+            await pool.aclose()
+    run(main())
