@@ -55,7 +55,7 @@ from .hardware import DEFAULT_FIT, FITTABLE, HardwareProfile, save_profile
 from .report import RequestRecord
 from .simulator import Simulator
 
-__all__ = ["calibrate", "CalibrationResult", "nelder_mead", "trace_from_records", "compare", "calibration_trace"]
+__all__ = ["calibrate", "CalibrationResult", "nelder_mead", "trace_from_records", "compare", "calibration_trace", "held"]
 
 
 def _arrival_order(r: RequestRecord):
@@ -159,6 +159,16 @@ def _load_groups(real: Sequence[RequestRecord]) -> list[list[int]]:
             n = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
             levels.setdefault(max(1, n).bit_length(), []).append(i)
     return [sorted(levels[k]) for k in sorted(levels)]
+
+
+def held(r: RequestRecord, gaps: int = 3, under_s: float = 2e-4) -> bool:
+    """Whether the client got a request's first tokens in one burst: its first ``gaps``
+    inter-token times are all under ``under_s``. The stream was held up before its first token
+    (on this project's 2-core VM under vLLM load, every process, the load generator included,
+    stops for 0.1-0.5 s now and then, using no CPU meanwhile), so its TTFT is the stall's, not
+    the server's."""
+    itl = r.itl_s or []
+    return len(itl) >= gaps and max(itl[:gaps]) < under_s
 
 
 def _alone(real: Sequence[RequestRecord], i: int) -> bool:
@@ -280,7 +290,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
               method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
               polish_evals: int | None = None, replay_routing: bool = True, policy: Any = "least_load",
-              name: str | None = None, load_groups: bool = True) -> CalibrationResult:
+              name: str | None = None, load_groups: bool = True, drop_held: bool = True) -> CalibrationResult:
     """Fit ``params`` of the (single) hardware profile used by ``config`` to ``records``.
 
     ``trace``: what was sent, when the CSV alone cannot say (sessions); by default a flat trace
@@ -289,7 +299,9 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     powers of two), so that the few lightly loaded requests of a bursty trace, which show the
     fixed costs, weigh as much as each level of the big bursts. ``replay_routing``
     sends each request to the instance the CSV names (``instance_id``), so the fit does not
-    depend on the routing policy. ``start`` replaces the profile the search starts from.
+    depend on the routing policy. ``drop_held`` leaves requests whose first tokens reached the
+    client in one burst (:func:`held`: a stall on the measuring side) out of the compared means;
+    they are still simulated, since they loaded the engine all the same. ``start`` replaces the profile the search starts from.
     ``max_evals`` bounds the simulations (linear: iterations; Nelder-Mead: evaluations, at least
     30 per parameter is sensible); ``polish_evals`` more go to a short Nelder-Mead search from
     the linear result when that does not already match (default: 60, or 30 per parameter where
@@ -366,14 +378,16 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
 
     # groups of requests whose means are compared
     n = len(real)
-    idx = list(range(n))
+    idx = [i for i in range(n) if not (drop_held and held(real[i]))]
     groups = [idx]
-    k = max(1, min(n_bins, n // 8))
+    m = len(idx)
+    k = max(1, min(n_bins, m // 8))
     for key in (lambda i: real[i].input_toks, lambda i: real[i].output_toks, lambda i: real[i].arrival_s):
         order = sorted(idx, key=key)
-        groups += [order[b * n // k:(b + 1) * n // k] for b in range(k)]
+        groups += [order[b * m // k:(b + 1) * m // k] for b in range(k)]
     if load_groups:
-        levels = _load_groups(real)
+        kept = set(idx)  # the load levels count every request: a held one loaded the engine too
+        levels = [[i for i in level if i in kept] for level in _load_groups(real)]
         groups += levels
         lone = [i for i in levels[0] if _alone(real, i)] if levels else []
         kl = min(n_bins, len(lone) // 8)
