@@ -105,6 +105,9 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--method", default="auto", choices=["auto", "linear", "nelder-mead"])
     ap.add_argument("--max-evals", type=int, default=40)
     ap.add_argument("--name", default=None, help="name of the saved profile (default: the hardware's)")
+    ap.add_argument("--keep-held", action="store_true",
+                    help="compare requests whose first tokens arrived in one burst too (default: left out "
+                         "of the means, their TTFT is a stall on the measuring side)")
     return ap
 
 
@@ -177,7 +180,7 @@ def _calibrate(argv: list[str]) -> int:
     params = [p.strip() for p in args.params.split(",") if p.strip()]
     fit = calibrate(read_csv(args.csv), args.cluster_config, trace=args.dataset, params=params, dtype=args.dtype,
                     block_size=args.block_size, hardware=_profiles(args.hardware_profile), method=args.method,
-                    max_evals=args.max_evals, name=args.name)
+                    max_evals=args.max_evals, name=args.name, drop_held=not args.keep_held)
     fit.save(args.output)
     print(fit.report())
     print(f"wrote {args.output}")
