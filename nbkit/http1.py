@@ -177,14 +177,6 @@ class Http1Response:
                 conn.drop()
         self._chunks.clear()
 
-    def close(self) -> None:
-        """Synchronous :meth:`aclose` (for clean-up paths that cannot await)."""
-        if not self._done:
-            conn = self._conn
-            self._end(ServerDisconnected("response closed before its end"))
-            if conn is not None:
-                conn.drop()
-
 
 class _Connection(asyncio.Protocol):
     """One keep-alive connection; carries one exchange at a time."""

@@ -61,9 +61,16 @@ def ok(body: bytes, extra: str = "") -> bytes:
     return f"HTTP/1.1 200 OK\r\ncontent-length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-async def answer(req, w):
-    w.write(ok(b'{"ok": true}', "content-type: application/json\r\n"))
-    await w.drain()
+def sends(raw: bytes, close: bool = False):
+    """A reply that writes ``raw`` as it is to every request (then closes the connection if asked)."""
+    async def reply(req, w):
+        w.write(raw)
+        await w.drain()
+        return "close" if close else None
+    return reply
+
+
+answer = sends(ok(b'{"ok": true}', "content-type: application/json\r\n"))
 
 
 def test_request_is_one_write_with_length_and_keep_alive_reuses_the_connection():
@@ -111,10 +118,7 @@ def test_chunked_body_streams_in_pieces_and_the_connection_is_reused():
 
 
 def test_body_ended_by_connection_close_is_complete():
-    async def reply(req, w):
-        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end")
-        await w.drain()
-        return "close"
+    reply = sends(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end", close=True)
 
     async def main():
         async with Scripted(reply) as s:
@@ -128,10 +132,7 @@ def test_body_ended_by_connection_close_is_complete():
 
 
 def test_server_dropping_the_connection_mid_body_is_an_error_not_a_short_body():
-    async def reply(req, w):
-        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
-        await w.drain()
-        return "close"
+    reply = sends(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part", close=True)
 
     async def main():
         async with Scripted(reply) as s:
@@ -144,8 +145,7 @@ def test_server_dropping_the_connection_mid_body_is_an_error_not_a_short_body():
 
 
 def test_no_response_at_all_and_refused_connection_raise_transport_errors():
-    async def reply(req, w):
-        return "close"
+    reply = sends(b"", close=True)
 
     async def main():
         async with Scripted(reply) as s:

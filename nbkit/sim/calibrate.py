@@ -377,8 +377,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     real_span = max(r.arrival_s + r.e2e_s for r in real) - min(r.arrival_s for r in real)
 
     # groups of requests whose means are compared
-    n = len(real)
-    idx = [i for i in range(n) if not (drop_held and held(real[i]))]
+    idx = [i for i in range(len(real)) if not (drop_held and held(real[i]))]
     groups = [idx]
     m = len(idx)
     k = max(1, min(n_bins, m // 8))
