@@ -108,7 +108,7 @@ async def wait_ready(url: str, model: str, proc, timeout: float) -> str | None:
 async def wait_idle(urls: list[str], timeout: float = 60.0) -> None:
     """Until no replica runs or queues a request (a cancelled run may leave some behind)."""
     import httpx
-    from nbkit.metrics import parse_metrics
+    from nbkit.routing.metrics import parse_metrics
     deadline = time.monotonic() + timeout
     async with httpx.AsyncClient(timeout=5.0) as c:
         while time.monotonic() < deadline:

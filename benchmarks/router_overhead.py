@@ -14,9 +14,9 @@ A peer that is missing or fails to start is reported and skipped; the others sti
 What runs (all on 127.0.0.1):
   backends   2 processes of benchmarks/mock_backend.py (uvicorn + starlette), answering at once
   direct     the generator's client (httpx.AsyncClient; --gen-client aiohttp or http1) -> backend, alternating
-  client-*   nbkit.client.RoutedClient in this process -> backend: the request runs on the
+  client-*   nbkit.routing.client.RoutedClient in this process -> backend: the request runs on the
              generator's loop, the router (scraper, health checks) on nbkit's loop thread
-  endpoint-* nbkit.dispatch.Endpoint in its own process; generator -> endpoint -> backend
+  endpoint-* nbkit.routing.endpoint.Endpoint in its own process; generator -> endpoint -> backend
   sglang-*   sglang-router launch ... in its own process; generator -> router -> backend
   vllm-*     vllm-router ... in its own process; generator -> router -> backend
   (-rr round_robin, -ll least_load, -ca cache_aware: with one fixed prompt it sends all to one backend)
@@ -360,13 +360,13 @@ def http_client():
 
 class LoadClient:
     """The load generator's HTTP client: httpx.AsyncClient (default), aiohttp (lighter on CPU) or
-    nbkit.http1 (the lightest, and the client path's own transport: with it the direct baseline
+    nbkit.http.http1 (the lightest, and the client path's own transport: with it the direct baseline
     and the client path differ by the router alone)."""
 
     def __init__(self, kind: str = "httpx"):
         self.kind = kind
         if kind == "http1":
-            from nbkit.http1 import Http1Pool
+            from nbkit.http.http1 import Http1Pool
             self._c = Http1Pool(timeout=REQUEST_TIMEOUT_S, connect_timeout=REQUEST_TIMEOUT_S)
         elif kind == "aiohttp":
             import aiohttp
@@ -413,7 +413,7 @@ class Target:
         self.name, self.kind, self.policy = name, kind, policy
         # nbkit paths: variant "aiohttp", "httpx", "httpx+asyncio", "local" or "hop" (default:
         # the default transport, http1, on uvloop)
-        from nbkit.transport import DEFAULT_TRANSPORT
+        from nbkit.http.transport import DEFAULT_TRANSPORT
         self.local = variant == "local"
         self.hop = True if variant == "hop" else None
         self.transport = DEFAULT_TRANSPORT if variant in (None, "local", "hop") else variant.split("+")[0]
@@ -442,8 +442,8 @@ async def start_path(p: Target, ctx: dict) -> tuple[Callable | None, Callable[[]
         return ctx["direct_send"], None, None
 
     if p.kind == "client":
-        from nbkit.client import RoutedClient
-        from nbkit.cluster import Rank
+        from nbkit.routing.client import RoutedClient
+        from nbkit.routing.rank import Rank
         ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(backends)]
         rc = RoutedClient(ranks, policy=p.policy, model="m", timeout=REQUEST_TIMEOUT_S, transport=p.transport,
                           local=p.local, hop=p.hop)
@@ -514,8 +514,8 @@ def policy_of(spec: str):
 
 
 def serve_endpoint(args) -> None:
-    from nbkit.cluster import Rank
-    from nbkit.dispatch import Endpoint
+    from nbkit.routing.rank import Rank
+    from nbkit.routing.endpoint import Endpoint
 
     ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(args.urls)]
     stop = threading.Event()

@@ -60,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--max-tokens", type=int, default=32)
     d.add_argument("--model", default=None)
 
-    from .bench.cli import add_parser as add_bench_parser
+    from nbkit.bench.cli import add_parser as add_bench_parser
     add_bench_parser(sub)
     sub.add_parser("sim", add_help=False, help="the simulator: run | calibrate | calibration-trace | serve "
                                                "(`nbkit sim --help`; same as python -m nbkit.sim)")
@@ -68,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _serve(args, passthrough: list[str]) -> int:
-    from .cluster import Cluster
+    from nbkit.cluster.cluster import Cluster
 
     n = args.num_instances
     spec_kwargs = dict(tp=args.tp, device=args.device, host=args.host, extra_args=tuple(passthrough),
@@ -76,11 +76,11 @@ def _serve(args, passthrough: list[str]) -> int:
     if n == 1:
         spec_kwargs["port"] = args.port
     port_start = args.port_start if args.port_start is not None else args.port + 1
-    from .policies import get_policy
+    from nbkit.policies import get_policy
     policy = "session" if args.enable_request_affinity else args.policy
     get_policy(policy)  # fail on a bad name before launching anything
     if n > 1:
-        from .plan import port_is_free
+        from nbkit.cluster.spec import port_is_free
         if not port_is_free(args.host, args.port):
             raise ValueError(f"port={args.port!r}: already in use on {args.host}")
     cluster = Cluster.replicas(args.model, n=n, port_start=port_start, startup_timeout=args.startup_timeout,
@@ -126,26 +126,26 @@ def _serve(args, passthrough: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "sim":  # the simulator parses its own command line
-        from .sim.__main__ import main as sim_main
+        from nbkit.sim.__main__ import main as sim_main
         return sim_main(argv[1:])
     own, passthrough = _split_passthrough(argv)
     args = build_parser().parse_args(own)
-    from .plan import SpecError
-    from .launch import ReplicaStartError
+    from nbkit.cluster.spec import SpecError
+    from nbkit.cluster.process import ReplicaStartError
     try:
         if args.cmd == "tiny-model":
-            from .tiny import tiny_model
+            from nbkit.tiny import tiny_model
             print(tiny_model(args.path, force=args.force))
             return 0
         if args.cmd == "serve":
             return _serve(args, passthrough)
         if args.cmd == "demo":
-            from .demo import run_demo
+            from nbkit.demo import run_demo
             run_demo(n=args.instances, requests=args.requests, concurrency=args.concurrency,
                      max_tokens=args.max_tokens, model=args.model)
             return 0
         if args.cmd == "bench":
-            from .bench.cli import main as bench_main
+            from nbkit.bench.cli import main as bench_main
             return bench_main(args)
     except (SpecError, ValueError, ReplicaStartError) as e:
         print(f"nbkit: error: {e}", file=sys.stderr)

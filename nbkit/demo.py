@@ -12,10 +12,10 @@ import random
 import time
 from typing import Iterable
 
-from . import loop
-from .client import RoutedClient
-from .cluster import Cluster
-from .router import RequestRecord
+from nbkit import loop
+from nbkit.routing.client import RoutedClient
+from nbkit.cluster.cluster import Cluster
+from nbkit.routing.router import RequestRecord
 
 PROMPTS = [
     "The replica serves many tokens", "A router balances the load", "Our notebook watches the cluster",

@@ -19,7 +19,7 @@ from nbkit import bench
 from nbkit.bench import workloads as wl
 from nbkit.bench.results import (CSV_COLUMNS, BenchResult, RequestResult, column_names, frame_in_unit, metrics_delta,
                                  per_replica, read_csv, summarize, tpot, write_csv)
-from nbkit.metrics import EngineMetrics
+from nbkit.routing.metrics import EngineMetrics
 
 
 def known_rows(n=200, seed=0):
@@ -326,7 +326,7 @@ def test_url_target_chat_and_sessions(server):
 @pytest.mark.parametrize("local", [False, True])
 def test_client_target_takes_rank_and_queue_wait_from_the_router_records(server, local):
     from nbkit import RoutedClient
-    from nbkit.cluster import Rank
+    from nbkit.routing.rank import Rank
     ranks = [Rank(replica=i, dp_rank=0, url=server.url, name=f"replica{i}") for i in range(2)]
     client = RoutedClient(ranks, "round_robin", model="fake-model", max_per_rank=1, local=local)
     w = wl.Workload("w", [wl.Prompt(f" q{i}", 3, 4) for i in range(8)])
@@ -351,7 +351,7 @@ class FakeCluster:
     """What compare(layouts=...) needs of a Cluster, over the fake server."""
 
     def __init__(self, server, n):
-        from nbkit.cluster import Rank
+        from nbkit.routing.rank import Rank
         self.ranks = [Rank(replica=i, dp_rank=0, url=server.url, name=f"replica{i}") for i in range(n)]
         self.urls = [server.url]
         self.running, self.starts, self.stops = False, 0, 0

@@ -29,7 +29,7 @@ def test_passthrough_flags_after_double_dash():
 def test_serve_rejects_bad_input_before_launching(argv, needle, capsys, monkeypatch, tiny_model_path):
     monkeypatch.setenv("NBKIT_CACHE", str(__import__("pathlib").Path(tiny_model_path).parent))
     launched = []
-    monkeypatch.setattr("nbkit.launch.ReplicaProcess.spawn", lambda self: launched.append(self))
+    monkeypatch.setattr("nbkit.cluster.process.ReplicaProcess.spawn", lambda self: launched.append(self))
     rc = cli.main(argv)
     err = capsys.readouterr().err
     assert rc == 2, err

@@ -1,4 +1,4 @@
-"""nbkit.http1, the forwarder's default HTTP/1.1 client, against scripted servers on 127.0.0.1:
+"""nbkit.http.http1, the forwarder's default HTTP/1.1 client, against scripted servers on 127.0.0.1:
 framing (length, chunked, connection close), reuse and expiry of keep-alive connections, a server
 that drops the connection, timeouts, gzip, interim 1xx, HEAD, back-pressure, cancellation, and
 bad headers refused before anything is sent."""
@@ -10,7 +10,7 @@ import gzip
 
 import pytest
 
-from nbkit.http1 import (ConnectError, Http1Pool, ReadTimeout, RemoteProtocolError, ServerDisconnected)
+from nbkit.http.http1 import ConnectError, Http1Pool, ReadTimeout, RemoteProtocolError, ServerDisconnected
 
 
 def run(coro, timeout: float = 20.0):

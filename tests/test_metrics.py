@@ -1,4 +1,4 @@
-"""Pure unit tests of nbkit.metrics: Prometheus text in vLLM's format -> per-engine snapshots."""
+"""Pure unit tests of nbkit.routing.metrics: Prometheus text in vLLM's format -> per-engine snapshots."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from nbkit.metrics import EngineMetrics, parse_metrics, scrape
+from nbkit.routing.metrics import EngineMetrics, parse_metrics, scrape
 
 ONE_ENGINE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -260,7 +260,7 @@ vllm:num_requests_running{engine="0",model_name="m"} 1.0
 
 
 def test_scraped_at_defaults_to_now(monkeypatch):
-    import nbkit.metrics as metrics
+    import nbkit.routing.metrics as metrics
 
     monkeypatch.setattr(metrics.time, "time", lambda: 4242.0)
     assert parse_metrics(TWO_ENGINES)["1"].scraped_at == 4242.0
@@ -305,7 +305,7 @@ def test_real_vllm_metrics_parse_the_same_through_the_line_filter():
     the few lines parse_metrics reads, and the result is what parsing everything gives."""
     from pathlib import Path
 
-    import nbkit.metrics as M
+    import nbkit.routing.metrics as M
 
     text = (Path(__file__).parent / "data" / "vllm_0.32_cpu_metrics.txt").read_text()
     kept = M.relevant_lines(text).splitlines()

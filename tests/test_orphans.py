@@ -36,7 +36,7 @@ def test_sigkilled_kernel_leaves_no_replica(tiny_model_path, tmp_path):
         code = (
             "import os, sys, json\n"
             "from nbkit import Cluster\n"
-            "from nbkit.watchdog import guard\n"
+            "from nbkit.cluster.watchdog import guard\n"
             f"c = Cluster.replicas({tiny_model_path!r}, n=1, cores=(0,), port_start=8450, run_dir={str(tmp_path)!r})\n"
             "c.start()\n"
             "print('PIDS=' + json.dumps({'kernel': os.getpid(), 'exe': sys.executable, 'watchdog': guard().pid,\n"

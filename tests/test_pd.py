@@ -7,7 +7,7 @@ import json
 import pytest
 
 from nbkit import GPU, Inventory, SpecError, plan_replicas
-from nbkit.pd import kv_transfer_config, pd_specs
+from nbkit.cluster.pd import kv_transfer_config, pd_specs
 
 
 def _cfg(plan):

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import free_port
 from nbkit import Cluster
-from nbkit.pd import pd_specs
+from nbkit.cluster.pd import pd_specs
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 WORDS = "the replica serves many tokens while a router balances the load across every core".split()

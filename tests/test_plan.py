@@ -1,4 +1,4 @@
-"""Pure unit tests of nbkit.plan: specs in, launch plans out (no GPU, no vLLM, no network)."""
+"""Pure unit tests of nbkit.cluster.placement: specs in, launch plans out (no GPU, no vLLM, no network)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,8 @@ import sys
 import pydantic
 import pytest
 
-from nbkit.plan import (
-    GPU,
-    Inventory,
-    LaunchPlan,
-    ReplicaSpec,
-    SpecError,
-    cpu_bind,
-    data_parallel_specs,
-    plan_replicas,
-)
+from nbkit.cluster.spec import GPU, Inventory, LaunchPlan, ReplicaSpec, SpecError, data_parallel_specs
+from nbkit.cluster.placement import cpu_bind, plan_replicas
 
 
 def free(host, port):
@@ -143,7 +135,7 @@ def test_argv_is_a_list_of_strings_starting_with_entry():
                 python="/opt/py/bin/python")
     assert isinstance(p.argv, tuple)
     assert all(isinstance(a, str) for a in p.argv)
-    assert list(p.argv[:5]) == ["/opt/py/bin/python", "-m", "nbkit.vllm_entry", "serve",
+    assert list(p.argv[:5]) == ["/opt/py/bin/python", "-m", "nbkit.cluster.vllm_entry", "serve",
                                 "org/model name; rm -rf /"]
 
 

@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from nbkit import policies
+from nbkit.policies import base as policy_base
 from nbkit.policies import (
     Choice, CustomPolicy, LeastLoadPolicy, NoCandidateError, Policy, PrefixAffinityPolicy,
     RankLoad, RequestInfo, RoundRobinPolicy, SessionPolicy, available_policies, get_policy,
@@ -32,7 +33,7 @@ def make(name: str, seed: int = 0, **opts) -> Policy:
 @pytest.fixture
 def scratch_registry(monkeypatch):
     """Policies registered by a test vanish after it."""
-    monkeypatch.setattr(policies, "_REGISTRY", dict(policies._REGISTRY))
+    monkeypatch.setattr(policy_base, "_REGISTRY", dict(policy_base._REGISTRY))
 
 
 # ------------------------------------------------------------------------------ registry
@@ -60,8 +61,8 @@ def test_options_may_ride_in_the_name_for_command_lines():
         get_policy("prefix_affinity:affinity_wieght=0.5")
     with pytest.raises(ValueError, match="name:option=value"):
         get_policy("least_load:0.5")
-    from nbkit.cluster import Rank
-    from nbkit.router import Router
+    from nbkit.routing.rank import Rank
+    from nbkit.routing.router import Router
     r = Router([Rank(replica=0, dp_rank=0, url="http://r0:8000", name="r0")], "prefix_affinity:affinity_weight=2")
     assert r.policy.affinity_weight == 2
 

@@ -1,4 +1,4 @@
-"""Ray multi-node placement (nbkit.raynodes): pure placement/pinning tests, and one real run that puts
+"""Ray multi-node placement (nbkit.ray): pure placement/pinning tests, and one real run that puts
 two tiny vLLM replicas on the two nodes of a local Ray rehearsal cluster (127.0.0.1)."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import time
 import pytest
 
 from conftest import alive, kill_tree
-from nbkit.plan import GPU, Inventory, ReplicaSpec, SpecError
-from nbkit.raynodes import HEAD_RESOURCE, Placement, RayNode, alive_nodes, place, plan_on_node, ranks_of, share
+from nbkit.cluster.spec import GPU, Inventory, ReplicaSpec, SpecError
+from nbkit.ray.placement import HEAD_RESOURCE, Placement, RayNode, alive_nodes, place, plan_on_node, ranks_of, share
 
 
 def ray_node(node_id, address="127.0.0.1", head=False, **res):
@@ -141,7 +141,8 @@ def test_ranks_and_placements_cross_process_boundaries():
 def test_two_replicas_placed_one_per_ray_node(tiny_model_path):
     ray = pytest.importorskip("ray")
     from nbkit import RoutedClient
-    from nbkit.raynodes import RayNodes, RayReplicas
+    from nbkit.ray.nodes import RayNodes
+    from nbkit.ray.replicas import RayReplicas
 
     nodes = RayNodes.local(num_nodes=2)
     group = None

@@ -18,13 +18,13 @@ from types import SimpleNamespace
 import httpx
 import pytest
 
-from nbkit.client import RoutedClient, RoutedClientError
-from nbkit.cluster import Rank
-from nbkit.dispatch import Endpoint
-from nbkit.forward import Forwarder, Upstream, request_info, sse_events
-from nbkit.metrics import EngineMetrics
+from nbkit.routing.client import RoutedClient, RoutedClientError
+from nbkit.routing.rank import Rank
+from nbkit.routing.endpoint import Endpoint
+from nbkit.routing.forward import Forwarder, Upstream, request_info, sse_events
+from nbkit.routing.metrics import EngineMetrics
 from nbkit.policies import NoCandidateError, RequestInfo, load_score, RoundRobinPolicy, SessionPolicy
-from nbkit.router import BREAKER_FAILURES, Router
+from nbkit.routing.router import BREAKER_FAILURES, Router
 
 TIMEOUT = 5.0
 
@@ -1293,7 +1293,7 @@ def where(request, monkeypatch):
     """Run a client test both ways a call can go: on the caller's own loop (scripts), and across
     to nbkit's loop with streams bridged (what a Jupyter kernel's cell does)."""
     if request.param == "kernel-hop":
-        monkeypatch.setattr("nbkit.client._in_kernel_thread", lambda: True)
+        monkeypatch.setattr("nbkit.routing.client._in_kernel_thread", lambda: True)
     return request.param
 
 
@@ -1543,7 +1543,7 @@ def test_prefix_affinity_charges_only_the_uncached_prompt_so_a_shared_prefix_sta
 
 
 def test_scrape_every_250ms_only_for_policies_that_read_scraped_load():
-    from nbkit.router import IDLE_SCRAPE_S
+    from nbkit.routing.router import IDLE_SCRAPE_S
     router = Router(ranks(2), "round_robin")
     assert router.current_scrape_interval == IDLE_SCRAPE_S
     for name in ("least_load", "power_of_two", "prefix_affinity", "session"):

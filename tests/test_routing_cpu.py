@@ -18,7 +18,7 @@ import pytest
 
 from conftest import free_port
 from nbkit import Cluster
-from nbkit.metrics import parse_metrics
+from nbkit.routing.metrics import parse_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 README = Path(__file__).resolve().parent.parent / "README.md"

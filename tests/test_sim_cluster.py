@@ -11,7 +11,7 @@ import pytest
 
 from conftest import free_port
 from nbkit import Cluster
-from nbkit.metrics import parse_metrics
+from nbkit.routing.metrics import parse_metrics
 
 N = 8
 

@@ -14,7 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import free_port
-from nbkit.metrics import parse_metrics
+from nbkit.routing.metrics import parse_metrics
 
 
 def start(port: int, *extra: str) -> subprocess.Popen:

@@ -10,13 +10,13 @@ import json
 import pytest
 from aiohttp import web
 
-from nbkit.client import RoutedClient
-from nbkit.cluster import Rank
-from nbkit.dispatch import Endpoint
-from nbkit.forward import Forwarder
+from nbkit.routing.client import RoutedClient
+from nbkit.routing.rank import Rank
+from nbkit.routing.endpoint import Endpoint
+from nbkit.routing.forward import Forwarder
 from nbkit.policies import RequestInfo
-from nbkit.router import Router
-from nbkit.transport import AiohttpTransport, Http1Transport, HttpxTransport, make_transport
+from nbkit.routing.router import Router
+from nbkit.http.transport import AiohttpTransport, Http1Transport, HttpxTransport, make_transport
 
 
 

@@ -30,14 +30,12 @@ input_toks, output_toks, outcome``; :func:`summarize`, :func:`read_csv`. Charts:
 :mod:`~nbkit.bench.charts`.
 """
 
-from .arrivals import Arrivals, Bursts, ClosedLoop, Constant, Poisson, TraceTimes, make_arrivals
-from .compare import Comparison, acompare, compare
-from .loadgen import arun, drive, reset_prefix_caches, run, scrape_replicas
-from .results import (CSV_COLUMNS, BenchResult, RequestResult, column_names, frame_in_unit, metrics_delta,
-                      per_replica, percentile, read_csv, summarize, tpot, write_csv)
-from .targets import Call, ClientTarget, FakeTarget, Reply, Target, UrlTarget, as_target
-from .workloads import (Prompt, Session, TextBuilder, Turn, Workload, from_spec, from_trace, get_tokenizer,
-                        multi_turn, sample_lengths, shared_prefix, sharegpt, synthetic, text_builder)
+from nbkit.bench.arrivals import Arrivals, Bursts, ClosedLoop, Constant, Poisson, TraceTimes, make_arrivals
+from nbkit.bench.compare import Comparison, acompare, compare
+from nbkit.bench.loadgen import arun, drive, reset_prefix_caches, run, scrape_replicas
+from nbkit.bench.results import (CSV_COLUMNS, BenchResult, RequestResult, column_names, frame_in_unit, metrics_delta, per_replica, percentile, read_csv, summarize, tpot, write_csv)
+from nbkit.bench.targets import Call, ClientTarget, FakeTarget, Reply, Target, UrlTarget, as_target
+from nbkit.bench.workloads import (Prompt, Session, TextBuilder, Turn, Workload, from_spec, from_trace, get_tokenizer, multi_turn, sample_lengths, shared_prefix, sharegpt, synthetic, text_builder)
 
 __all__ = [
     "run", "arun", "compare", "acompare", "Comparison", "drive", "summarize", "per_replica", "read_csv", "write_csv",

@@ -23,7 +23,7 @@ _METRIC_TITLES = {"ttft_s": "TTFT (ms)", "tpot_s": "TPOT (ms)", "itl_s": "ITL (m
 def _frames(results) -> dict:
     """label -> results frame (seconds) from a Comparison, a mapping, a BenchResult or a frame."""
     import pandas as pd
-    from .results import frame_in_unit
+    from nbkit.bench.results import frame_in_unit
 
     if hasattr(results, "results") and isinstance(getattr(results, "results"), Mapping):
         results = results.results

@@ -115,7 +115,7 @@ def parse_layouts(spec: str) -> list[tuple[int, int]]:
 
 
 def build_workload(args, tokenizer):
-    from . import workloads as wl
+    from nbkit.bench import workloads as wl
 
     n = args.num_prompts
     out_len = args.output_len if args.output_len is not None else 64
@@ -145,7 +145,7 @@ def run_kwargs(args) -> dict:
               slos=" ".join(args.goodput) if args.goodput else None, progress=not args.no_progress,
               reset_prefix_cache=args.reset_prefix_cache)
     if args.arrival == "trace":
-        from .arrivals import TraceTimes
+        from nbkit.bench.arrivals import TraceTimes
         kw["arrivals"] = TraceTimes(time_scale=1.0, max_concurrency=args.concurrency)
     return kw
 
@@ -178,8 +178,8 @@ def _out_path(base: str | None, label: str, several: bool) -> str | None:
 
 def main(args) -> int:
     """Run ``nbkit bench`` (``args`` from :func:`add_parser`)."""
-    from .compare import Comparison
-    from .loadgen import run
+    from nbkit.bench.compare import Comparison
+    from nbkit.bench.loadgen import run
 
     kw = run_kwargs(args)
     results: dict = {}
@@ -196,8 +196,8 @@ def main(args) -> int:
                   time_unit=args.time_unit, **kw)
         results[label] = res
     else:
-        from ..cluster import Cluster
-        from ..policies import get_policy
+        from nbkit.cluster.cluster import Cluster
+        from nbkit.policies import get_policy
 
         policies = [p.strip() for p in (args.policy or "least_load").split(",") if p.strip()]
         for p in policies:
@@ -223,7 +223,7 @@ def main(args) -> int:
                     out = _out_path(args.output, label, several)
                     kw["reset_prefix_cache"] = True
                     if args.via == "endpoint":
-                        from ..plan import port_is_free
+                        from nbkit.cluster.spec import port_is_free
                         port = next(q for q in range(8000, 8200) if port_is_free("127.0.0.1", q))
                         with cluster.endpoint(port=port, policy=p) as ep:
                             res = run(ep, workload, label=label, output=out, time_unit=args.time_unit, **kw)

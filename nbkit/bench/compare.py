@@ -22,10 +22,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from .. import loop
-from .loadgen import _arun
-from .results import BenchResult
-from .workloads import Workload
+from nbkit import loop
+from nbkit.bench.loadgen import _arun
+from nbkit.bench.results import BenchResult
+from nbkit.bench.workloads import Workload
 
 
 @dataclass
@@ -58,15 +58,15 @@ class Comparison:
         return pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
 
     def chart(self, metric: str = "ttft_s", **kw):
-        from .charts import latency_cdf
+        from nbkit.bench.charts import latency_cdf
         return latency_cdf(self.results, metric, **kw)
 
     def throughput_chart(self, y: str = "output_throughput", **kw):
-        from .charts import throughput_vs_instances
+        from nbkit.bench.charts import throughput_vs_instances
         return throughput_vs_instances(self.table(), y=y, **kw)
 
     def share_chart(self, label: str, bin_s: float | None = None, **kw):
-        from .charts import replica_share_over_time
+        from nbkit.bench.charts import replica_share_over_time
         return replica_share_over_time(self.results[label], bin_s, **kw)
 
     def to_csv(self, folder: str | os.PathLike, time_unit: str = "s") -> list[str]:

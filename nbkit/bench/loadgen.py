@@ -22,12 +22,12 @@ from typing import Any
 
 import httpx
 
-from .. import loop
-from ..metrics import parse_metrics
-from .arrivals import Arrivals, make_arrivals
-from .results import BenchResult, RequestResult, metrics_delta, parse_slos
-from .targets import Call, ReplicaRef, Reply, Target, as_target
-from .workloads import Prompt, Workload
+from nbkit import loop
+from nbkit.routing.metrics import parse_metrics
+from nbkit.bench.arrivals import Arrivals, make_arrivals
+from nbkit.bench.results import BenchResult, RequestResult, metrics_delta, parse_slos
+from nbkit.bench.targets import Call, ReplicaRef, Reply, Target, as_target
+from nbkit.bench.workloads import Prompt, Workload
 
 
 def run(target, workload: Workload, **kw) -> BenchResult:
@@ -119,7 +119,7 @@ async def _arun(target, workload: Workload, *, arrivals: Arrivals | None = None,
 
 
 def _replica_refs(replicas) -> list[ReplicaRef]:
-    from .targets import _replica_refs as conv
+    from nbkit.bench.targets import _replica_refs as conv
     return conv(replicas)
 
 

@@ -458,7 +458,7 @@ class BenchResult:
                 + self.summary().to_html() + self.per_replica().to_html(index=False))
 
     def cdf_chart(self, metric: str = "ttft_s"):
-        from .charts import latency_cdf
+        from nbkit.bench.charts import latency_cdf
         return latency_cdf({self.label or self.policy or "run": self}, metric)
 
 

@@ -9,7 +9,7 @@ Every target streams (``"stream": true, "stream_options": {"include_usage": true
 the stream the same way: TTFT at the first chunk with ``choices``, an ITL per later chunk, E2E at
 the last one, token counts from the final usage chunk. Through nbkit's endpoint the replica comes
 from the ``X-nbkit-rank`` response header; through the in-kernel client from its
-:class:`~nbkit.router.RequestRecord` (with the router's queue wait); elsewhere it is unknown.
+:class:`~nbkit.routing.router.RequestRecord` (with the router's queue wait); elsewhere it is unknown.
 """
 
 from __future__ import annotations
@@ -300,7 +300,7 @@ _CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("nbkit_be
 
 
 class ClientTarget(Target):
-    """nbkit's :class:`~nbkit.client.RoutedClient`, in this process (``close_client`` closes it after
+    """nbkit's :class:`~nbkit.routing.client.RoutedClient`, in this process (``close_client`` closes it after
     the run). Rank, replica and router queue wait come from the request's RequestRecord."""
 
     def __init__(self, client, *, api: str = "completions", label: str | None = None, params: dict | None = None,
@@ -348,7 +348,7 @@ class ClientTarget(Target):
             await self.client.aclose()
 
     async def send(self, call: Call) -> Reply:
-        from ..client import RoutedClientError
+        from nbkit.routing.client import RoutedClientError
 
         holder: list = []
         token = _CAPTURE.set(holder)
@@ -462,8 +462,8 @@ def as_target(obj, *, policy=None, api: str = "completions", model: str | None =
     if isinstance(obj, str):
         return UrlTarget(obj, model=model, api=api, policy=policy or "", label=label, params=params,
                          timeout_s=timeout_s, replicas=replicas)
-    from ..client import RoutedClient
-    from ..dispatch import Endpoint
+    from nbkit.routing.client import RoutedClient
+    from nbkit.routing.endpoint import Endpoint
     if isinstance(obj, Endpoint):
         states = obj.router.states
         return UrlTarget(obj.url, model=model or obj.default_model, api=api,

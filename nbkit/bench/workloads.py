@@ -134,7 +134,7 @@ def get_tokenizer(tokenizer=None):
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and hasattr(tokenizer, "encode"):
         return tokenizer
     if tokenizer is None:
-        from ..tiny import tiny_model
+        from nbkit.tiny import tiny_model
         tokenizer = str(tiny_model())
     return _load_tokenizer(str(tokenizer))
 
@@ -386,7 +386,7 @@ def from_trace(path: str | os.PathLike, *, tokenizer=None, time_scale: float = 1
     ``tool_duration_ns`` of sub-request k after k finished. Times are relative to the trace's first
     arrival and multiplied by ``time_scale``.
     """
-    from ..traces import TraceSession, read_trace
+    from nbkit.traces import TraceSession, read_trace
 
     items_in = read_trace(path)
     rng = np.random.default_rng(seed)

@@ -11,11 +11,11 @@ replica's scheduler), simulator (the cluster), report (CSV, summary), calibrate,
 simulated replica), __main__ (the CLI).
 """
 
-from .config import ClusterConfig, InstanceSetup, SimConfigError, load_cluster_config, resolve_instances
-from .hardware import HardwareProfile, get_hardware, load_profile, save_profile
-from .models import ModelSpec, get_model_spec
-from .simulator import SimResult, Simulator, simulate
-from .calibrate import CalibrationResult, calibrate
+from nbkit.sim.config import ClusterConfig, InstanceSetup, SimConfigError, load_cluster_config, resolve_instances
+from nbkit.sim.hardware import HardwareProfile, get_hardware, load_profile, save_profile
+from nbkit.sim.models import ModelSpec, get_model_spec
+from nbkit.sim.simulator import SimResult, Simulator, simulate
+from nbkit.sim.calibrate import CalibrationResult, calibrate
 
 __all__ = ["ClusterConfig", "InstanceSetup", "SimConfigError", "load_cluster_config", "resolve_instances",
            "HardwareProfile", "get_hardware", "load_profile", "save_profile", "ModelSpec", "get_model_spec",

@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
-    from .hardware import DEFAULT_FIT, FITTABLE
+    from nbkit.sim.hardware import DEFAULT_FIT, FITTABLE
     ap = argparse.ArgumentParser(prog="nbkit sim calibrate",
                                  description="fit a hardware profile to a real run's per-request CSV")
     _add_common(ap)
@@ -129,7 +129,7 @@ def build_trace_parser() -> argparse.ArgumentParser:
 
 
 def _profiles(paths):
-    from .hardware import load_profile
+    from nbkit.sim.hardware import load_profile
     out = {}
     for p in paths:
         prof = load_profile(p)
@@ -138,9 +138,9 @@ def _profiles(paths):
 
 
 def _run(argv: list[str]) -> int:
-    from ..traces import read_trace
-    from .config import load_cluster_config
-    from .simulator import Simulator
+    from nbkit.traces import read_trace
+    from nbkit.sim.config import load_cluster_config
+    from nbkit.sim.simulator import Simulator
 
     args = build_parser().parse_args(argv)
     if args.log_interval is not None and args.log_interval <= 0:
@@ -154,7 +154,7 @@ def _run(argv: list[str]) -> int:
             raise ValueError("--request-routing-policy CUSTOM needs --custom-policy module:function")
         policy = load_custom_policy(args.custom_policy)
     else:
-        from ..policies import get_policy
+        from nbkit.policies import get_policy
         get_policy(name, **options)  # a bad name or option fails before the run
         policy = name
     sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
@@ -173,8 +173,8 @@ def _run(argv: list[str]) -> int:
 
 
 def _calibrate(argv: list[str]) -> int:
-    from .calibrate import calibrate
-    from .report import read_csv
+    from nbkit.sim.calibrate import calibrate
+    from nbkit.sim.report import read_csv
 
     args = build_calibrate_parser().parse_args(argv)
     params = [p.strip() for p in args.params.split(",") if p.strip()]
@@ -188,8 +188,8 @@ def _calibrate(argv: list[str]) -> int:
 
 
 def _calibration_trace(argv: list[str]) -> int:
-    from ..traces import write_trace
-    from .calibrate import calibration_trace
+    from nbkit.traces import write_trace
+    from nbkit.sim.calibrate import calibration_trace
 
     args = build_trace_parser().parse_args(argv)
 
@@ -213,9 +213,9 @@ def _calibration_trace(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point: ``[run] ...``, ``calibrate ...``, ``calibration-trace ...``, ``serve ...``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from ..traces import TraceError
-    from .config import SimConfigError
-    from .hardware import UnknownHardwareError
+    from nbkit.traces import TraceError
+    from nbkit.sim.config import SimConfigError
+    from nbkit.sim.hardware import UnknownHardwareError
 
     cmd = argv[0] if argv and not argv[0].startswith("-") else "run"
     rest = argv[1:] if argv and argv[0] == cmd else argv
@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd == "calibration-trace":
             return _calibration_trace(rest)
         if cmd == "serve":
-            from .server import main as serve_main
+            from nbkit.sim.server import main as serve_main
             return serve_main(rest)
         print(f"nbkit sim: unknown command {cmd!r} (run, calibrate, calibration-trace, serve)", file=sys.stderr)
         return 2

@@ -49,11 +49,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
-from ..traces import TraceRequest, TraceSession, read_trace
-from .config import ClusterConfig, load_cluster_config, resolve_instances
-from .hardware import DEFAULT_FIT, FITTABLE, HardwareProfile, save_profile
-from .report import RequestRecord
-from .simulator import Simulator
+from nbkit.traces import TraceRequest, TraceSession, read_trace
+from nbkit.sim.config import ClusterConfig, load_cluster_config, resolve_instances
+from nbkit.sim.hardware import DEFAULT_FIT, FITTABLE, HardwareProfile, save_profile
+from nbkit.sim.report import RequestRecord
+from nbkit.sim.simulator import Simulator
 
 __all__ = ["calibrate", "CalibrationResult", "nelder_mead", "trace_from_records", "compare", "calibration_trace", "held"]
 

@@ -50,8 +50,8 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .hardware import HardwareProfile, UnknownHardwareError, get_hardware
-from .models import ModelSpec, UnknownModelError, get_model_spec
+from nbkit.sim.hardware import HardwareProfile, UnknownHardwareError, get_hardware
+from nbkit.sim.models import ModelSpec, UnknownModelError, get_model_spec
 
 __all__ = ["SimConfigError", "MemConfig", "InstanceConfig", "NodeConfig", "ClusterConfig",
            "InstanceSetup", "load_cluster_config", "resolve_instances", "dtype_bytes",

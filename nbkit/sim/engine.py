@@ -41,7 +41,7 @@ import heapq
 from collections import OrderedDict, deque
 from typing import Any
 
-from .perf import StepModel
+from nbkit.sim.perf import StepModel
 
 __all__ = ["Engine", "Req", "block_hashes", "WAITING", "PREFILL", "DECODE", "DONE", "ABORTED"]
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Iterable
 
-from .hardware import HardwareProfile
+from nbkit.sim.hardware import HardwareProfile
 
 __all__ = ["StepModel"]
 

@@ -11,7 +11,7 @@ The second form takes ``vllm serve``'s command line (``serve MODEL --host --port
 --tensor-parallel-size --data-parallel-size --max-model-len --max-num-seqs
 --max-num-batched-tokens --block-size --gpu-memory-utilization --served-model-name ...``; other
 vLLM flags such as ``--enforce-eager`` are accepted and ignored), so a launcher can swap
-``nbkit.vllm_entry`` for ``nbkit.sim.server``. On the cpu profile ``VLLM_CPU_KVCACHE_SPACE`` (GiB)
+``nbkit.cluster.vllm_entry`` for ``nbkit.sim.server``. On the cpu profile ``VLLM_CPU_KVCACHE_SPACE`` (GiB)
 sets the KV cache as it does for vLLM-CPU. A request reaches its engine the profile's
 ``request_overhead_s`` after it was accepted (HTTP and tokenization), so TTFT includes it.
 
@@ -45,10 +45,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import InstanceSetup, SimConfigError, load_cluster_config, resolve_instances
-from .engine import DONE, Engine, Req
-from .hardware import get_hardware, load_profile
-from .models import UnknownModelError, get_model_spec
+from nbkit.sim.config import InstanceSetup, SimConfigError, load_cluster_config, resolve_instances
+from nbkit.sim.engine import DONE, Engine, Req
+from nbkit.sim.hardware import get_hardware, load_profile
+from nbkit.sim.models import UnknownModelError, get_model_spec
 
 __all__ = ["SimReplica", "build_app", "main", "build_parser"]
 
@@ -209,7 +209,7 @@ class SimReplica:
                 if (folder / "tokenizer.json").is_file():
                     tok = str(folder / "tokenizer.json")
             if tok is None and spec_name == "tiny":
-                from ..tiny import default_path
+                from nbkit.tiny import default_path
                 cand = default_path() / "tokenizer.json"
                 if cand.is_file():
                     tok = str(cand)

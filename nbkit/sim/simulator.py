@@ -54,13 +54,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, TextIO
 
-from ..policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
-from ..traces import TraceRequest, TraceSession
-from .config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
-from .engine import Engine, Req
-from .hardware import HardwareProfile
-from .perf import StepModel
-from .report import RequestRecord, fmt_rate, format_summary, summarize, write_csv
+from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
+from nbkit.traces import TraceRequest, TraceSession
+from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
+from nbkit.sim.engine import Engine, Req
+from nbkit.sim.hardware import HardwareProfile
+from nbkit.sim.perf import StepModel
+from nbkit.sim.report import RequestRecord, fmt_rate, format_summary, summarize, write_csv
 
 __all__ = ["Simulator", "SimResult", "simulate"]
 
@@ -470,6 +470,6 @@ class Simulator:
 def simulate(config, trace, **kwargs) -> SimResult:
     """``Simulator(config, **kwargs).run(trace)``; ``trace`` may be a path."""
     if isinstance(trace, (str, bytes)) or hasattr(trace, "__fspath__"):
-        from ..traces import read_trace
+        from nbkit.traces import read_trace
         trace = read_trace(trace)
     return Simulator(config, **kwargs).run(trace)

@@ -46,10 +46,10 @@ import threading
 import weakref
 from typing import Any, AsyncIterator, Sequence
 
-from . import loop
-from .forward import Forwarder, request_info
-from .router import RequestRecord, Router
-from .transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
+from nbkit import loop
+from nbkit.routing.forward import Forwarder, request_info
+from nbkit.routing.router import RequestRecord, Router
+from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
 
 
 class RoutedClientError(RuntimeError):
@@ -100,10 +100,10 @@ class RoutedClient:
         self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                              seed=seed, **router_options)
         self.retries = retries
-        from .pd import pd_connector
+        from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
-            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
+            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.cluster.pd.pd_specs)")
         # one connection pool (and the Forwarder over it) per loop that sends
         self._pools: dict[asyncio.AbstractEventLoop, tuple[Forwarder, Transport]] = {}
         self._started = False
@@ -173,7 +173,7 @@ class RoutedClient:
             transport = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
             fwd = Forwarder(self.router, transport, retries=self.retries)
             if self.pd_connector:
-                from .pd import PDForwarder
+                from nbkit.routing.pd_forward import PDForwarder
                 fwd = PDForwarder(fwd, self.pd_connector)
             pool = self._pools[running] = (fwd, transport)
         return pool[0]

@@ -14,7 +14,7 @@ under nbmake and in plain scripts, because the work runs on nbkit's own loop thr
 
 Validation happens when the Cluster is built and again when it starts: nothing is launched for
 a spec that cannot run. A replica that fails to start stops the whole start and raises
-:class:`~nbkit.launch.ReplicaStartError` quoting its log; nothing is left running.
+:class:`~nbkit.cluster.process.ReplicaStartError` quoting its log; nothing is left running.
 """
 
 from __future__ import annotations
@@ -30,23 +30,12 @@ from typing import Sequence
 
 import httpx
 
-from . import loop
-from .launch import ReplicaProcess, ReplicaStartError
-from .metrics import EngineMetrics, scrape
-from .plan import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover,
-                   plan_replicas, port_is_free, resolve_device)
-
-
-@dataclass(frozen=True)
-class Rank:
-    """One routable engine: a replica, or one DP rank of a data-parallel group."""
-
-    replica: int
-    dp_rank: int
-    url: str
-    name: str
-    headers: tuple[tuple[str, str], ...] = ()
-    role: str = "both"  # both | prefill | decode (prefill/decode split, see nbkit.pd)
+from nbkit import loop
+from nbkit.routing.rank import Rank
+from nbkit.cluster.process import ReplicaProcess, ReplicaStartError
+from nbkit.routing.metrics import EngineMetrics, scrape
+from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, port_is_free, resolve_device)
+from nbkit.cluster.placement import plan_replicas
 
 
 @dataclass
@@ -66,7 +55,7 @@ class ReplicaStatus:
 
 
 class Cluster:
-    """A set of vLLM replicas described by :class:`~nbkit.plan.ReplicaSpec` s."""
+    """A set of vLLM replicas described by :class:`~nbkit.cluster.spec.ReplicaSpec` s."""
 
     def __init__(self, specs: Sequence[ReplicaSpec] | ReplicaSpec, *, run_dir: str | os.PathLike | None = None,
                  port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
@@ -112,7 +101,7 @@ class Cluster:
         if model is None:
             if spec_kwargs.get("engine") != "sim" and resolve_device(device, inventory) == "gpu":
                 raise SpecError("model", None, "give a model (or set NBKIT_MODEL) when running on GPUs")
-            from .tiny import tiny_model
+            from nbkit.tiny import tiny_model
             model = str(tiny_model())
         spec = ReplicaSpec(model=model, tp_size=tp, device=device, **spec_kwargs)
         return cls([spec] * n, **ckw)
@@ -163,7 +152,7 @@ class Cluster:
     def logs(self, i: int, n: int = 30) -> str:
         """The last ``n`` lines of replica ``i``'s log."""
         self._check_index(i)
-        from .launch import tail
+        from nbkit.cluster.process import tail
         return tail(self.log_path(i), n)
 
     def process(self, i: int) -> ReplicaProcess | None:
@@ -453,30 +442,30 @@ class Cluster:
 
     # -- routing ---------------------------------------------------------------------------------
     def client(self, policy="least_load", **options):
-        """A :class:`~nbkit.client.RoutedClient` over this cluster's ranks (follows scale())."""
-        from .client import RoutedClient
+        """A :class:`~nbkit.routing.client.RoutedClient` over this cluster's ranks (follows scale())."""
+        from nbkit.routing.client import RoutedClient
         c = RoutedClient(self, policy, **options)
         self._routers.add(c.router)
         return c
 
     def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy="least_load", start: bool = True,
                  **options):
-        """An OpenAI-compatible :class:`~nbkit.dispatch.Endpoint` over this cluster (started unless start=False)."""
-        from .dispatch import Endpoint
+        """An OpenAI-compatible :class:`~nbkit.routing.endpoint.Endpoint` over this cluster (started unless start=False)."""
+        from nbkit.routing.endpoint import Endpoint
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
         self._routers.add(ep.router)
         return ep.start() if start else ep
 
     def monitor(self):
-        """The cluster's :class:`~nbkit.monitor.Monitor` (one per cluster)."""
+        """The cluster's :class:`~nbkit.ui.monitor.Monitor` (one per cluster)."""
         if self._monitor is None:
-            from .monitor import Monitor
+            from nbkit.ui.monitor import Monitor
             self._monitor = Monitor(self)
         return self._monitor
 
     def panel(self, **options):
-        """The live control panel (ipywidgets); see :mod:`nbkit.panel`."""
-        from .panel import Panel
+        """The live control panel (ipywidgets); see :mod:`nbkit.ui.panel`."""
+        from nbkit.ui.panel import Panel
         return Panel(self, **options)
 
     # -- context managers ----------------------------------------------------------------------

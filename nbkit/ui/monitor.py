@@ -22,8 +22,8 @@ from typing import TextIO
 
 import httpx
 
-from . import loop
-from .metrics import EngineMetrics, scrape
+from nbkit import loop
+from nbkit.routing.metrics import EngineMetrics, scrape
 
 #: Seconds of history kept for charts.
 WINDOW_S = 120.0

@@ -16,9 +16,9 @@ import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Mapping
 
-from .policies import RequestInfo
-from .router import Lease, RequestRecord, Router
-from .transport import DEFAULT_TRANSPORT, Transport, make_transport
+from nbkit.policies import RequestInfo
+from nbkit.routing.router import Lease, RequestRecord, Router
+from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -155,8 +155,8 @@ class Forwarder:
     """Send requests through a :class:`Router` with retries before the first byte."""
 
     def __init__(self, router: Router, transport: "Transport | str" = DEFAULT_TRANSPORT, *, retries: int = 2):
-        """``transport``: a :class:`~nbkit.transport.Transport`, ``"http1"`` (default), ``"aiohttp"``, ``"httpx"`` or an
-        httpx.AsyncClient (see :func:`nbkit.transport.make_transport`)."""
+        """``transport``: a :class:`~nbkit.http.transport.Transport`, ``"http1"`` (default), ``"aiohttp"``, ``"httpx"`` or an
+        httpx.AsyncClient (see :func:`nbkit.http.transport.make_transport`)."""
         if retries < 0:
             raise ValueError(f"retries={retries!r}: must be >= 0")
         self.router, self.transport, self.retries = router, make_transport(transport), retries

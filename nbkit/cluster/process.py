@@ -1,7 +1,7 @@
-"""Processes: start one vLLM server from a :class:`~nbkit.plan.LaunchPlan`, wait for it, stop it.
+"""Processes: start one vLLM server from a :class:`~nbkit.cluster.spec.LaunchPlan`, wait for it, stop it.
 
 Each replica runs in a new session (its own process group), writes one log file, and is
-registered with the parent-death watchdog (:mod:`nbkit.watchdog`). Stopping sends SIGTERM to
+registered with the parent-death watchdog (:mod:`nbkit.cluster.watchdog`). Stopping sends SIGTERM to
 the group, then SIGKILL after a grace period, and only ever touches that group and the
 replica's own descendants.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 import httpx
 import psutil
 
-from .plan import LaunchPlan
-from .watchdog import _group_alive, guard
+from nbkit.cluster.spec import LaunchPlan
+from nbkit.cluster.watchdog import _group_alive, guard
 
 LOG_TAIL_LINES = 30
 

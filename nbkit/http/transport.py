@@ -13,7 +13,7 @@ stream, and close it"; all three give the same small response interface (the one
 ``t.errors`` is the tuple of exceptions that mean "the exchange failed in transit" (refused,
 reset, timed out): the forwarder retries those before the first byte.
 
-Why three: CPU per request is what a router in Python can spend. ``http1`` (:mod:`nbkit.http1`:
+Why three: CPU per request is what a router in Python can spend. ``http1`` (:mod:`nbkit.http.http1`:
 pooled connections and httptools' parser, nothing else) costs ~0.07 ms per exchange on this
 project's VM, aiohttp's ClientSession ~0.2 ms and httpx ~0.75 ms (see
 ``benchmarks/router_overhead.py``). aiohttp is there for what http1 leaves out (redirects,
@@ -29,7 +29,7 @@ from typing import AsyncIterator, Mapping
 
 import httpx
 
-from .http1 import Http1Error, Http1Pool
+from nbkit.http.http1 import Http1Error, Http1Pool
 
 __all__ = ["Transport", "Http1Transport", "HttpxTransport", "AiohttpTransport", "DEFAULT_TRANSPORT", "make_transport", "check_transport", "TRANSPORTS", "ALL_ERRORS"]
 
@@ -100,7 +100,7 @@ class HttpxTransport(Transport):
 
 
 class Http1Transport(Transport):
-    """:class:`nbkit.http1.Http1Pool` underneath (its responses already have the interface)."""
+    """:class:`nbkit.http.http1.Http1Pool` underneath (its responses already have the interface)."""
 
     name = "http1"
     errors = (Http1Error,)

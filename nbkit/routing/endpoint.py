@@ -24,10 +24,10 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
-from . import loop
-from .forward import Forwarder, request_info
-from .router import RequestRecord, Router
-from .transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
+from nbkit import loop
+from nbkit.routing.forward import Forwarder, request_info
+from nbkit.routing.router import RequestRecord, Router
+from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
 ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
                "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
@@ -56,10 +56,10 @@ class Endpoint:
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                                        seed=seed)
         self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
-        from .pd import pd_connector
+        from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
-            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.pd.pd_specs)")
+            raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.cluster.pd.pd_specs)")
         check_transport(transport)
         self.timeout, self._transport_spec, self.max_connections = float(timeout), transport, max_connections
         self.registry = CollectorRegistry()
@@ -193,7 +193,7 @@ class Endpoint:
         self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
         self._fwd = Forwarder(self.router, self._http, retries=self.retries)
         if self.pd_connector:
-            from .pd import PDForwarder
+            from nbkit.routing.pd_forward import PDForwarder
             self._fwd = PDForwarder(self._fwd, self.pd_connector)
         await self.router.start()
         config = uvicorn.Config(self.app, host=self.host, port=self.port, log_level=self.log_level,
@@ -230,7 +230,7 @@ class Endpoint:
     def start(self) -> "Endpoint":
         if self._task is not None:
             return self  # already serving (e.g. `with cluster.endpoint(...) as ep:`)
-        from .plan import port_is_free
+        from nbkit.cluster.spec import port_is_free
         if not port_is_free(self.host, self.port):
             raise ValueError(f"port={self.port!r}: already in use on {self.host}")
         return loop.run(self._astart())

