@@ -295,7 +295,7 @@ class UrlTarget(Target):
 
 
 # -- in-kernel client -------------------------------------------------------------------------------
-#: set per request by ClientTarget.send; the router hook appends the records it creates
+#: set per request by ClientTarget.send; the router's created-record listener appends to it
 _CAPTURE: contextvars.ContextVar[list | None] = contextvars.ContextVar("nbkit_bench_capture", default=None)
 
 
@@ -312,7 +312,7 @@ class ClientTarget(Target):
         self.params = {**DEFAULT_PARAMS, **(params or {})}
         self.close_client = close_client
         self.label = label or f"client:{self.policy}"
-        self._orig_new_record = None
+        self._remove_listener = None
 
     @property
     def policy(self) -> str:
@@ -323,27 +323,17 @@ class ClientTarget(Target):
 
     async def open(self) -> None:
         await self.client.__aenter__()  # starts its router (scraper, health checks) on nbkit's loop
-        router = self.client.router
-        orig = router.new_record
-        self._orig_new_record = orig
-
-        def new_record(*a, **kw):
-            rec = orig(*a, **kw)
+        def capture(rec) -> None:  # on the sending task's context: its holder gets the record
             holder = _CAPTURE.get()
             if holder is not None:
                 holder.append(rec)
-            return rec
 
-        router.new_record = new_record
+        self._remove_listener = self.client.router.add_listener(capture, when="created")
 
     async def close(self) -> None:
-        router = self.client.router
-        if self._orig_new_record is not None:
-            try:
-                del router.new_record  # back to the class's method
-            except AttributeError:
-                router.new_record = self._orig_new_record
-            self._orig_new_record = None
+        if self._remove_listener is not None:
+            self._remove_listener()
+            self._remove_listener = None
         if self.close_client:
             await self.client.aclose()
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import deque
@@ -41,6 +42,8 @@ import httpx
 from nbkit.routing.metrics import EngineMetrics, parse_metrics
 from nbkit.policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
+
+log = logging.getLogger(__name__)
 
 #: Consecutive failures that open a rank's circuit breaker.
 BREAKER_FAILURES = 3
@@ -239,7 +242,10 @@ class Router:
         self.states: list[RankState] = []
         self.set_ranks(ranks)
         self.records: deque[RequestRecord] = deque(maxlen=MAX_RECORDS)
+        #: called with each record when its request is finished (or abandoned); see :meth:`add_listener`
         self.listeners: list[Callable[[RequestRecord], None]] = []
+        #: called with each record as it is created, on the caller's thread (before routing)
+        self.created_listeners: list[Callable[[RequestRecord], None]] = []
         self._queue: deque[_Waiter] = deque()  # FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
@@ -406,10 +412,36 @@ class Router:
         with self._lock:
             self.counters[key] += 1
 
+    def add_listener(self, fn: Callable[[RequestRecord], None], *, when: str = "finished") -> Callable[[], None]:
+        """Call ``fn(record)`` for every request, ``when="created"`` (as the router opens its record,
+        on the caller's thread) or ``"finished"`` (once it is published to :attr:`records`).
+        Returns a function that removes the listener. A listener that raises is ignored."""
+        if when not in ("created", "finished"):
+            raise ValueError(f"when={when!r}: expected 'created' or 'finished'")
+        lst = self.created_listeners if when == "created" else self.listeners
+        lst.append(fn)
+
+        def remove() -> None:
+            try:
+                lst.remove(fn)
+            except ValueError:
+                pass
+        return remove
+
     def new_record(self, path: str, info: RequestInfo) -> RequestRecord:
         self.count("requests")
-        return RequestRecord(id=next(self._ids), path=path, policy=self._policy.name, arrival=time.time(),
-                             tokens_in=info.prompt_tokens)
+        record = RequestRecord(id=next(self._ids), path=path, policy=self._policy.name, arrival=time.time(),
+                               tokens_in=info.prompt_tokens)
+        self._notify(self.created_listeners, record)
+        return record
+
+    @staticmethod
+    def _notify(listeners: list, record: RequestRecord) -> None:
+        for fn in list(listeners):
+            try:
+                fn(record)
+            except Exception:  # noqa: BLE001 - a listener must not break routing
+                log.exception("router: a record listener raised (ignored)")
 
     def _finished(self, lease: Lease) -> None:
         """A lease was released: publish its record (unless the request is being retried), admit more."""
@@ -421,11 +453,7 @@ class Router:
         self.records.append(record)
         if record.outcome not in ("ok", "cancelled"):
             self.count("failures")
-        for fn in list(self.listeners):
-            try:
-                fn(record)
-            except Exception:  # noqa: BLE001 - a listener must not break routing
-                pass
+        self._notify(self.listeners, record)
 
     def _pump(self) -> None:
         """Place the oldest waiting requests that can be placed now."""
