@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
+import inspect
 import os
 import threading
 from typing import Any, Callable, Coroutine, TypeVar
@@ -157,3 +159,51 @@ def run_in_loop_thread(fn: Callable[[], T]) -> T:
 
     return run(_call())
 
+
+
+# -- one implementation, two forms ----------------------------------------------------------------
+def on_loop(fn: Callable[..., Coroutine[Any, Any, T]]) -> Callable[..., Coroutine[Any, Any, T]]:
+    """Decorate an ``async def`` whose body must run on nbkit's loop: the result is awaitable from
+    any loop (a notebook cell, ``asyncio.run``, nbkit's own loop). Pair it with :class:`blocking`::
+
+        class Cluster:
+            @loop.on_loop
+            async def astart(self, timeout=None):
+                \"\"\"Start every replica ...\"\"\"
+            start = loop.blocking(astart)       # cluster.start(): the same body, blocking
+    """
+    @functools.wraps(fn)
+    async def awaitable(*args: Any, **kwargs: Any) -> T:
+        return await wrap(fn(*args, **kwargs))
+
+    awaitable.on_loop = fn  # type: ignore[attr-defined]
+    return awaitable
+
+
+class blocking:
+    """The blocking form of an :func:`on_loop` method (``start = blocking(astart)``): it runs the same
+    body on nbkit's loop and waits for it, from scripts, notebook cells, nbmake and other threads."""
+
+    def __init__(self, afn: Callable[..., Any]):
+        self.impl = afn.on_loop  # type: ignore[attr-defined]
+        self.async_name = afn.__name__
+        self.name = afn.__name__.removeprefix("a")
+        params = list(inspect.signature(self.impl).parameters.values())[1:]  # without self
+        self.signature = inspect.signature(self.impl).replace(parameters=params)
+        self.__doc__ = f"Blocking :meth:`{self.async_name}`."
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        impl = self.impl
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            return run(impl(obj, *args, **kwargs))
+
+        call.__name__ = call.__qualname__ = self.name
+        call.__doc__ = self.__doc__
+        call.__signature__ = self.signature  # type: ignore[attr-defined]
+        return call

@@ -7,7 +7,7 @@ import asyncio
 import httpx
 import pytest
 
-from nbkit.routing.metrics import EngineMetrics, parse_metrics, scrape
+from nbkit.routing.metrics import EngineMetrics, parse_metrics
 
 ONE_ENGINE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.
@@ -265,39 +265,6 @@ def test_scraped_at_defaults_to_now(monkeypatch):
     monkeypatch.setattr(metrics.time, "time", lambda: 4242.0)
     assert parse_metrics(TWO_ENGINES)["1"].scraped_at == 4242.0
     assert parse_metrics(TWO_ENGINES, scraped_at=1.0)["1"].scraped_at == 1.0
-
-
-def test_scrape_with_mock_transport():
-    seen = []
-
-    def handler(request: httpx.Request) -> httpx.Response:
-        seen.append(str(request.url))
-        if request.url.path == "/metrics":
-            return httpx.Response(200, text=TWO_ENGINES,
-                                  headers={"content-type": "text/plain; version=0.0.4"})
-        return httpx.Response(404)
-
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await scrape(client, "http://127.0.0.1:8100")
-
-    snaps = asyncio.run(main())
-    assert seen == ["http://127.0.0.1:8100/metrics"]
-    assert sorted(snaps) == ["0", "1"]
-    assert snaps["1"].running == 4.0
-    assert snaps["1"].requests_finished == 8.0
-
-
-def test_scrape_raises_on_http_error():
-    def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(503, text="overloaded")
-
-    async def main():
-        async with httpx.AsyncClient(transport=httpx.MockTransport(handler)) as client:
-            return await scrape(client, "http://127.0.0.1:8100")
-
-    with pytest.raises(httpx.HTTPStatusError):
-        asyncio.run(main())
 
 
 def test_real_vllm_metrics_parse_the_same_through_the_line_filter():

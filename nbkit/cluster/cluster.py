@@ -20,6 +20,7 @@ a spec that cannot run. A replica that fails to start stops the whole start and 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import weakref
 import tempfile
@@ -28,14 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import httpx
-
 from nbkit import loop
 from nbkit.routing.rank import Rank
 from nbkit.cluster.process import ReplicaProcess, ReplicaStartError
-from nbkit.routing.metrics import EngineMetrics, scrape
+from nbkit.routing.metrics import EngineMetrics
+from nbkit.routing.probes import Probe
 from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, port_is_free, resolve_device)
 from nbkit.cluster.placement import plan_replicas
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -76,6 +78,7 @@ class Cluster:
         self._health: dict[int, bool] = {}
         self._lock: asyncio.Lock | None = None
         self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
+        self._probe: Probe | None = None  # /health and /metrics, on nbkit's loop
         self._monitor = None
         self.log_interval = log_interval
 
@@ -159,11 +162,28 @@ class Cluster:
         self._check_index(i)
         return self._procs[i]
 
+    def routers(self) -> list:
+        """The routers of this cluster's clients and endpoints (they follow :meth:`scale`)."""
+        return list(self._routers)
+
+    def add_router(self, router) -> None:
+        """Tell ``router`` about rank changes from now on (clients and endpoints made by
+        :meth:`client`/:meth:`endpoint` are added already)."""
+        self._routers.add(router)
+
+    @property
+    def probe(self) -> Probe:
+        """The :class:`~nbkit.routing.probes.Probe` for this cluster's /health and /metrics (on nbkit's loop)."""
+        if self._probe is None:
+            self._probe = Probe()
+        return self._probe
+
     def _check_index(self, i: int) -> None:
         if not isinstance(i, int) or not 0 <= i < len(self.plans):
             raise IndexError(f"replica index {i!r} out of range 0..{len(self.plans) - 1}")
 
-    def _state(self, i: int) -> str:
+    def state(self, i: int) -> str:
+        """``starting | healthy | unhealthy | failed | stopped``: replica ``i`` as last seen."""
         proc = self._procs[i]
         if proc is None or proc.stopped:
             return "stopped"
@@ -197,31 +217,35 @@ class Cluster:
 
     async def _start_some(self, idx: Sequence[int], timeout: float) -> None:
         errors: list[BaseException] = []
-        async with httpx.AsyncClient(timeout=httpx.Timeout(5.0)) as client:
-            for wave in self._waves(idx):
-                for i in wave:
-                    proc = ReplicaProcess(self.plans[i], self.log_path(i))
-                    self._procs[i] = proc
-                    self._health.pop(i, None)
-                    proc.spawn()
-                results = await asyncio.gather(
-                    *(self._procs[i].wait_healthy(timeout, client) for i in wave), return_exceptions=True)
-                errors = [r for r in results if isinstance(r, BaseException)]
-                if errors:
-                    break
-                for i in wave:
-                    self._health[i] = True
+        for wave in self._waves(idx):
+            for i in wave:
+                proc = ReplicaProcess(self.plans[i], self.log_path(i))
+                self._procs[i] = proc
+                self._health.pop(i, None)
+                proc.spawn()
+                log.info("cluster: %s started (pid %s, %s, port %s)", self.plans[i].name, proc.pid,
+                         self.plans[i].pinning, self.plans[i].port)
+            results = await asyncio.gather(
+                *(self._procs[i].wait_healthy(timeout, self.probe) for i in wave), return_exceptions=True)
+            errors = [r for r in results if isinstance(r, BaseException)]
+            if errors:
+                break
+            for i, took in zip(wave, results):
+                self._health[i] = True
+                log.info("cluster: %s healthy in %.0f s", self.plans[i].name, took)
         if errors:
             await asyncio.gather(*(self._procs[i].stop(self.stop_grace) for i in idx if self._procs[i] is not None))
             for i in idx:
                 self._health.pop(i, None)
             first = errors[0]
+            log.error("cluster: start failed: %s", str(first).splitlines()[0] if str(first) else repr(first))
             if len(errors) > 1 and isinstance(first, ReplicaStartError):
                 others = ", ".join(e.name for e in errors[1:] if isinstance(e, ReplicaStartError))
                 first.args = (first.args[0] + f"\n(also failed: {others})",)
             raise first
 
-    async def _astart(self, timeout: float | None = None) -> "Cluster":
+    @loop.on_loop
+    async def astart(self, timeout: float | None = None) -> "Cluster":
         """Start every replica in parallel and wait until all are healthy."""
         async with self._alock():
             if self.running:
@@ -238,29 +262,42 @@ class Cluster:
             self.monitor().start_logging(self.log_interval)
         return self
 
+    start = loop.blocking(astart)
+
     async def _stop_some(self, idx: Sequence[int]) -> None:
         procs = [(i, self._procs[i]) for i in idx if self._procs[i] is not None]
         await asyncio.gather(*(p.stop(self.stop_grace) for _, p in procs))
         for i, _ in procs:
             self._health.pop(i, None)
 
-    async def _astop(self) -> None:
+    @loop.on_loop
+    async def astop(self) -> None:
         """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
         if self._monitor is not None:
             self._monitor.stop_logging()
         async with self._alock():
             await self._stop_some(range(len(self._procs)))
 
-    async def _astop_replica(self, i: int) -> None:
+    stop = loop.blocking(astop)
+
+    @loop.on_loop
+    async def astop_replica(self, i: int) -> None:
+        """Stop replica ``i`` only (it shows as stopped; ``restart(i)`` brings it back)."""
+        self._check_index(i)
         async with self._alock():
             await self._stop_some([i])
 
-    async def _arestart(self, i: int, timeout: float | None = None) -> None:
+    stop_replica = loop.blocking(astop_replica)
+
+    @loop.on_loop
+    async def arestart(self, i: int, timeout: float | None = None) -> None:
         """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
         self._check_index(i)
         async with self._alock():
             await self._stop_some([i])
             await self._start_some([i], timeout or self.startup_timeout)
+
+    restart = loop.blocking(arestart)
 
     def scale_plan(self, n: int, tp: int | None = None) -> list[tuple[str, int, str]]:
         """What :meth:`scale` would do: ``[(action, index, detail)]``, action in keep/restart/start/stop."""
@@ -302,7 +339,8 @@ class Cluster:
                 actions.append(("restart", i, f"{old[i].name}: {old[i].pinning} -> {plans[i].pinning}"))
         return specs, plans, actions
 
-    async def _ascale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
+    @loop.on_loop
+    async def ascale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
         """Grow or shrink to ``n`` replicas (copies of the last spec, placed automatically).
 
         Replicas whose pinning must change to make room (e.g. 1 replica on 2 cores -> 2 replicas
@@ -324,33 +362,37 @@ class Cluster:
                     r.set_ranks(self.ranks)
             return actions
 
-    async def _acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
+    scale = loop.blocking(ascale)
+
+    @loop.on_loop
+    async def acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
         """Probe ``/health`` of every live replica now; updates :meth:`status`."""
-        async with httpx.AsyncClient(timeout=timeout) as client:
-            async def probe(i: int) -> tuple[int, bool | None]:
-                proc = self._procs[i]
-                if proc is None or not proc.alive:
-                    return i, None
-                if self.plans[i].headless:
-                    return i, True
-                try:
-                    return i, (await client.get(f"{self.plans[i].url}/health")).status_code == 200
-                except httpx.HTTPError:
-                    return i, False
-            for i, ok in await asyncio.gather(*(probe(i) for i in range(len(self.plans)))):
-                if ok is None:
-                    self._health.pop(i, None)
-                else:
-                    self._health[i] = ok
+        async def one(i: int) -> tuple[int, bool | None]:
+            proc = self._procs[i]
+            if proc is None or not proc.alive:
+                return i, None
+            if self.plans[i].headless:
+                return i, True
+            return i, await self.probe.health(self.plans[i].url, timeout)
+
+        for i, ok in await asyncio.gather(*(one(i) for i in range(len(self.plans)))):
+            if ok is None:
+                self._health.pop(i, None)
+            else:
+                if self._health.get(i) is not None and self._health[i] != ok:
+                    log.warning("cluster: %s is %s", self.plans[i].name, "healthy again" if ok else "unhealthy")
+                self._health[i] = ok
         return dict(self._health)
 
-    async def _ametrics(self) -> dict[str, EngineMetrics]:
+    check_health = loop.blocking(acheck_health)
+
+    @loop.on_loop
+    async def ametrics(self) -> dict[str, EngineMetrics]:
         """Scrape every replica's ``/metrics`` now: ``{rank name: EngineMetrics}``."""
         out: dict[str, EngineMetrics] = {}
-        async with httpx.AsyncClient(timeout=5.0) as client:
-            plans = [p for p in self.plans if not p.headless and self._procs[p.index] is not None
-                     and self._procs[p.index].alive]
-            results = await asyncio.gather(*(scrape(client, p.url) for p in plans), return_exceptions=True)
+        plans = [p for p in self.plans if not p.headless and self._procs[p.index] is not None
+                 and self._procs[p.index].alive]
+        results = await asyncio.gather(*(self.probe.metrics(p.url, 5.0) for p in plans), return_exceptions=True)
         for p, res in zip(plans, results):
             if isinstance(res, BaseException):
                 continue
@@ -359,72 +401,18 @@ class Cluster:
                 out[name] = m
         return out
 
-    # -- awaitable API (runs on nbkit's loop, awaitable from any loop) -------------------------
-    async def astart(self, timeout: float | None = None) -> "Cluster":
-        """Start every replica in parallel and wait until all are healthy."""
-        return await loop.wrap(self._astart(timeout))
-
-    async def astop(self) -> None:
-        """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
-        await loop.wrap(self._astop())
-
-    async def arestart(self, i: int, timeout: float | None = None) -> None:
-        """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
-        await loop.wrap(self._arestart(i, timeout))
-
-    async def ascale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
-        """Grow or shrink to ``n`` replicas (optionally with a new TP size); see :meth:`scale`."""
-        return await loop.wrap(self._ascale(n, timeout, tp))
-
-    async def astop_replica(self, i: int) -> None:
-        """Stop replica ``i`` only (it shows as stopped; ``restart(i)`` brings it back)."""
-        self._check_index(i)
-        await loop.wrap(self._astop_replica(i))
-
-    async def acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:
-        """Probe ``/health`` of every live replica now."""
-        return await loop.wrap(self._acheck_health(timeout))
-
-    async def ametrics(self) -> dict[str, EngineMetrics]:
-        """Scrape every replica's ``/metrics`` now: ``{rank name: EngineMetrics}``."""
-        return await loop.wrap(self._ametrics())
-
-    # -- blocking API --------------------------------------------------------------------------
-    def start(self, timeout: float | None = None) -> "Cluster":
-        """Blocking :meth:`astart`."""
-        return loop.run(self._astart(timeout))
-
-    def stop(self) -> None:
-        """Blocking :meth:`astop`."""
-        loop.run(self._astop())
-
-    def restart(self, i: int, timeout: float | None = None) -> None:
-        """Blocking :meth:`arestart`."""
-        loop.run(self._arestart(i, timeout))
-
-    def scale(self, n: int, timeout: float | None = None, tp: int | None = None) -> list[tuple[str, int, str]]:
-        """Blocking :meth:`ascale`."""
-        return loop.run(self._ascale(n, timeout, tp))
-
-    def stop_replica(self, i: int) -> None:
-        """Blocking :meth:`astop_replica`."""
-        self._check_index(i)
-        loop.run(self._astop_replica(i))
-
-    def metrics(self) -> dict[str, EngineMetrics]:
-        """Blocking :meth:`ametrics`."""
-        return loop.run(self._ametrics())
+    metrics = loop.blocking(ametrics)
 
     def status(self, probe: bool = True) -> list[ReplicaStatus]:
         """One :class:`ReplicaStatus` per replica (probes ``/health`` first unless ``probe=False``)."""
         if probe and self.running:
-            loop.run(self._acheck_health())
+            self.check_health()
         out = []
         for i, p in enumerate(self.plans):
             proc = self._procs[i]
             alive = proc is not None and proc.alive
             out.append(ReplicaStatus(
-                index=i, name=p.name, state=self._state(i), url=p.url if not p.headless else "(headless)",
+                index=i, name=p.name, state=self.state(i), url=p.url if not p.headless else "(headless)",
                 pinning=p.pinning, tp_size=p.tp_size, dp_ranks=p.dp_ranks,
                 pid=proc.pid if proc else None,
                 uptime_s=round(time.time() - proc.started_at, 1) if alive and proc.started_at else None,
@@ -482,7 +470,7 @@ class Cluster:
         await self.astop()
 
     def __repr__(self) -> str:
-        states = ", ".join(f"{p.name}:{self._state(i)}" for i, p in enumerate(self.plans))
+        states = ", ".join(f"{p.name}:{self.state(i)}" for i, p in enumerate(self.plans))
         return f"Cluster({len(self.plans)} replicas: {states})"
 
     def _repr_html_(self) -> str:

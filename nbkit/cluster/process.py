@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import logging
 import os
 import signal
 import subprocess
@@ -18,12 +19,15 @@ import time
 import weakref
 from collections import deque
 from pathlib import Path
+from typing import Iterator
 
-import httpx
 import psutil
 
 from nbkit.cluster.spec import LaunchPlan
-from nbkit.cluster.watchdog import _group_alive, guard
+from nbkit.cluster.watchdog import group_alive, guard
+from nbkit.routing.probes import Probe
+
+log = logging.getLogger(__name__)
 
 LOG_TAIL_LINES = 30
 
@@ -116,16 +120,16 @@ class ReplicaProcess:
                 pass
         return total
 
-    async def wait_healthy(self, timeout: float, client: httpx.AsyncClient | None = None,
-                           interval: float = 0.5) -> float:
-        """Poll ``/health`` until it answers 200. Returns seconds since spawn.
+    async def wait_healthy(self, timeout: float, probe: Probe | None = None, interval: float = 0.5) -> float:
+        """Poll ``/health`` (with ``probe``, or a probe of its own) until it answers 200. Returns
+        seconds since spawn.
 
         Raises :class:`ReplicaStartError` (with the log tail) if the process exits or the
         timeout passes.
         """
         assert self.proc is not None, "spawn() first"
-        own = client is None
-        client = client or httpx.AsyncClient(timeout=httpx.Timeout(5.0))
+        own = probe is None
+        probe = probe or Probe(timeout=5.0)
         deadline = time.monotonic() + timeout
         try:
             while True:
@@ -133,21 +137,15 @@ class ReplicaProcess:
                 if rc is not None:
                     raise ReplicaStartError(self.plan.name, f"exited with code {rc} before it was healthy",
                                             self.tail(), self.log_path)
-                if self.plan.headless:
+                if self.plan.headless or await probe.health(self.plan.url, 5.0):
                     return time.time() - (self.started_at or time.time())
-                try:
-                    r = await client.get(f"{self.plan.url}/health")
-                    if r.status_code == 200:
-                        return time.time() - (self.started_at or time.time())
-                except httpx.HTTPError:
-                    pass
                 if time.monotonic() > deadline:
                     raise ReplicaStartError(self.plan.name, f"was not healthy after {timeout:.0f} s",
                                             self.tail(), self.log_path)
                 await asyncio.sleep(interval)
         finally:
             if own:
-                await client.aclose()
+                await probe.aclose()
 
     # -- stop ------------------------------------------------------------------------------
     def _signal(self, sig: int) -> None:
@@ -169,7 +167,7 @@ class ReplicaProcess:
         if self.proc is None:
             return True
         self.proc.poll()  # reap the leader
-        if _group_alive(self.proc.pid):
+        if group_alive(self.proc.pid):
             return False
         for pid in list(self._tree):
             try:
@@ -183,37 +181,33 @@ class ReplicaProcess:
     def _snapshot_tree(self) -> None:
         self._tree = {p.pid for p in self.processes()}
 
-    async def stop(self, grace: float = 15.0) -> None:
-        """SIGTERM the group, SIGKILL after ``grace`` seconds; returns when all are gone."""
+    def _stopping(self, grace: float) -> Iterator[float]:
+        """The stop sequence, one step at a time: yields how long to sleep before the next look.
+        SIGTERM to the group, SIGKILL after ``grace`` seconds, done when every process is gone."""
         if self.proc is None or self.stopped:
             return
         self._snapshot_tree()
         self._signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while not self._gone() and time.monotonic() < deadline:
-            await asyncio.sleep(0.1)
-        if not self._gone():
-            self._signal(signal.SIGKILL)
-            deadline = time.monotonic() + 10
+        for sig, wait in ((None, grace), (signal.SIGKILL, 10.0)):
+            if sig is not None:
+                if self._gone():
+                    break
+                log.warning("process: %s ignored SIGTERM for %.0f s; SIGKILL", self.plan.name, grace)
+                self._signal(sig)
+            deadline = time.monotonic() + wait
             while not self._gone() and time.monotonic() < deadline:
-                await asyncio.sleep(0.1)
+                yield 0.1
         self._finish()
 
+    async def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the group, SIGKILL after ``grace`` seconds; returns when all are gone."""
+        for pause in self._stopping(grace):
+            await asyncio.sleep(pause)
+
     def stop_sync(self, grace: float = 5.0) -> None:
-        """Blocking stop without an event loop (atexit, signal handlers)."""
-        if self.proc is None or self.stopped:
-            return
-        self._snapshot_tree()
-        self._signal(signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while not self._gone() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        if not self._gone():
-            self._signal(signal.SIGKILL)
-            deadline = time.monotonic() + 10
-            while not self._gone() and time.monotonic() < deadline:
-                time.sleep(0.1)
-        self._finish()
+        """Blocking :meth:`stop`, without an event loop (atexit, signal handlers)."""
+        for pause in self._stopping(grace):
+            time.sleep(pause)
 
     def _finish(self) -> None:
         self.stopped = True

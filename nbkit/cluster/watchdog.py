@@ -78,7 +78,16 @@ def guard() -> Guard:
         return _guard
 
 
-def _group_alive(pgid: int) -> bool:
+def use_guard(g: Guard) -> None:
+    """Make ``g`` this process's guard (before anything registers): a Ray actor's process uses a
+    detached watchdog that outlives the worker (see :mod:`nbkit.ray.host`)."""
+    global _guard
+    with _guard_lock:
+        _guard = g
+
+
+def group_alive(pgid: int) -> bool:
+    """True while a process of group ``pgid`` runs (zombies do not count)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -109,7 +118,7 @@ def kill_groups(pgids: set[int], grace: float = GRACE_S) -> None:
                 pgids.discard(g)
         deadline = time.monotonic() + (grace if sig == signal.SIGTERM else 2.0)
         while pgids and time.monotonic() < deadline:
-            pgids = {g for g in pgids if _group_alive(g)}
+            pgids = {g for g in pgids if group_alive(g)}
             time.sleep(0.1)
         if not pgids:
             return

@@ -74,8 +74,7 @@ class ReplicaHost:
 
     def __init__(self, placement: Placement, run_name: str):
         from nbkit.cluster import watchdog
-        with watchdog._guard_lock:
-            watchdog._guard = _detached_guard()  # this process is the actor's alone
+        watchdog.use_guard(_detached_guard())  # this process is the actor's alone
         self.placement = placement
         self.run_dir = Path(tempfile.gettempdir()) / "nbkit-runs" / run_name
         self.plan: LaunchPlan | None = None

@@ -285,7 +285,7 @@ class _LocalRay:
         remembered descendant still running."""
         import psutil
 
-        from nbkit.cluster.watchdog import _group_alive, guard, kill_groups
+        from nbkit.cluster.watchdog import group_alive, guard, kill_groups
         if self.proc is None:
             return
         self._remember()
@@ -293,7 +293,7 @@ class _LocalRay:
             self.proc.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(grace)
-        if _group_alive(self.proc.pid):
+        if group_alive(self.proc.pid):
             kill_groups({self.proc.pid}, grace=3.0)
         left = [p for p in self._procs.values() if _running(p)]
         for p in left:

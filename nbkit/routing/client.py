@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import inspect
 import json
 import sys
 import threading
@@ -360,39 +361,45 @@ def _bridge(agen) -> _Bridge:
 
 
 class _Sync:
-    """Blocking forms: ``client.sync.complete(...)``, ``client.sync.chat(...)``, ``client.sync.stream_chat(...)``."""
+    """Blocking forms of the client's calls, with the same arguments and defaults:
+    ``client.sync.complete(...)``, ``client.sync.chat(...)``, and the streams
+    ``client.sync.stream_complete(...)`` / ``client.sync.stream_chat(...)`` as plain iterators."""
+
+    CALLS = ("complete", "chat")
+    STREAMS = ("stream_complete", "stream_chat")
 
     def __init__(self, client: RoutedClient):
         self._c = client
 
-    def __getattribute__(self, name):
-        if not name.startswith("_"):
-            object.__getattribute__(self, "_c")._no_sync()
-        return object.__getattribute__(self, name)
+    def __dir__(self):
+        return [*self.CALLS, *self.STREAMS]
 
-    def complete(self, prompt, **kw) -> dict:
-        return loop.run(self._c._request("/v1/completions", dict(_body_kw(kw), prompt=prompt),
-                                         kw.get("rank"), kw.get("session"), kw.get("headers")))
-
-    def chat(self, messages, **kw) -> dict:
-        return loop.run(self._c._request("/v1/chat/completions",
-                                         dict(_body_kw(kw), messages=list(messages)),
-                                         kw.get("rank"), kw.get("session"), kw.get("headers")))
-
-    def stream_chat(self, messages, **kw):
-        agen = self._c._stream("/v1/chat/completions", dict(_body_kw(kw), messages=list(messages)),
-                               kw.get("rank"), kw.get("session"), kw.get("headers"))
-        try:
-            while True:
-                try:
-                    yield loop.run(agen.__anext__())
-                except StopAsyncIteration:
-                    return
-        finally:
-            loop.run(agen.aclose())
+    def __getattr__(self, name: str):
+        if name not in self.CALLS and name not in self.STREAMS:
+            raise AttributeError(f"client.sync has no {name!r}; it has {', '.join(dir(self))}")
+        self._c._no_sync()
+        method = getattr(self._c, name)
+        if name in self.CALLS:
+            def call(*args, **kw):
+                return loop.run(method(*args, **kw))  # the body runs on nbkit's loop, no hop inside
+        else:
+            def call(*args, **kw):
+                agen = loop.run_in_loop_thread(lambda: method(*args, **kw))  # made there: no bridge
+                return _iterate(agen)
+        call.__name__ = call.__qualname__ = name
+        call.__doc__ = f"Blocking :meth:`RoutedClient.{name}` (same arguments and defaults)."
+        call.__signature__ = inspect.signature(method)
+        return call
 
 
-def _body_kw(kw: dict) -> dict:
-    body = {k: v for k, v in kw.items() if k not in ("rank", "session", "headers")}
-    body.setdefault("max_tokens", 16)
-    return body
+def _iterate(agen):
+    """A plain iterator over an async generator that lives on nbkit's loop; closing it early (or
+    leaving the ``for``) aborts the request."""
+    try:
+        while True:
+            try:
+                yield loop.run(agen.__anext__())
+            except StopAsyncIteration:
+                return
+    finally:
+        loop.run(agen.aclose())

@@ -3,7 +3,7 @@
 Parsing uses prometheus_client's text parser; series are split by their ``engine`` label, so a
 data-parallel group yields one :class:`EngineMetrics` per rank::
 
-    snaps = parse_metrics(httpx.get(url + "/metrics").text)
+    snaps = parse_metrics(text_of_metrics)       # or: await Probe().metrics(url) (nbkit.routing.probes)
     snaps["0"].running, snaps["0"].waiting, snaps["0"].kv_cache_usage
 
 Older metric names (``vllm:gpu_cache_usage_perc``) are accepted.
@@ -14,7 +14,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 # sample name -> attribute; for several names of one attribute, the first listed wins
@@ -35,7 +34,9 @@ _COUNTERS = {
     "vllm:gpu_prefix_cache_hits_total": "prefix_cache_hits",
     "vllm:external_prefix_cache_hits_total": "external_prefix_cache_hits",
 }
-_PRIORITY = {name: k for k, name in enumerate([*_GAUGES, *_COUNTERS, "vllm:prompt_tokens_by_source_total"])}
+#: every sample name nbkit reads (what a probe asks the server-side filter for)
+METRIC_NAMES = (*_GAUGES, *_COUNTERS, "vllm:prompt_tokens_by_source_total")
+_PRIORITY = {name: k for k, name in enumerate(METRIC_NAMES)}
 # sample lines worth parsing: "<name>{" or "<name> " for the names above (vLLM's /metrics has ~600
 # lines, mostly histogram buckets; parsing all of them costs ~8 ms, these few well under 1 ms)
 _LINE_PREFIXES = tuple(f"{name}{sep}" for name in _PRIORITY for sep in ("{", " "))
@@ -100,10 +101,3 @@ def parse_metrics(text: str, scraped_at: float | None = None) -> dict[str, Engin
             best = min((n for a, n in per if a == attr), key=_PRIORITY.__getitem__)
             setattr(m, attr, per[(attr, best)])
     return out
-
-
-async def scrape(client: httpx.AsyncClient, url: str, timeout: float = 2.0) -> dict[str, EngineMetrics]:
-    """GET ``url/metrics`` and parse it."""
-    r = await client.get(f"{url}/metrics", timeout=timeout)
-    r.raise_for_status()
-    return parse_metrics(r.text)

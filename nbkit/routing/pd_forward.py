@@ -84,7 +84,7 @@ class PDForwarder:
                                  stream=stream, timeout=timeout, roles=frozenset({"decode"}))
         # TTFT and E2E count from the start of the prefill phase: what the caller waits for
         if up.stream:
-            up.lease._t0 -= prefill_s
+            up.lease.backdate(prefill_s)
         else:
             if up.record.ttft_s is not None:
                 up.record.ttft_s += prefill_s

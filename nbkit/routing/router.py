@@ -37,11 +37,10 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
-import httpx
-
-from nbkit.routing.metrics import EngineMetrics, parse_metrics
+from nbkit.routing.metrics import EngineMetrics
+from nbkit.routing.probes import PROBE_TIMEOUT_S, Probe, ProbeError
 from nbkit.policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
-from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
+from nbkit.http.transport import Transport
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +48,6 @@ log = logging.getLogger(__name__)
 BREAKER_FAILURES = 3
 #: Seconds an open breaker keeps a rank out before a request may try it again.
 BREAKER_OPEN_S = 5.0
-#: Seconds a /metrics or /health probe may take.
-PROBE_TIMEOUT_S = 2.0
 #: Records kept in memory.
 MAX_RECORDS = 20_000
 
@@ -97,6 +94,7 @@ class RankState:
     picks: int = 0
     inflight_peak: int = 0        # max in_flight since the last scrape was sent
     inflight_seen: int = 0        # ... frozen when that scrape answered (see load_score)
+    scrape_error: str = ""        # why the last scrape failed ("" after a good one)
 
     @property
     def key(self) -> str:
@@ -133,6 +131,11 @@ class Lease:
     @property
     def rank(self):
         return self.state.rank
+
+    def backdate(self, seconds: float) -> None:
+        """Count the request's times (TTFT, E2E) from ``seconds`` earlier than the lease's start: work
+        done for it before it got this rank (a prefill/decode split's prefill phase)."""
+        self._t0 -= seconds
 
     def first_token(self) -> None:
         if self._prefill:
@@ -224,7 +227,7 @@ class Router:
     def __init__(self, ranks: Sequence, policy: str | Policy | Callable = "least_load", *,
                  max_per_rank: int | None = None, max_concurrency: int | None = None,
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
-                 seed: int | None = None, client: "httpx.AsyncClient | Transport | str | None" = None):
+                 seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None):
         if max_per_rank is not None and max_per_rank < 1:
             raise ValueError(f"max_per_rank={max_per_rank!r}: must be >= 1 or None")
         if max_concurrency is not None and max_concurrency < 1:
@@ -249,9 +252,11 @@ class Router:
         self._queue: deque[_Waiter] = deque()  # FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
-        self._client = client        # for /metrics and /health: an httpx.AsyncClient, a Transport or a name
-        self._own_client = client is None or isinstance(client, str)
-        self._probe: Transport | None = None
+        # /metrics and /health: a Probe given (not closed here), or one over ``client`` (a transport
+        # name, a Transport or an httpx.AsyncClient; the lean http1 transport by default)
+        self._client = client
+        self._probe: Probe | None = probe
+        self._own_probe = probe is None
         self.counters = {"requests": 0, "retries": 0, "failures": 0}
 
     # -- configuration ---------------------------------------------------------------------------
@@ -289,6 +294,17 @@ class Router:
             self._policy.on_ranks_changed([s.key for s in new])
             if getattr(self, "_queue", None):
                 self._pump()  # new ranks may have room for queued requests
+
+    def set_max_concurrency(self, value: int | None) -> None:
+        """Change the cap on requests in flight over all ranks (None or 0: no cap), live; requests
+        queued behind the old cap are admitted at once if the new one has room."""
+        value = value or None
+        if value is not None and value < 1:
+            raise ValueError(f"max_concurrency={value!r}: must be >= 1 or None")
+        with self._lock:
+            self.max_concurrency = value
+            log.info("router: max_concurrency -> %s", value or "unlimited")
+            self._pump()
 
     @property
     def in_flight(self) -> int:
@@ -488,6 +504,9 @@ class Router:
             state.failures += 1
         in_grace = time.monotonic() - state.added_at < self.startup_grace and state.scraped is None
         if state.failures >= BREAKER_FAILURES and not in_grace:
+            if time.monotonic() >= state.open_until:
+                log.warning("router: %s failed %d times in a row; breaker open for %.0f s",
+                            state.key, state.failures, BREAKER_OPEN_S)
             state.open_until = time.monotonic() + BREAKER_OPEN_S
 
     # -- background: scrape and health -----------------------------------------------------------
@@ -495,7 +514,6 @@ class Router:
         """Start scraping and health checks on the current (nbkit's) loop."""
         if self._tasks:
             return
-        self._prober()
         self._tasks = [asyncio.ensure_future(self._scrape_loop()), asyncio.ensure_future(self._health_loop())]
 
     async def aclose(self) -> None:
@@ -508,28 +526,19 @@ class Router:
                 w.granted = True
                 _settle(w.fut, exc=NoCandidateError("router closed"))
             self._queue.clear()
-        if self._probe is not None and self._own_client:
+        if self._probe is not None and self._own_probe:
             await self._probe.aclose()
-        self._probe = None
+            self._probe = None
 
-    def _prober(self) -> Transport:
-        """The transport for /metrics and /health (the default transport unless a client was
-        given: probes are small and frequent, and it costs the least CPU per GET)."""
+    @property
+    def probe(self) -> Probe:
+        """The :class:`~nbkit.routing.probes.Probe` that reads the ranks' /metrics and /health."""
         if self._probe is None:
-            self._probe = make_transport(self._client or DEFAULT_TRANSPORT, timeout=PROBE_TIMEOUT_S,
-                                         connect_timeout=PROBE_TIMEOUT_S, max_connections=64)
+            self._probe = Probe(self._client, timeout=PROBE_TIMEOUT_S)
         return self._probe
 
-    async def _get(self, url: str) -> tuple[int, bytes]:
-        """GET ``url`` with the probe transport: status and whole body (the connection is reused)."""
-        r = await self._prober().send("GET", url, timeout=PROBE_TIMEOUT_S)
-        try:
-            return r.status_code, await r.aread()
-        finally:
-            await r.aclose()
-
     async def scrape_once(self) -> None:
-        probe = self._prober()
+        probe = self.probe
         by_url: dict[str, list[RankState]] = {}
         for s in self.states:
             by_url.setdefault(s.rank.url, []).append(s)
@@ -541,11 +550,9 @@ class Router:
                     peaks.append(s.inflight_peak)
                     s.inflight_peak = s.in_flight
             try:
-                status, body = await self._get(f"{url}/metrics")
-                if status != 200:
-                    return
-                snaps = parse_metrics(body.decode("utf-8", "replace"))
-            except (*probe.errors, ValueError):
+                snaps = await probe.metrics(url)
+            except (ProbeError, ValueError) as e:
+                self._scrape_failed(states, e)
                 return
             with self._lock:
                 for s, peak in zip(states, peaks):
@@ -553,6 +560,9 @@ class Router:
                     if m is None and len(snaps) == 1:
                         m = next(iter(snaps.values()))
                     if m is not None:
+                        if s.scrape_error:
+                            log.info("router: %s scraped again", s.key)
+                            s.scrape_error = ""
                         s.scraped = m
                         # everything ours that ran since the previous scrape was sent may be in the gauge
                         s.inflight_seen = max(peak, s.inflight_peak)
@@ -573,18 +583,26 @@ class Router:
             await self.scrape_once()
             await asyncio.sleep(max(0.0, self.current_scrape_interval - (time.monotonic() - t)))
 
+    def _scrape_failed(self, states: list[RankState], error: BaseException) -> None:
+        for s in states:
+            if not s.scrape_error and s.scraped is not None:  # log once per outage, not every 250 ms
+                log.warning("router: scraping %s failed: %s", s.key, error)
+            s.scrape_error = str(error)
+
     async def check_health_once(self) -> None:
-        probe = self._prober()
+        probe = self.probe
+
         async def one(s: RankState) -> None:
-            try:
-                ok = (await self._get(f"{s.rank.url}/health"))[0] == 200
-            except probe.errors:
-                ok = False
+            ok = await probe.health(s.rank.url)
             in_grace = time.monotonic() - s.added_at < self.startup_grace
             with self._lock:
                 if ok:
+                    if not s.healthy or s.open_until:
+                        log.info("router: %s is healthy%s", s.key, " (breaker closed)" if s.open_until else "")
                     s.healthy, s.failures, s.open_until = True, 0, 0.0
                 elif not in_grace:
+                    if s.healthy:
+                        log.warning("router: %s failed its health check; out of routing until it answers", s.key)
                     s.healthy = False
                 if ok or not in_grace:
                     self._pump()

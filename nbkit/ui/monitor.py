@@ -1,5 +1,7 @@
-"""Live load per rank: samples a Cluster's ``/metrics`` (and its routers' records) about once a
-second into a bounded history. The panel draws it, ``snapshot()`` tabulates it, and the text form
+"""Live load per rank: samples a Cluster's load (and its routers' records) about once a second
+into a bounded history. The load is what the cluster's routers last scraped when that is fresh
+(:data:`REUSE_SCRAPE_S`), so watching costs the replicas no extra ``/metrics`` renders; a replica
+no router reads is scraped through the cluster's probe. The panel draws it, ``snapshot()`` tabulates it, and the text form
 prints one line per interval in the seed format::
 
     mon = Monitor(cluster)                       # or cluster.monitor()
@@ -20,13 +22,15 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TextIO
 
-import httpx
-
 from nbkit import loop
-from nbkit.routing.metrics import EngineMetrics, scrape
+from nbkit.routing.metrics import EngineMetrics
+from nbkit.routing.probes import ProbeError
 
 #: Seconds of history kept for charts.
 WINDOW_S = 120.0
+#: A router's reading younger than this is used instead of scraping again (a router that does not
+#: read load scrapes every 2 s; one that does, every 0.25 s).
+REUSE_SCRAPE_S = 2.5
 
 
 @dataclass
@@ -67,33 +71,49 @@ class Monitor:
 
     def __post_init__(self) -> None:
         self._prev: dict[str, tuple[float, EngineMetrics]] = {}
+        self._last_rates: dict[str, tuple[float, float]] = {}
         self._errors: dict[str, str] = {}
-        self._http: httpx.AsyncClient | None = None
         self._log_task: asyncio.Task | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
     def routers(self) -> list:
-        return list(getattr(self.cluster, "_routers", []))
+        return self.cluster.routers()
 
     def records(self) -> list:
         recs = [r for router in self.routers() for r in list(router.records)]  # appended to from other threads
         recs.sort(key=lambda r: r.arrival)
         return recs
 
-    async def _scrape(self, url: str) -> dict[str, EngineMetrics] | Exception:
+    def _routed_readings(self, now: float) -> dict[str, EngineMetrics]:
+        """The freshest reading per rank name among the routers' scrapes (younger than REUSE_SCRAPE_S)."""
+        best: dict[str, EngineMetrics] = {}
+        for router in self.routers():
+            for st in list(router.states):
+                m = st.scraped
+                if m is not None and now - m.scraped_at <= REUSE_SCRAPE_S and (
+                        st.key not in best or m.scraped_at > best[st.key].scraped_at):
+                    best[st.key] = m
+        return best
+
+    async def _read(self, plan, ranks, routed: dict[str, EngineMetrics]) -> dict[str, EngineMetrics] | Exception:
+        """``{engine label: metrics}`` of one replica: from the routers when all its ranks are fresh there."""
+        mine = [r for r in ranks if r.replica == plan.index]
+        if mine and all(r.name in routed for r in mine):
+            return {str(r.dp_rank): routed[r.name] for r in mine}
         try:
-            return await scrape(self._http, url)
-        except (httpx.HTTPError, ValueError) as e:
+            return await self.cluster.probe.metrics(plan.url)
+        except (ProbeError, ValueError) as e:
             return e
 
     async def sample(self) -> list[RankRow]:
-        """Scrape every live replica once and update ``rows`` and ``history``."""
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=2.0)
+        """Read every live replica's load once and update ``rows`` and ``history``."""
         c = self.cluster
         plans = list(c.plans)
-        live = [p for p in plans if not p.headless and c._state(p.index) in ("healthy", "unhealthy", "starting")]
-        results = dict(zip([p.url for p in live], await asyncio.gather(*(self._scrape(p.url) for p in live))))
+        ranks = list(c.ranks)
+        routed = self._routed_readings(time.time())
+        live = [p for p in plans if not p.headless and c.state(p.index) in ("healthy", "unhealthy", "starting")]
+        results = dict(zip([p.url for p in live],
+                           await asyncio.gather(*(self._read(p, ranks, routed) for p in live))))
         now = time.time()
         routed: dict[str, int] = {}
         ttfts: dict[str, list[float]] = {}
@@ -107,9 +127,9 @@ class Monitor:
             if rec.outcome not in ("ok", "cancelled", "pending") and rec.error:
                 self._errors[rec.rank] = f"{rec.outcome}: {rec.error}"[:200]
         rows = []
-        for rank in c.ranks:
+        for rank in ranks:
             p = plans[rank.replica]
-            state = c._state(rank.replica)
+            state = c.state(rank.replica)
             res = results.get(p.url)
             m = None
             if isinstance(res, Exception):
@@ -124,11 +144,17 @@ class Monitor:
                 row.kv_cache_pct = round(100 * m.kv_cache_usage, 1)
                 row.requests_served = int(m.requests_finished)
                 prev = self._prev.get(rank.name)
-                if prev is not None and now > prev[0]:
-                    dt = now - prev[0]
+                if prev is not None and m.scraped_at > prev[0]:  # rates between two readings' own times
+                    dt = m.scraped_at - prev[0]
                     row.prompt_tok_s = max(0.0, (m.prompt_tokens - prev[1].prompt_tokens) / dt)
                     row.gen_tok_s = max(0.0, (m.generation_tokens - prev[1].generation_tokens) / dt)
-                self._prev[rank.name] = (now, m)
+                    self._prev[rank.name] = (m.scraped_at, m)
+                elif prev is not None:  # the same reading again: keep the last rates
+                    last = self._last_rates.get(rank.name, (0.0, 0.0))
+                    row.prompt_tok_s, row.gen_tok_s = last
+                else:
+                    self._prev[rank.name] = (m.scraped_at, m)
+                self._last_rates[rank.name] = (row.prompt_tok_s, row.gen_tok_s)
             t = sorted(ttfts.get(rank.name, []))
             row.ttft_p50_s = t[len(t) // 2] if t else None
             row.mem_gb = self._memory_gb(rank.replica)
@@ -155,9 +181,6 @@ class Monitor:
 
     async def aclose(self) -> None:
         self.stop_logging()
-        if self._http is not None:
-            await self._http.aclose()
-            self._http = None
 
     # -- views ------------------------------------------------------------------------------------
     def snapshot(self):

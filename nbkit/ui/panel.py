@@ -147,7 +147,7 @@ class Panel(W.VBox):
 
     # -- state from the cluster's routers -------------------------------------------------------
     def _routers(self):
-        return list(self.cluster._routers)
+        return self.cluster.routers()
 
     def _current_policy(self):
         rs = self._routers()
@@ -181,7 +181,7 @@ class Panel(W.VBox):
                             f"queued {queued} · step {self.monitor.step}")
         if not rows:
             from nbkit.ui.monitor import RankRow
-            rows = [RankRow(rank=r.name, replica=r.replica, state=self.cluster._state(r.replica),
+            rows = [RankRow(rank=r.name, replica=r.replica, state=self.cluster.state(r.replica),
                             pinning=self.cluster.plans[r.replica].pinning, port=self.cluster.plans[r.replica].port)
                     for r in self.cluster.ranks]
         self.table.value = rows_html(rows)
@@ -207,10 +207,7 @@ class Panel(W.VBox):
     def _on_concurrency(self, change) -> None:
         value = change["new"] or None
         for r in self._routers():
-            def _set(router=r):
-                router.max_concurrency = value
-                router._pump()
-            loop.call_soon(_set)
+            loop.call_soon(r.set_max_concurrency, value)
         self.action_line.value = f"max concurrency -> <b>{value or 'unlimited'}</b>"
 
     def _on_apply(self, _=None) -> None:
@@ -241,8 +238,8 @@ class Panel(W.VBox):
 
     def _run_action(self, what: str, *args) -> asyncio.Future:
         c = self.cluster
-        coro = {"stop": lambda i: c._astop_replica(i), "restart": lambda i: c._arestart(i),
-                "scale": lambda n, tp: c._ascale(n, None, tp)}[what](*args)
+        coro = {"stop": lambda i: c.astop_replica(i), "restart": lambda i: c.arestart(i),
+                "scale": lambda n, tp: c.ascale(n, None, tp)}[what](*args)
         self.action_line.value = f"{what} {args} ... (runs in the background)"
         fut = loop.submit(coro)
 
