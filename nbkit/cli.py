@@ -11,6 +11,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 import threading
@@ -80,7 +82,7 @@ def _serve(args, passthrough: list[str]) -> int:
     policy = "session" if args.enable_request_affinity else args.policy
     get_policy(policy)  # fail on a bad name before launching anything
     if n > 1:
-        from nbkit.cluster.spec import port_is_free
+        from nbkit.http.ports import port_is_free
         if not port_is_free(args.host, args.port):
             raise ValueError(f"port={args.port!r}: already in use on {args.host}")
     cluster = Cluster.replicas(args.model, n=n, port_start=port_start, startup_timeout=args.startup_timeout,
@@ -130,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         return sim_main(argv[1:])
     own, passthrough = _split_passthrough(argv)
     args = build_parser().parse_args(own)
+    # what the system decides (health changes, retries, breaker trips, restarts) goes to stderr;
+    # NBKIT_LOG_LEVEL=INFO shows starts, stops and retries too
+    logging.basicConfig(level=os.environ.get("NBKIT_LOG_LEVEL", "WARNING").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     from nbkit.cluster.spec import SpecError
     from nbkit.cluster.process import ReplicaStartError
     try:

@@ -59,5 +59,5 @@ def kill_tree(pids) -> None:
 
 def free_port(start: int) -> int:
     """The first port from ``start`` that nothing listens on (for endpoints started by tests)."""
-    from nbkit.cluster.spec import port_is_free
+    from nbkit.http.ports import port_is_free
     return next(p for p in range(start, start + 200) if port_is_free("127.0.0.1", p))

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 
-import httpx
-import pytest
 
 from nbkit.routing.metrics import EngineMetrics, parse_metrics
 

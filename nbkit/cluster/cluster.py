@@ -34,7 +34,8 @@ from nbkit.routing.rank import Rank
 from nbkit.cluster.process import ReplicaProcess, ReplicaStartError
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
-from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, port_is_free, resolve_device)
+from nbkit.http.ports import port_is_free
+from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, resolve_device)
 from nbkit.cluster.placement import plan_replicas
 
 log = logging.getLogger(__name__)

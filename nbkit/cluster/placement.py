@@ -20,7 +20,8 @@ from typing import Callable, Sequence
 
 from nbkit.cluster.spec import (DEFAULT_PORT_START, MAX_GPU_MEMORY_TOTAL, MIN_GPU_MEMORY_UTILIZATION,
                                 SHARED_GPU_BUDGET, CPU_RUNTIME_GIB, DeviceKind, Inventory, LaunchPlan, ReplicaSpec,
-                                SpecError, check_model, discover, port_is_free, resolve_device)
+                                SpecError, check_model, discover, resolve_device)
+from nbkit.http.ports import port_is_free
 
 
 def _ranges(ids: Sequence[int]) -> str:

@@ -18,11 +18,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nbkit.http.ports import port_is_free
 
 DeviceKind = Literal["cpu", "gpu", "sim"]
 
@@ -242,17 +243,6 @@ class LaunchPlan:
     def same_process(self, other: "LaunchPlan") -> bool:
         """True if ``other`` would start the very same process (argv and env)."""
         return self.argv == other.argv and self.env == other.env
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """True if a TCP server could bind ``host:port`` now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def check_model(model: str, field: str = "model") -> None:

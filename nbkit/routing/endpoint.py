@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -28,6 +29,8 @@ from nbkit import loop
 from nbkit.routing.forward import Forwarder, request_info
 from nbkit.routing.router import RequestRecord, Router
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
+
+log = logging.getLogger(__name__)
 
 ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/embeddings", "/pooling",
                "/classify", "/score", "/rerank", "/v1/rerank", "/v1/score")
@@ -106,6 +109,7 @@ class Endpoint:
             else:
                 response = _error(405, f"method {method} not allowed", "MethodNotAllowed")
         except Exception as e:  # noqa: BLE001 - answer 500 like a framework would, and say why
+            log.exception("endpoint: %s %s failed inside nbkit", method, path)
             response = _error(500, f"nbkit endpoint: {e!r}", "InternalError")
         await response(scope, receive, send)
 
@@ -179,17 +183,23 @@ class Endpoint:
         except ValueError as e:
             return _error(400, str(e), "BadRequest")
         except ALL_ERRORS as e:
+            log.warning("endpoint: no replica could serve %s %s: %r", method, path, e)
             return _error(503, f"no replica could serve the request: {e!r}", "ServiceUnavailable")
         if up.stream:
             return StreamingResponse(up.aiter(), status_code=up.status_code, headers=up.headers())
         return up.status_code, up.raw_headers(len(up.body)), up.body
 
     # -- lifecycle -------------------------------------------------------------------------------
-    async def _astart(self) -> "Endpoint":
+    @loop.on_loop
+    async def astart(self) -> "Endpoint":
+        """Listen on ``host:port`` and serve (on nbkit's loop); already serving: nothing to do."""
         import uvicorn
 
         if self._task is not None:
-            return self
+            return self  # e.g. `with cluster.endpoint(...) as ep:`
+        from nbkit.http.ports import port_is_free
+        if not port_is_free(self.host, self.port):
+            raise ValueError(f"port={self.port!r}: already in use on {self.host}")
         self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
         self._fwd = Forwarder(self.router, self._http, retries=self.retries)
         if self.pd_connector:
@@ -211,9 +221,16 @@ class Endpoint:
             if time.monotonic() - t > 30:
                 raise RuntimeError(f"endpoint did not start on {self.host}:{self.port} within 30 s")
             await asyncio.sleep(0.02)
+        log.info("endpoint: serving %s over %d ranks (policy %s)", self.url, len(self.router.states),
+                 self.router.policy.name)
         return self
 
-    async def _astop(self) -> None:
+    start = loop.blocking(astart)
+
+    @loop.on_loop
+    async def astop(self) -> None:
+        """Stop serving and close the router and the connections. Safe to call twice."""
+        was_serving = self._task is not None
         if self._server is not None:
             self._server.should_exit = True
         if self._task is not None:
@@ -226,23 +243,10 @@ class Endpoint:
         if self._http is not None:
             await self._http.aclose()
             self._http = None
+        if was_serving:
+            log.info("endpoint: %s stopped", self.url)
 
-    def start(self) -> "Endpoint":
-        if self._task is not None:
-            return self  # already serving (e.g. `with cluster.endpoint(...) as ep:`)
-        from nbkit.cluster.spec import port_is_free
-        if not port_is_free(self.host, self.port):
-            raise ValueError(f"port={self.port!r}: already in use on {self.host}")
-        return loop.run(self._astart())
-
-    def stop(self) -> None:
-        loop.run(self._astop())
-
-    async def astart(self) -> "Endpoint":
-        return await loop.wrap(self._astart())
-
-    async def astop(self) -> None:
-        await loop.wrap(self._astop())
+    stop = loop.blocking(astop)
 
     def __enter__(self) -> "Endpoint":
         return self.start()

@@ -12,6 +12,7 @@ vLLM then aborts the request).
 from __future__ import annotations
 
 import asyncio
+import logging
 import json
 from dataclasses import dataclass
 from typing import AsyncIterator, Mapping
@@ -19,6 +20,8 @@ from typing import AsyncIterator, Mapping
 from nbkit.policies import RequestInfo
 from nbkit.routing.router import Lease, RequestRecord, Router
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
+
+log = logging.getLogger(__name__)
 
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
@@ -211,6 +214,9 @@ class Forwarder:
                     raise
                 lease.release("retry", repr(e))
                 self.router.count("retries")
+                log.info("forward: request %d failed on %s before its first byte (%s); retry %d %s",
+                         record.id, lease.rank.name, e, attempt + 1,
+                         "on another rank" if elsewhere else "on the same rank")
                 if elsewhere:
                     tried.add(lease.rank.name)
                 else:

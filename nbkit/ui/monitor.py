@@ -16,6 +16,7 @@ On CPU ``npu_mem`` is each replica's resident memory; on GPUs the used memory of
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 import time
 from collections import deque
@@ -25,6 +26,8 @@ from typing import TextIO
 from nbkit import loop
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import ProbeError
+
+log = logging.getLogger(__name__)
 
 #: Seconds of history kept for charts.
 WINDOW_S = 120.0
@@ -231,6 +234,7 @@ class Monitor:
                     await self.sample()
                     print(self.log_line(), file=out, flush=True)
                 except Exception as e:  # noqa: BLE001 - keep logging through hiccups
+                    log.warning("monitor: sample failed: %r", e)
                     print(f"[WARN] monitor: {e!r}", file=out, flush=True)
                 await asyncio.sleep(max(0.0, interval - (time.monotonic() - t)))
 

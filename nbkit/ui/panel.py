@@ -20,12 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import html
+import logging
 import time
 
 import ipywidgets as W
 
 from nbkit import loop
 from nbkit.ui.monitor import Monitor
+
+log = logging.getLogger(__name__)
 
 _COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "port"), ("running", "running"),
          ("waiting", "waiting"), ("kv_cache_pct", "KV %"), ("prompt_tok_s", "prompt tok/s"),
@@ -165,6 +168,7 @@ class Panel(W.VBox):
                 await self.monitor.sample()
                 self._render()
             except Exception as e:  # noqa: BLE001 - the panel must keep going
+                log.warning("panel: refresh failed: %r", e)
                 self.header.value = f"<b>nbkit</b> refresh error: {html.escape(repr(e))}"
             await asyncio.sleep(max(0.05, self.interval - (time.monotonic() - t)))
 
