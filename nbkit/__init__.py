@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "RoutedClient": "nbkit.routing.client", "RoutedClientError": "nbkit.routing.client",
     "Endpoint": "nbkit.routing.endpoint",
-    "Router": "nbkit.routing.router", "RequestRecord": "nbkit.routing.router",
+    "Router": "nbkit.routing.router", "RequestRecord": "nbkit.routing.state",
     "Rank": "nbkit.routing.rank",
     "Policy": "nbkit.policies", "RankLoad": "nbkit.policies", "RequestInfo": "nbkit.policies",
     "available_policies": "nbkit.policies", "get_policy": "nbkit.policies", "register": "nbkit.policies",
@@ -63,5 +63,6 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from nbkit.routing.client import RoutedClient, RoutedClientError  # noqa: F401
     from nbkit.routing.endpoint import Endpoint  # noqa: F401
     from nbkit.routing.rank import Rank  # noqa: F401
-    from nbkit.routing.router import RequestRecord, Router  # noqa: F401
+    from nbkit.routing.router import Router  # noqa: F401
+    from nbkit.routing.state import RequestRecord  # noqa: F401
     from nbkit.tiny import tiny_model  # noqa: F401

@@ -15,7 +15,7 @@ from typing import Iterable
 from nbkit import loop
 from nbkit.routing.client import RoutedClient
 from nbkit.cluster.cluster import Cluster
-from nbkit.routing.router import RequestRecord
+from nbkit.routing.state import RequestRecord
 
 PROMPTS = [
     "The replica serves many tokens", "A router balances the load", "Our notebook watches the cluster",

@@ -49,7 +49,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from nbkit import loop
 from nbkit.routing.forward import Forwarder, request_info
-from nbkit.routing.router import RequestRecord, Router
+from nbkit.routing.router import Router
+from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
 
 

@@ -27,7 +27,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from nbkit import loop
 from nbkit.routing.forward import Forwarder, request_info
-from nbkit.routing.router import RequestRecord, Router
+from nbkit.routing.router import Router
+from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Mapping
 
 from nbkit.policies import RequestInfo
-from nbkit.routing.router import Lease, RequestRecord, Router
+from nbkit.routing.router import Lease, Router
+from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, make_transport
 
 log = logging.getLogger(__name__)
