@@ -284,14 +284,19 @@ class UrlTarget(Target):
             raise
         except Exception as e:  # noqa: BLE001 - the row says what went wrong
             reply.outcome, reply.error = "error", repr(e)
-        clock.fill(reply)
-        if reply.outcome == "ok" and clock.ttft is None:
-            reply.outcome, reply.error = "error", "the stream ended without a token"
-        if reply.output_toks is None:
-            reply.output_toks = 1 + len(clock.itl) if clock.ttft is not None else 0
-        reply.text = "".join(parts)
+        _finish(reply, clock, parts)
         reply.instance_id = instance_of(reply.rank, self.rank_map)
         return reply
+
+
+def _finish(reply: Reply, clock: StreamClock, parts: list[str]) -> None:
+    """Fill a streamed reply's times, output count and text once its stream is over."""
+    clock.fill(reply)
+    if reply.outcome == "ok" and clock.ttft is None:
+        reply.outcome, reply.error = "error", "the stream ended without a token"
+    if reply.output_toks is None:
+        reply.output_toks = 1 + len(clock.itl) if clock.ttft is not None else 0
+    reply.text = "".join(parts)
 
 
 # -- in-kernel client -------------------------------------------------------------------------------
@@ -375,12 +380,7 @@ class ClientTarget(Target):
             reply.outcome, reply.error = "error", repr(e)
         finally:
             _CAPTURE.reset(token)
-        clock.fill(reply)
-        if reply.outcome == "ok" and clock.ttft is None:
-            reply.outcome, reply.error = "error", "the stream ended without a token"
-        if reply.output_toks is None:
-            reply.output_toks = 1 + len(clock.itl) if clock.ttft is not None else 0
-        reply.text = "".join(parts)
+        _finish(reply, clock, parts)
         rec = next((r for r in reversed(holder) if getattr(r, "rank", "")), holder[-1] if holder else None)
         if rec is not None:
             reply.rank, reply.instance_id = rec.rank, rec.replica

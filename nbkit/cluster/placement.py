@@ -192,19 +192,26 @@ def _check_sim(s: ReplicaSpec, i: int) -> None:
                         list(s.devices or s.cores), "a simulated replica (engine='sim') is not pinned")
 
 
+def _check_given(s: ReplicaSpec, i: int, field: str, have: set[int], unavailable: str, *, exact: bool) -> None:
+    """An explicit pinning (``devices`` or ``cores``): every id is there, and there are enough of
+    them for the replica's ranks (GPUs: exactly one per rank; cores: at least one per rank)."""
+    given = getattr(s, field)
+    unit = "GPU" if field == "devices" else "core"
+    missing = [d for d in given if d not in have]
+    if missing:
+        raise SpecError(f"replicas[{i}].{field}", list(given), f"{unit} {missing} {unavailable}")
+    if len(given) != s.workers if exact else len(given) < s.workers:
+        raise SpecError(f"replicas[{i}].{field}", list(given), f"tp_size={s.tp_size} x dp_size_local={s.ranks_local} "
+                        f"needs {'' if exact else 'at least '}{s.workers} {unit}s")
+
+
 def _place_gpus(specs, idx, inv: Inventory) -> dict[int, tuple[int, ...]]:
     have = set(inv.gpu_indices)
     out: dict[int, tuple[int, ...]] = {}
     for s, i in zip(specs, idx):
         if s.devices is None:
             continue
-        missing = [d for d in s.devices if d not in have]
-        if missing:
-            raise SpecError(f"replicas[{i}].devices", list(s.devices),
-                            f"GPU {missing} does not exist (visible: {sorted(have)})")
-        if len(s.devices) != s.workers:
-            raise SpecError(f"replicas[{i}].devices", list(s.devices),
-                            f"tp_size={s.tp_size} x dp_size_local={s.ranks_local} needs {s.workers} GPUs")
+        _check_given(s, i, "devices", have, f"does not exist (visible: {sorted(have)})", exact=True)
         out[i] = s.devices
     auto = [(s, i) for s, i in zip(specs, idx) if s.devices is None]
     if auto:
@@ -282,13 +289,8 @@ def _place_cores(specs, idx, inv: Inventory) -> dict[int, tuple[int, ...]]:
     for s, i in zip(specs, idx):
         if s.cores is None:
             continue
-        missing = [c for c in s.cores if c not in have]
-        if missing:
-            raise SpecError(f"replicas[{i}].cores", list(s.cores),
-                            f"core {missing} is not available to this process (affinity: {_ranges(sorted(have))})")
-        if len(s.cores) < s.workers:
-            raise SpecError(f"replicas[{i}].cores", list(s.cores),
-                            f"tp_size={s.tp_size} x dp_size_local={s.ranks_local} needs at least {s.workers} cores")
+        _check_given(s, i, "cores", have, f"is not available to this process (affinity: {_ranges(sorted(have))})",
+                     exact=False)
         for c in s.cores:
             if c in used:
                 raise SpecError(f"replicas[{i}].cores", list(s.cores),
