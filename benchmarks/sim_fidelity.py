@@ -8,7 +8,7 @@ Steps (one real replica of the tiny model, pinned to core 0; the load generator 
      measured (a fresh replica is slower on batch shapes it has not met yet)
   1. calibration trace: bursts of 1, 4, 16, 64 requests (twice each, shuffled, drained between),
      each after 4 lone requests 1 s apart (32 in all), prompts 16-512 tokens, outputs 8-64
-     (nbkit.sim.calibrate.calibration_trace, singles_between=True)
+     (nbkit.sim.fidelity.calibration_trace, singles_between=True)
   2. a different trace for validation: --segments (default 8) Poisson segments of 20 requests at
      --rate req/s (3 s apart, so each drains), prompts 64-1024, outputs 16-128
   3. real runs of both through nbkit.bench (trace timestamps), interleaved: calibration segment 1,
@@ -39,11 +39,11 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 from nbkit import Cluster, bench  # noqa: E402
+from nbkit.records import read_csv, write_csv  # noqa: E402
 from nbkit.sim import Simulator, calibrate  # noqa: E402
-from nbkit.sim.calibrate import calibration_trace, compare, held  # noqa: E402
 from nbkit.sim.config import single_instance_config  # noqa: E402
+from nbkit.sim.fidelity import calibration_trace, compare, held  # noqa: E402
 from nbkit.sim.hardware import get_hardware  # noqa: E402
-from nbkit.sim.report import read_csv, write_csv  # noqa: E402
 from nbkit.traces import poisson_trace, read_trace, write_trace  # noqa: E402
 
 
@@ -101,7 +101,7 @@ def interleaved_runs(cluster, work: Path, traces: dict, k: int) -> dict:
                              for r in recs]
     for name, recs in merged.items():
         recs.sort(key=lambda r: int(r.request_id))
-        write_csv(work / f"{name}.csv", recs)
+        write_csv(recs, work / f"{name}.csv")
     return merged
 
 
@@ -116,7 +116,7 @@ def fmt(c: dict) -> list[str]:
 
 def stream_figures(real, sim) -> dict:
     """What a stalled stream does not move, real vs simulated: the share of real requests whose
-    first tokens reached the client in one burst (:func:`nbkit.sim.calibrate.held`: the machine
+    first tokens reached the client in one burst (:func:`nbkit.sim.fidelity.held`: the machine
     stopped the processes for 0.1-0.5 s before they arrived), the median TTFT, the mean E2E, and
     mean TTFT / TPOT over the requests whose stream was not held so (paired by request id)."""
     import statistics

@@ -14,10 +14,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from nbkit.records import read_csv  # noqa: E402
 from nbkit.sim import Simulator, calibrate  # noqa: E402
-from nbkit.sim.calibrate import compare  # noqa: E402
 from nbkit.sim.config import single_instance_config  # noqa: E402
-from nbkit.sim.report import read_csv  # noqa: E402
+from nbkit.sim.fidelity import compare  # noqa: E402
 from nbkit.traces import read_trace  # noqa: E402
 
 from sim_fidelity import fmt, fmt_stream, stream_figures  # noqa: E402

@@ -64,7 +64,7 @@ def main() -> None:
     print(f"\nsim_speed: {args.requests} requests x {args.instances} instances ({args.policy}): "
           f"{wall:.2f} s wall for {s['duration_s']:.1f} s simulated "
           f"({s['duration_s'] / wall:.0f}x real time), {steps} engine steps "
-          f"({steps / wall / 1e3:.0f}k steps/s), {s['output_tokens'] / wall / 1e6:.2f}M simulated tokens/s of wall")
+          f"({steps / wall / 1e3:.0f}k steps/s), {s['output_toks'] / wall / 1e6:.2f}M simulated tokens/s of wall")
 
 
 if __name__ == "__main__":

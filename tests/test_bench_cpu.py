@@ -9,7 +9,7 @@ import os
 import pytest
 
 from conftest import free_port
-from nbkit import Cluster, bench
+from nbkit import Cluster, bench, records
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 
@@ -24,9 +24,9 @@ def cluster(tiny_model_path, tmp_path_factory):
 
 
 def check_rows(csv_path, sent: int, replicas=("replica0", "replica1")):
-    df = bench.read_csv(csv_path)
+    df = bench.read_frame(csv_path)
     assert len(df) == sent, f"{len(df)} rows for {sent} requests sent"
-    assert list(df.columns) in (bench.column_names("s"), bench.column_names("ns"))
+    assert list(df.columns) in (records.column_names("s"), records.column_names("ns"))
     assert set(df["rank"]) <= set(replicas) and (df["rank"] != "").all(), set(df["rank"])
     assert set(df["instance_id"]) <= {0, 1}
     assert (df["outcome"] == "ok").all(), df[df["outcome"] != "ok"]
@@ -74,7 +74,7 @@ def test_cli_bench_against_a_plain_replica(cluster, tmp_path, capsys):
     text = capsys.readouterr()
     assert rc == 0, text.out + text.err
     assert "tiny model's tokenizer" not in text.err  # the replica's /v1/models root is the local model folder
-    df = bench.read_csv(out)
+    df = bench.read_frame(out)
     assert len(df) == 6 and (df["outcome"] == "ok").all()
     assert (df["rank"] == "").all() and (df["instance_id"] == -1).all()  # a plain vLLM server names no replica
     assert df["input_toks"].max() > 40 + 4 + 8  # later turns resend the conversation so far

@@ -17,8 +17,10 @@ import pytest
 
 from nbkit import bench
 from nbkit.bench import workloads as wl
-from nbkit.bench.results import (CSV_COLUMNS, BenchResult, RequestResult, column_names, frame_in_unit, metrics_delta,
-                                 per_replica, read_csv, summarize, tpot, write_csv)
+from nbkit import records
+from nbkit.bench.results import (BenchResult, frame_in_unit, metrics_delta, per_replica, read_frame, summary_frame,
+                                 write_frame)
+from nbkit.records import CSV_COLUMNS, RequestResult, column_names, read_csv, tpot, write_csv
 from nbkit.routing.metrics import EngineMetrics
 
 
@@ -52,7 +54,7 @@ def test_tpot_definition():
 def test_summary_percentiles_match_numpy_on_known_data():
     rows = known_rows()
     ok = [r for r in rows if r.outcome == "ok"]
-    s = summarize(rows, duration_s=12.5, percentiles=(50, 90, 99)).iloc[0]
+    s = summary_frame(rows, duration_s=12.5, percentiles=(50, 90, 99)).iloc[0]
     ttft = np.array([r.ttft_s for r in ok])
     e2e = np.array([r.e2e_s for r in ok])
     tp = np.array([(r.e2e_s - r.ttft_s) / (r.output_toks - 1) for r in ok if r.output_toks > 1])
@@ -66,7 +68,7 @@ def test_summary_percentiles_match_numpy_on_known_data():
     assert s["request_throughput"] == pytest.approx(180 / 12.5)
     assert s["output_throughput"] == pytest.approx(sum(r.output_toks for r in ok) / 12.5)
     assert s["total_token_throughput"] == pytest.approx(sum(r.output_toks + r.input_toks for r in ok) / 12.5)
-    assert bench.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(np.percentile([1, 2, 3, 4], 90))
+    assert records.percentile([1.0, 2.0, 3.0, 4.0], 90) == pytest.approx(np.percentile([1, 2, 3, 4], 90))
 
 
 def test_duration_defaults_to_the_last_finish_and_goodput_counts_requests_within_slos():
@@ -75,13 +77,13 @@ def test_duration_defaults_to_the_last_finish_and_goodput_counts_requests_within
             RequestResult(2, arrival_s=2.0, ttft_s=0.2, e2e_s=3.0, output_toks=10),       # TPOT 0.311 over 0.2
             RequestResult(3, arrival_s=2.5, ttft_s=0.2, e2e_s=0.2, output_toks=1),        # no TPOT: passes it
             RequestResult(4, arrival_s=3.0, ttft_s=0.1, e2e_s=0.5, output_toks=5, outcome="error")]
-    s = summarize(rows, slos={"ttft": 0.5, "tpot": 0.2}).iloc[0]
+    s = summary_frame(rows, slos={"ttft": 0.5, "tpot": 0.2}).iloc[0]
     assert s["duration_s"] == pytest.approx(5.0)  # request 2 ends at 2.0 + 3.0
     assert s["good_requests"] == 2 and s["goodput"] == pytest.approx(2 / 5.0)
-    s2 = summarize(rows, slos="ttft:500 e2e:2000").iloc[0]  # ms, as vllm bench serve --goodput
+    s2 = summary_frame(rows, slos="ttft:500 e2e:2000").iloc[0]  # ms, as vllm bench serve --goodput
     assert s2["good_requests"] == 2
     with pytest.raises(ValueError, match="choose ttft"):
-        summarize(rows, slos={"latency": 1})
+        summary_frame(rows, slos={"latency": 1})
 
 
 # -- CSV --------------------------------------------------------------------------------------------
@@ -91,7 +93,7 @@ def test_csv_round_trip_in_seconds(tmp_path):
     write_csv(rows, p)
     header = p.read_text().splitlines()[0].split(",")
     assert header == list(CSV_COLUMNS)
-    back = read_csv(p)
+    back = read_frame(p)
     want = bench.results.to_frame(rows, extra=False)
     assert list(back.columns) == list(CSV_COLUMNS)
     pd.testing.assert_frame_equal(back.drop(columns=["itl_s"]), want.drop(columns=["itl_s"]), check_dtype=False)
@@ -100,8 +102,8 @@ def test_csv_round_trip_in_seconds(tmp_path):
     line = p.read_text().splitlines()[1 + one].split(",")
     assert line[CSV_COLUMNS.index("tpot_s")] == ""  # tpot empty when output <= 1
     # summaries agree
-    a = summarize(rows).iloc[0]
-    b = summarize(back).iloc[0]
+    a = summary_frame(rows).iloc[0]
+    b = summary_frame(back).iloc[0]
     assert a["ttft_p99_ms"] == pytest.approx(b["ttft_p99_ms"]) and a["itl_p90_ms"] == pytest.approx(b["itl_p90_ms"])
 
 
@@ -114,7 +116,7 @@ def test_csv_round_trip_in_nanoseconds(tmp_path):
     assert lines[0].split(",") == column_names("ns") == [
         "request_id", "instance_id", "rank", "policy", "arrival_ns", "queue_wait_ns", "ttft_ns", "tpot_ns", "itl_ns",
         "e2e_ns", "input_toks", "output_toks", "outcome"]
-    back = read_csv(p)
+    back = read_frame(p)
     assert back["ttft_ns"].tolist() == [int(round(r.ttft_s * 1e9)) for r in rows]
     assert all(isinstance(x, int) for v in back["itl_ns"] for x in v)
     assert pd.isna(back["queue_wait_ns"].iloc[3])
@@ -123,7 +125,7 @@ def test_csv_round_trip_in_nanoseconds(tmp_path):
     assert np.allclose([x for v in sec["itl_s"] for x in v], [x for r in rows for x in r.itl_s], atol=1e-9, rtol=0)
     # ns -> s -> ns is exact
     p2 = tmp_path / "again.csv"
-    write_csv(sec, p2, time_unit="ns")
+    write_frame(sec, p2, time_unit="ns")
     assert p2.read_text() == p.read_text()
     res = BenchResult.from_csv(p)
     assert len(res.requests) == 50 and res.requests[0].ttft_s == pytest.approx(rows[0].ttft_s, abs=1e-9)
@@ -395,7 +397,7 @@ def test_cli_bench_against_a_url(server, tmp_path, capsys, tiny_model_path):
                    "--summary", str(tmp_path / "s.csv")])
     text = capsys.readouterr().out
     assert rc == 0, text
-    df = read_csv(out)
+    df = read_frame(out)
     assert len(df) == 9 and "ttft_ns" in df.columns  # the workload had 10 (2 x 5), the cap is 9
     assert "Request goodput" in text and "replica0" in text
     assert pd.read_csv(tmp_path / "s.csv")["completed"].iloc[0] == 9

@@ -3,6 +3,7 @@ time units, and calibration recovering known factors."""
 
 from __future__ import annotations
 
+import doctest
 import json
 import random
 import re
@@ -11,11 +12,13 @@ import sys
 
 import pytest
 
+from nbkit import records
+from nbkit.records import CSV_COLUMNS, RequestResult, read_csv, write_csv
 from nbkit.sim.__main__ import main
-from nbkit.sim.calibrate import calibrate, calibration_trace, compare
+from nbkit.sim.calibrate import calibrate
 from nbkit.sim.config import single_instance_config
+from nbkit.sim.fidelity import calibration_trace, compare
 from nbkit.sim.hardware import get_hardware, load_profile
-from nbkit.sim.report import COLUMNS, RequestRecord, read_csv, write_csv
 from nbkit.sim.simulator import Simulator
 from nbkit.traces import TraceRequest, write_trace
 
@@ -51,7 +54,7 @@ def test_run_with_the_seed_flags(files, capsys):
     assert len(info) >= 5 and all(INFO.match(x) for x in info), info[:2]
     assert "= nbkit sim =" in text and "Mean TTFT (ms):" in text and "P99 ITL (ms):" in text
     header = out.read_text().splitlines()[0].split(",")
-    assert header == COLUMNS
+    assert header == list(CSV_COLUMNS)
     recs = read_csv(out)
     assert len(recs) == 120 and {r.instance_id for r in recs} == {0, 1}
     assert all(r.rank == f"inst{r.instance_id}" and r.policy == "least_load" and r.outcome == "ok" for r in recs)
@@ -78,13 +81,13 @@ def test_run_as_a_module_with_ns_columns(files):
 
 
 def test_csv_round_trip_both_units(tmp_path):
-    recs = [RequestRecord("0", 1, "inst1", "least_load", 0.5, 0.001, 0.123456789, 0.02, [0.019, 0.021], 0.163456789,
+    recs = [RequestResult("0", 1, "inst1", "least_load", 0.5, 0.001, 0.123456789, [0.019, 0.021], 0.163456789,
                           100, 3, "ok"),
-            RequestRecord("s1/0", 0, "inst0", "session", 1.25, None, 0.2, None, [], 0.2, 50, 1, "ok"),
-            RequestRecord("7", None, "", "least_load", 2.0, None, None, None, [], None, 10, 5, "http_400")]
+            RequestResult("s1/0", 0, "inst0", "session", 1.25, None, 0.2, [], 0.2, 50, 1, "ok"),
+            RequestResult("7", None, "", "least_load", 2.0, None, None, [], None, 10, 5, "http_400")]
     for unit in ("s", "ns"):
         p = tmp_path / f"r_{unit}.csv"
-        write_csv(p, recs, time_unit=unit)
+        write_csv(recs, p, time_unit=unit)
         back = read_csv(p)
         assert [r.request_id for r in back] == ["0", "s1/0", "7"]
         a, b, c = back
@@ -94,10 +97,35 @@ def test_csv_round_trip_both_units(tmp_path):
         assert b.tpot_s is None and b.queue_wait_s is None and b.itl_s == []
         assert c.instance_id is None and c.ttft_s is None and c.outcome == "http_400"
     with pytest.raises(ValueError, match="time_unit"):
-        write_csv(tmp_path / "x.csv", recs, time_unit="ms")
+        write_csv(recs, tmp_path / "x.csv", time_unit="ms")
     (tmp_path / "bad.csv").write_text("request_id,foo\n1,2\n")
     with pytest.raises(ValueError, match="ttft"):
         read_csv(tmp_path / "bad.csv")
+
+
+def test_read_csv_takes_the_files_of_the_earlier_writers(tmp_path):
+    # the benchmark's (-1 for an unknown replica, "[a, b]") and the simulator's (6-digit ITL) files
+    bench_ns = ("request_id,instance_id,rank,policy,arrival_ns,queue_wait_ns,ttft_ns,tpot_ns,itl_ns,e2e_ns,"
+                "input_toks,output_toks,outcome\n"
+                '2,2,replica2,p,100000000,3836776,1461698156,49372749,"[54818874, 93572170]",1560089200,235,3,ok\n'
+                "999,-1,,p,3000000000,,,,[],,0,0,error\n")
+    sim_s = ("request_id,instance_id,rank,policy,arrival_s,queue_wait_s,ttft_s,tpot_s,itl_s,e2e_s,input_toks,"
+             'output_toks,outcome\n2,0,inst0,round_robin,0.1,0.011,0.022127654,0.002475929,"[0.0024759,0.00247596]",'
+             "0.027079512,274,3,ok\n")
+    (tmp_path / "b.csv").write_text(bench_ns)
+    (tmp_path / "s.csv").write_text(sim_s)
+    a, b = read_csv(tmp_path / "b.csv")
+    assert a.request_id == "2" and a.instance_id == 2 and a.ttft_s == pytest.approx(1.461698156, abs=1e-12)
+    assert a.itl_s == pytest.approx([0.054818874, 0.09357217], abs=1e-12) and a.tpot_s == pytest.approx(0.049195522)
+    assert b.instance_id is None and b.outcome == "error" and b.ttft_s is None and b.arrival_s == 3.0
+    (c,) = read_csv(tmp_path / "s.csv")
+    assert c.rank == "inst0" and c.queue_wait_s == 0.011 and c.itl_s == [0.0024759, 0.00247596]
+    assert c.tpot_s == pytest.approx(0.002475929, abs=1e-9)
+
+
+def test_records_doctests():
+    res = doctest.testmod(records, optionflags=doctest.ELLIPSIS)
+    assert res.failed == 0 and res.attempted > 5
 
 
 def test_custom_policy_from_a_file(files, tmp_path, capsys):

@@ -12,9 +12,11 @@ import pytest
 from nbkit.policies import Choice, RankLoad, RequestInfo, RoundRobinPolicy, get_policy
 from nbkit.sim import hardware as sim_hardware
 from nbkit.sim import perf as sim_perf
+from nbkit.sim import request as sim_request
 from nbkit.sim.config import load_cluster_config, resolve_instances, single_instance_config
-from nbkit.sim.engine import DONE, Engine, Req
+from nbkit.sim.engine import Engine
 from nbkit.sim.perf import StepModel
+from nbkit.sim.request import DONE, Req
 from nbkit.sim.simulator import Simulator
 from nbkit.traces import SubRequest, TraceRequest, TraceSession
 
@@ -341,16 +343,16 @@ def test_interval_lines_in_the_seed_format(capsys):
 def test_summary_figures():
     res = Simulator(cfg_of([inst(), inst()])).run(trace(30))
     s = res.summary()
-    assert s["ok"] == 30 and s["failed"] == 0
+    assert s["completed"] == 30 and s["failed"] == 0
     for k in ("ttft_s", "tpot_s", "itl_s", "e2e_s"):
         st = s[k]
         assert 0 < st["median"] <= st["p90"] <= st["p99"]
-    assert s["output_throughput"] == pytest.approx(s["output_tokens"] / s["duration_s"])
+    assert s["output_throughput"] == pytest.approx(s["output_toks"] / s["duration_s"])
     text = res.format_summary()
     assert "Mean TTFT (ms):" in text and "P99 E2E (ms):" in text and "Per instance: inst0" in text
 
 
 def test_module_doctests():
-    for mod in (sim_perf, sim_hardware):
+    for mod in (sim_perf, sim_hardware, sim_request):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0, mod.__name__

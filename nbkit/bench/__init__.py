@@ -24,23 +24,24 @@ From a shell::
 Workloads (:mod:`~nbkit.bench.workloads`): :func:`synthetic`, :func:`shared_prefix`,
 :func:`multi_turn`, :func:`from_trace` (the simulator's JSONL), :func:`sharegpt`. Arrivals
 (:mod:`~nbkit.bench.arrivals`): :class:`Poisson`, :class:`Constant`, :class:`Bursts`,
-:class:`TraceTimes`, :class:`ClosedLoop`. Results (:mod:`~nbkit.bench.results`): the CSV columns
-``request_id, instance_id, rank, policy, arrival_s, queue_wait_s, ttft_s, tpot_s, itl_s, e2e_s,
-input_toks, output_toks, outcome``; :func:`summarize`, :func:`read_csv`. Charts:
-:mod:`~nbkit.bench.charts`.
+:class:`TraceTimes`, :class:`ClosedLoop`. Results (:mod:`~nbkit.bench.results`): frames of the
+per-request records of :mod:`nbkit.records` (:class:`~nbkit.records.RequestResult`, the CSV with the
+columns ``request_id, instance_id, rank, policy, arrival_s, queue_wait_s, ttft_s, tpot_s, itl_s, e2e_s,
+input_toks, output_toks, outcome``, :func:`~nbkit.records.read_csv`); :func:`summary_frame`,
+:func:`read_frame`, :func:`write_frame`. Charts: :mod:`~nbkit.bench.charts`.
 """
 
 from nbkit.bench.arrivals import Arrivals, Bursts, ClosedLoop, Constant, Poisson, TraceTimes, make_arrivals
 from nbkit.bench.compare import Comparison, acompare, compare
 from nbkit.bench.loadgen import arun, drive, reset_prefix_caches, run, scrape_replicas
-from nbkit.bench.results import (CSV_COLUMNS, BenchResult, RequestResult, column_names, frame_in_unit, metrics_delta, per_replica, percentile, read_csv, summarize, tpot, write_csv)
+from nbkit.bench.results import (BenchResult, frame_in_unit, from_frame, metrics_delta, per_replica, read_frame, summary_frame, to_frame, write_frame)
 from nbkit.bench.targets import Call, ClientTarget, FakeTarget, Reply, Target, UrlTarget, as_target
 from nbkit.bench.workloads import (Prompt, Session, TextBuilder, Turn, Workload, from_spec, from_trace, get_tokenizer, multi_turn, sample_lengths, shared_prefix, sharegpt, synthetic, text_builder)
 
 __all__ = [
-    "run", "arun", "compare", "acompare", "Comparison", "drive", "summarize", "per_replica", "read_csv", "write_csv",
-    "percentile", "tpot", "CSV_COLUMNS", "column_names", "frame_in_unit", "metrics_delta", "BenchResult",
-    "RequestResult", "scrape_replicas", "reset_prefix_caches",
+    "run", "arun", "compare", "acompare", "Comparison", "drive", "summary_frame", "per_replica", "read_frame",
+    "write_frame", "to_frame", "from_frame", "frame_in_unit", "metrics_delta", "BenchResult", "scrape_replicas",
+    "reset_prefix_caches",
     "Arrivals", "Poisson", "Constant", "Bursts", "TraceTimes", "ClosedLoop", "make_arrivals",
     "Target", "UrlTarget", "ClientTarget", "FakeTarget", "Call", "Reply", "as_target",
     "Workload", "Prompt", "Session", "Turn", "TextBuilder", "synthetic", "shared_prefix", "multi_turn", "from_trace",

@@ -223,7 +223,7 @@ def main(args) -> int:
                     out = _out_path(args.output, label, several)
                     kw["reset_prefix_cache"] = True
                     if args.via == "endpoint":
-                        from nbkit.cluster.spec import port_is_free
+                        from nbkit.http.ports import port_is_free
                         port = next(q for q in range(8000, 8200) if port_is_free("127.0.0.1", q))
                         with cluster.endpoint(port=port, policy=p) as ep:
                             res = run(ep, workload, label=label, output=out, time_unit=args.time_unit, **kw)

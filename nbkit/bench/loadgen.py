@@ -23,9 +23,10 @@ from typing import Any
 import httpx
 
 from nbkit import loop
-from nbkit.routing.metrics import parse_metrics
+from nbkit.records import RequestResult, parse_slos
+from nbkit.routing.probes import Probe, ProbeError
 from nbkit.bench.arrivals import Arrivals, make_arrivals
-from nbkit.bench.results import BenchResult, RequestResult, metrics_delta, parse_slos
+from nbkit.bench.results import BenchResult, metrics_delta
 from nbkit.bench.targets import Call, ReplicaRef, Reply, Target, as_target
 from nbkit.bench.workloads import Prompt, Workload
 
@@ -255,7 +256,8 @@ def _fill(row: RequestResult, rep: Reply, target: Target) -> None:
     if rep.input_toks is not None:
         row.input_toks = int(rep.input_toks)
     row.output_toks = int(rep.output_toks or 0)
-    row.rank, row.instance_id = rep.rank, rep.instance_id
+    row.rank = rep.rank
+    row.instance_id = rep.instance_id if rep.instance_id is not None and rep.instance_id >= 0 else None
     row.queue_wait_s = rep.queue_wait_s
     if rep.policy:
         row.policy = rep.policy
@@ -277,16 +279,17 @@ async def scrape_replicas(refs: list[ReplicaRef], timeout: float = 10.0) -> dict
     for r in refs:
         by_url.setdefault(r.url, r.replica)
     out = {}
-    async with httpx.AsyncClient(timeout=timeout) as c:
+    probe = Probe(timeout=timeout)  # on this (the caller's) loop, closed below
+    try:
         async def one(url: str, replica: int):
             try:
-                r = await c.get(url + "/metrics")
-                r.raise_for_status()
-            except httpx.HTTPError:
+                return replica, await probe.metrics(url)
+            except (ProbeError, ValueError):
                 return None
-            return replica, parse_metrics(r.text)
 
         got = await asyncio.gather(*(one(u, i) for u, i in by_url.items()))
+    finally:
+        await probe.aclose()
     if any(g is None for g in got):
         return None
     for replica, snaps in got:

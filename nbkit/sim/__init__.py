@@ -6,9 +6,11 @@
     print(result.format_summary()); result.write_csv("out.csv")
 
 or ``python -m nbkit.sim --cluster-config cluster.json --dataset trace.jsonl --output out.csv``.
-Modules: config (seed JSON), models (shapes), hardware (profiles), perf (step time), engine (one
-replica's scheduler), simulator (the cluster), report (CSV, summary), calibrate, server (a live
-simulated replica), __main__ (the CLI).
+Modules: config (seed JSON), models (shapes), hardware (profiles), perf (step time), request (a
+request inside an engine), engine (one replica's scheduler), simulator (the cluster; its records,
+CSV and summary are :mod:`nbkit.records`'), fidelity (calibration traces, real vs simulated
+figures), calibrate (fitting a profile), replica (a live simulated replica's engines and metrics),
+server (its HTTP app and command line), __main__ (the CLI).
 """
 
 from nbkit.sim.config import ClusterConfig, InstanceSetup, SimConfigError, load_cluster_config, resolve_instances

