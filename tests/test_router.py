@@ -21,7 +21,8 @@ import pytest
 from nbkit.routing.client import RoutedClient, RoutedClientError
 from nbkit.routing.rank import Rank
 from nbkit.routing.endpoint import Endpoint
-from nbkit.routing.forward import Forwarder, Upstream, request_info, sse_events
+from nbkit.routing.forward import Forwarder, Upstream, sse_events
+from nbkit.routing.request_info import request_info
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.policies import NoCandidateError, RequestInfo, load_score, RoundRobinPolicy, SessionPolicy
 from nbkit.routing.router import BREAKER_FAILURES, Router

@@ -34,6 +34,7 @@ from nbkit.routing.rank import Rank
 from nbkit.cluster.process import ReplicaProcess, ReplicaStartError
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
+from nbkit.cluster.kv import ClusterKV
 from nbkit.http.ports import port_is_free
 from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, resolve_device)
 from nbkit.cluster.placement import plan_replicas
@@ -62,7 +63,8 @@ class Cluster:
 
     def __init__(self, specs: Sequence[ReplicaSpec] | ReplicaSpec, *, run_dir: str | os.PathLike | None = None,
                  port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
-                 stop_grace: float = 15.0, inventory: Inventory | None = None, log_interval: float | None = None):
+                 stop_grace: float = 15.0, inventory: Inventory | None = None, log_interval: float | None = None,
+                 kv_events: bool = True, kv_events_port: int | None = None):
         if log_interval is not None and log_interval <= 0:
             raise SpecError("log_interval", log_interval, "must be > 0 seconds (or None)")
         if isinstance(specs, ReplicaSpec):
@@ -74,6 +76,8 @@ class Cluster:
         self.stop_grace = stop_grace
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.gettempdir()) / "nbkit-runs" / (
             time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{id(self) % 10000:04d}")
+        # vLLM's KV-cache events of every replica, into this process's index (kv_aware routing)
+        self.kv = ClusterKV(self._specs[0].model, kv_events_port) if kv_events and self._specs else None
         self.plans: list[LaunchPlan] = self._plan(self._specs)  # validates before anything starts
         self._procs: list[ReplicaProcess | None] = [None] * len(self.plans)
         self._health: dict[int, bool] = {}
@@ -96,7 +100,8 @@ class Cluster:
         if not isinstance(n, int) or n < 1:
             raise SpecError("n", n, "the number of replicas must be a positive integer")
         ckw = dict(cluster_kwargs or {})
-        for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory", "log_interval"):
+        for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory", "log_interval",
+                  "kv_events", "kv_events_port"):
             if k in spec_kwargs:
                 ckw[k] = spec_kwargs.pop(k)
         inventory = ckw.get("inventory") or discover()
@@ -114,7 +119,8 @@ class Cluster:
         def free(host: str, port: int) -> bool:
             return port in own_ports or port_is_free(host, port)
 
-        return plan_replicas(specs, self._inventory, port_start=self.port_start, port_free=free)
+        return plan_replicas(specs, self._inventory, port_start=self.port_start, port_free=free,
+                             kv_events_port=self.kv.port if self.kv is not None else None)
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -173,6 +179,17 @@ class Cluster:
         self._routers.add(router)
 
     @property
+    def kv_index(self):
+        """The exact index of what each rank caches (:class:`~nbkit.policies.kv_index.KVIndex`), fed by
+        the replicas' KV-cache events; None with ``kv_events=False``."""
+        return self.kv.index if self.kv is not None else None
+
+    @property
+    def tokenizer(self):
+        """The served model's tokenizer for router-side lookups (:class:`~nbkit.routing.tokenize.PromptTokenizer`)."""
+        return self.kv.tokenizer if self.kv is not None else None
+
+    @property
     def probe(self) -> Probe:
         """The :class:`~nbkit.routing.probes.Probe` for this cluster's /health and /metrics (on nbkit's loop)."""
         if self._probe is None:
@@ -220,6 +237,8 @@ class Cluster:
         errors: list[BaseException] = []
         for wave in self._waves(idx):
             for i in wave:
+                if self.kv is not None:
+                    self.kv.watch(self.plans[i])  # listening before the engine publishes anything
                 proc = ReplicaProcess(self.plans[i], self.log_path(i))
                 self._procs[i] = proc
                 self._health.pop(i, None)
@@ -270,6 +289,8 @@ class Cluster:
         await asyncio.gather(*(p.stop(self.stop_grace) for _, p in procs))
         for i, _ in procs:
             self._health.pop(i, None)
+            if self.kv is not None and i < len(self.plans):
+                self.kv.unwatch(self.plans[i])
 
     @loop.on_loop
     async def astop(self) -> None:
@@ -278,6 +299,8 @@ class Cluster:
             self._monitor.stop_logging()
         async with self._alock():
             await self._stop_some(range(len(self._procs)))
+            if self.kv is not None:
+                self.kv.close()
 
     stop = loop.blocking(astop)
 
@@ -433,6 +456,8 @@ class Cluster:
     def client(self, policy="least_load", **options):
         """A :class:`~nbkit.routing.client.RoutedClient` over this cluster's ranks (follows scale())."""
         from nbkit.routing.client import RoutedClient
+        options.setdefault("kv_index", self.kv_index)
+        options.setdefault("tokenizer", self.tokenizer)
         c = RoutedClient(self, policy, **options)
         self._routers.add(c.router)
         return c
@@ -441,6 +466,8 @@ class Cluster:
                  **options):
         """An OpenAI-compatible :class:`~nbkit.routing.endpoint.Endpoint` over this cluster (started unless start=False)."""
         from nbkit.routing.endpoint import Endpoint
+        options.setdefault("kv_index", self.kv_index)
+        options.setdefault("tokenizer", self.tokenizer)
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
         self._routers.add(ep.router)
         return ep.start() if start else ep

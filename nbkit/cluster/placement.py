@@ -14,6 +14,7 @@ The pinning rules are in :mod:`nbkit.cluster.spec`.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from typing import Callable, Sequence
@@ -56,7 +57,7 @@ def _flag_given(args: Sequence[str], flag: str) -> bool:
 
 
 def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str = sys.executable,
-               gpu_memory_utilization: float | None = None) -> tuple[str, ...]:
+               gpu_memory_utilization: float | None = None, kv_events: dict | None = None) -> tuple[str, ...]:
     """The ``vllm serve`` command line of one process (no shell involved); for ``engine="sim"`` the
     same command line served by :mod:`nbkit.sim.server`."""
     entry = "nbkit.sim.server" if spec.engine == "sim" else "nbkit.cluster.vllm_entry"
@@ -89,6 +90,8 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
             argv += ["--enforce-eager"]
     if gpu_memory_utilization is not None and not _flag_given(extra, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
+    if kv_events is not None:
+        argv += ["--kv-events-config", json.dumps(kv_events, separators=(",", ":"))]
     return tuple(argv + extra)
 
 
@@ -109,8 +112,14 @@ def plan_replicas(
     port_free: Callable[[str, int], bool] = port_is_free,
     check_models: bool = True,
     python: str = sys.executable,
+    kv_events_port: int | None = None,
 ) -> list[LaunchPlan]:
     """Validate ``specs`` together and pin each to devices/cores and a port.
+
+    ``kv_events_port``: where the router's SUB socket listens on 127.0.0.1 (DP rank ``d`` of a
+    replica publishes to the port + ``d``, as vLLM offsets it). Each vLLM replica that publishes
+    (``kv_events``, not headless, no ``--kv-events-config`` of its own) gets its own topic (its
+    name) and a replay endpoint on a free port (see :func:`kv_events_config`).
 
     Raises :class:`SpecError` naming ``replicas[i].<field>`` and the value on the first problem.
     """
@@ -150,6 +159,7 @@ def plan_replicas(
                             f"runtime each), the machine has {inventory.memory_gib:.0f} GiB")
 
     ports = _assign_ports(specs, port_start, port_free)
+    replay = _assign_replay_ports(specs, kinds, ports, kv_events_port, port_free) if kv_events_port else {}
     plans = []
     for i, s in enumerate(specs):
         kind = kinds[i]
@@ -163,9 +173,12 @@ def plan_replicas(
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
             env["VLLM_TARGET_DEVICE"] = "cpu"
         env.update(s.env)
+        name = s.name or f"replica{i}"
+        kv = kv_events_config(kv_events_port, name, replay[i]) if i in replay else None
         plans.append(LaunchPlan(
-            index=i, name=s.name or f"replica{i}", argv=build_argv(s, kind, ports[i], python=python,
-                                                                    gpu_memory_utilization=mem_util.get(i)),
+            index=i, name=name, argv=build_argv(s, kind, ports[i], python=python, gpu_memory_utilization=mem_util.get(i),
+                                                kv_events=kv),
+            kv_topic=name if kv else None, kv_replay_port=replay.get(i),
             env=env, device=kind, host=s.host, port=ports[i], model=s.model, tp_size=s.tp_size,
             dp_size=s.dp_size,
             dp_ranks=tuple(range(s.dp_start_rank, s.dp_start_rank + s.ranks_local)), headless=s.headless,
@@ -312,6 +325,40 @@ def _place_cores(specs, idx, inv: Inventory) -> dict[int, tuple[int, ...]]:
             n = per_rank * s.workers
             out[i] = tuple(free[pos:pos + n])
             pos += n
+    return out
+
+
+def kv_events_config(port: int, topic: str, replay_port: int) -> dict:
+    """vLLM's ``--kv-events-config`` for one replica: its engine's PUB socket CONNECTS to the router's
+    SUB socket on 127.0.0.1 (an endpoint without ``*`` connects; with ``*`` vLLM would bind on every
+    interface), and it binds its replay endpoint on 127.0.0.1 only.
+
+    >>> kv_events_config(5557, "replica0", 5600)["endpoint"]
+    'tcp://127.0.0.1:5557'
+    """
+    return {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://127.0.0.1:{port}",
+            "replay_endpoint": f"tcp://127.0.0.1:{replay_port}", "topic": topic}
+
+
+def publishes_kv_events(s: ReplicaSpec, kind: str) -> bool:
+    return kind != "sim" and s.kv_events and not s.headless and not _flag_given(s.extra_args, "--kv-events-config")
+
+
+def _assign_replay_ports(specs, kinds, http_ports: list[int], kv_port: int, port_free) -> dict[int, int]:
+    """A block of ``ranks_local`` free consecutive ports per publishing replica (vLLM offsets the
+    replay endpoint by the DP rank), clear of the HTTP ports and of the router's SUB ports."""
+    max_dp = max((s.ranks_local for s in specs), default=1)
+    taken = set(http_ports) | set(range(kv_port, kv_port + max_dp))
+    out: dict[int, int] = {}
+    nxt = max(http_ports) + 1
+    for i, s in enumerate(specs):
+        if not publishes_kv_events(s, kinds[i]):
+            continue
+        while any(p in taken or not port_free("127.0.0.1", p) for p in range(nxt, nxt + s.ranks_local)):
+            nxt += 1
+        out[i] = nxt
+        taken.update(range(nxt, nxt + s.ranks_local))
+        nxt += s.ranks_local
     return out
 
 

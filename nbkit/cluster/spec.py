@@ -150,6 +150,7 @@ class ReplicaSpec(BaseModel):
     kv_cache_gib: int = Field(1, ge=1, description="CPU only: VLLM_CPU_KVCACHE_SPACE in GiB")
     max_model_len: int | None = Field(None, ge=16)
     name: str | None = None
+    kv_events: bool = Field(True, description="publish vLLM's KV-cache events to the cluster's router (kv_aware)")
     engine: Literal["vllm", "sim"] = Field("vllm", description="vllm, or sim: nbkit.sim.server (no vLLM, no device)")
     sim_hardware: str = Field("cpu", description="engine='sim': the hardware profile it imitates (cpu, H100, ...)")
 
@@ -219,6 +220,8 @@ class LaunchPlan:
     devices: tuple[int, ...] = ()
     cores: tuple[int, ...] = ()
     gpu_memory_utilization: float | None = None
+    kv_topic: str | None = None           # KV-cache events: this replica's topic (None: not published)
+    kv_replay_port: int | None = None     # ... and its replay endpoint on 127.0.0.1 (+ DP rank)
     spec: ReplicaSpec | None = field(default=None, compare=False, repr=False)
 
     @property

@@ -90,10 +90,11 @@ from nbkit.policies.simple import CustomPolicy, LeastOutstandingPolicy, RandomPo
 from nbkit.policies.load import LeastLoadPolicy, PowerOfTwoPolicy
 from nbkit.policies.prefix import PrefixAffinityPolicy
 from nbkit.policies.session import SessionPolicy
+from nbkit.policies.kv import KVAwarePolicy
 
 __all__ = [
     "RankLoad", "RequestInfo", "Choice", "Policy", "NoCandidateError", "register", "get_policy",
     "available_policies", "load_score", "PolicySpec", "RoundRobinPolicy", "RandomPolicy",
     "LeastOutstandingPolicy", "LeastLoadPolicy", "PowerOfTwoPolicy", "PrefixAffinityPolicy",
-    "SessionPolicy", "CustomPolicy", "DEFAULT_TOKENS_PER_WAITING", "DEFAULT_KV_WEIGHT",
+    "SessionPolicy", "CustomPolicy", "KVAwarePolicy", "DEFAULT_TOKENS_PER_WAITING", "DEFAULT_KV_WEIGHT",
 ]

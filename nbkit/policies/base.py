@@ -46,6 +46,8 @@ class RequestInfo:
     max_tokens: int = 16
     prefix: str | None = None         # prompt text (or rendered chat messages) for cache affinity
     session: str | None = None        # sticky-session key
+    token_ids: Sequence[int] | None = None  # the prompt as the engine tokenizes it (exact cache lookups)
+    lora: str | None = None           # the LoRA adapter the request names (part of a block's identity)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,7 @@ class Choice:
     key: str
     reason: str
     cached_tokens: float = 0.0
+    fallback: str = ""                # why a policy could not decide as designed ("" when it could)
 
 
 class NoCandidateError(RuntimeError):
@@ -117,6 +120,10 @@ class Policy:
     #: Whether decisions read the scraped signals (running, waiting, KV usage). A router scrapes
     #: every 250 ms only for policies that do; the others are served by local accounting alone.
     uses_scrape: ClassVar[bool] = True
+    #: Whether decisions read the exact KV-cache index (:mod:`nbkit.policies.kv_index`): its owner
+    #: (the router, the simulator) then sets ``policy.kv_index`` and fills ``RequestInfo.token_ids``.
+    uses_kv_index: ClassVar[bool] = False
+    kv_index: Any = None
 
     def __init__(self, seed: int | None = None, **options: Any):
         self.seed = seed
@@ -147,6 +154,9 @@ class Policy:
 
     def on_ranks_changed(self, keys: Sequence[str]) -> None:
         """Called with the full list of rank keys when ranks are added or removed."""
+
+    def on_release(self, choice: Choice, request: RequestInfo) -> None:
+        """Called when the request dispatched by ``choice`` is finished (any outcome). Default: nothing."""
 
     def __repr__(self) -> str:
         opts = "".join(f", {k}={getattr(self, k)!r}" for k in self.defaults)

@@ -48,7 +48,7 @@ import weakref
 from typing import Any, AsyncIterator, Sequence
 
 from nbkit import loop
-from nbkit.routing.forward import Forwarder, request_info
+from nbkit.routing.forward import Forwarder
 from nbkit.routing.router import Router
 from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
@@ -254,7 +254,7 @@ class RoutedClient:
         if session is not None:
             hdrs["x-session-id"] = str(session)
         up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
-                            info=request_info(body, hdrs), rank=rank, stream=stream)
+                            info=self.router.describe(body, hdrs), rank=rank, stream=stream)
         if up.status_code >= 400:
             raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
         return up

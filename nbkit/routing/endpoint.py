@@ -26,7 +26,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from nbkit import loop
-from nbkit.routing.forward import Forwarder, request_info
+from nbkit.routing.forward import Forwarder
 from nbkit.routing.router import Router
 from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
@@ -51,14 +51,14 @@ class Endpoint:
                  router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
                  log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, kv_index=None, tokenizer=None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
         self.default_model = getattr(target, "model", None)
         ranks = list(target.ranks) if hasattr(target, "ranks") else list(target)
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
-                                       seed=seed)
+                                       seed=seed, kv_index=kv_index, tokenizer=tokenizer)
         self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
         from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
@@ -78,6 +78,18 @@ class Endpoint:
                                  registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self._m_inflight = Gauge("nbkit_in_flight", "In-flight requests per rank", ["rank"], registry=self.registry)
         self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that pass health checks", registry=self.registry)
+        self._m_kv_events = Gauge("nbkit_kv_events_total", "KV-cache events applied to the router's index",
+                                  ["rank"], registry=self.registry)
+        self._m_kv_blocks = Gauge("nbkit_kv_index_blocks", "KV-cache blocks the index holds", ["rank"],
+                                  registry=self.registry)
+        self._m_kv_gaps = Gauge("nbkit_kv_sequence_gaps_total", "KV-event batches missed (sequence gaps)", ["rank"],
+                                registry=self.registry)
+        self._m_kv_warm = Gauge("nbkit_kv_index_warm", "1 while the rank's index is trusted (0: cold)", ["rank"],
+                                registry=self.registry)
+        self._m_kv_fallbacks = Gauge("nbkit_kv_fallbacks_total", "Decisions a policy made by its fallback",
+                                     registry=self.registry)
+        self._m_kv_matched = Histogram("nbkit_kv_matched_tokens", "Prompt tokens cached on the chosen rank",
+                                       registry=self.registry, buckets=(0, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
         self._requests_by: dict = {}  # labelled children, looked up once (labels() costs per call)
         self._picks_by: dict = {}
         self.router.listeners.append(self._observe)
@@ -130,6 +142,8 @@ class Endpoint:
                 c = self._picks_by[rec.rank] = self._m_picks.labels(rec.rank)
             c.inc()
         self._m_queue.observe(rec.queue_wait_s)
+        if rec.rank and self.router.policy.uses_kv_index:
+            self._m_kv_matched.observe(rec.cached_tokens)
         if rec.ttft_s is not None and rec.outcome == "ok":
             self._m_ttft.observe(rec.ttft_s)
 
@@ -144,6 +158,13 @@ class Endpoint:
         for s in self.router.states:
             self._m_inflight.labels(s.key).set(s.in_flight)
         self._m_healthy.set(sum(1 for s in self.router.states if s.healthy))
+        self._m_kv_fallbacks.set(self.router.fallbacks)
+        if self.router.kv_index is not None:
+            for rank, snap in self.router.kv_index.snapshot().items():
+                self._m_kv_events.labels(rank).set(snap["events"])
+                self._m_kv_blocks.labels(rank).set(snap["blocks"])
+                self._m_kv_gaps.labels(rank).set(snap["gaps"])
+                self._m_kv_warm.labels(rank).set(1 if snap["warm"] else 0)
         return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _proxy(self, scope, receive):
@@ -176,7 +197,7 @@ class Endpoint:
             body = json.dumps(parsed).encode()
         if not isinstance(parsed, dict):
             parsed = None
-        info = request_info(parsed, headers)
+        info = self.router.describe(parsed, headers)
         stream = bool(parsed and parsed.get("stream"))
         try:
             up = await self._fwd.open(method, full_path, content=body or None, headers=headers,

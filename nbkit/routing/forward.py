@@ -27,39 +27,6 @@ log = logging.getLogger(__name__)
 RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailers",
                         "transfer-encoding", "upgrade", "host", "content-length"})
-CHARS_PER_TOKEN = 4
-
-
-def request_info(body: Mapping | None, headers: Mapping[str, str] | None = None) -> RequestInfo:
-    """Estimate what the policies need from an OpenAI-style request body (no tokenizer needed)."""
-    if not body:
-        return RequestInfo(prompt_tokens=0, max_tokens=0)
-    prefix = ""
-    prompt = body.get("prompt")
-    if isinstance(prompt, str):
-        prefix, tokens = prompt, len(prompt) // CHARS_PER_TOKEN + 1
-    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-        prefix, tokens = " ".join(map(str, prompt[:4096])), len(prompt)
-    elif isinstance(prompt, list):
-        prefix = "".join(str(p) for p in prompt)
-        tokens = len(prefix) // CHARS_PER_TOKEN + 1
-    else:
-        msgs = body.get("messages") or []
-        parts = []
-        for m in msgs:
-            c = m.get("content", "") if isinstance(m, dict) else ""
-            if isinstance(c, list):
-                c = "".join(p.get("text", "") for p in c if isinstance(p, dict))
-            parts.append(f"{m.get('role', '') if isinstance(m, dict) else ''}:{c}\n")
-        prefix = "".join(parts)
-        tokens = len(prefix) // CHARS_PER_TOKEN + 4 * len(parts)
-    max_tokens = body.get("max_tokens") or body.get("max_completion_tokens") or (16 if "prompt" in body else 256)
-    session = None
-    if headers:
-        session = headers.get("x-session-id") or headers.get("X-Session-Id")
-    session = session or body.get("user")
-    return RequestInfo(prompt_tokens=int(tokens), max_tokens=int(max_tokens), prefix=prefix or None,
-                       session=str(session) if session else None)
 
 
 def sse_events(chunk: bytes) -> int:

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 
 from nbkit.routing.state import RankState, RequestRecord
 from nbkit.routing.probes import PROBE_TIMEOUT_S, Probe, ProbeError
+from nbkit.routing.request_info import request_info
 from nbkit.policies import Choice, NoCandidateError, Policy, RankLoad, RequestInfo, get_policy
 from nbkit.http.transport import Transport
 
@@ -166,7 +167,8 @@ class Router:
     def __init__(self, ranks: Sequence, policy: str | Policy | Callable = "least_load", *,
                  max_per_rank: int | None = None, max_concurrency: int | None = None,
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
-                 seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None):
+                 seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None,
+                 kv_index=None, tokenizer=None):
         if max_per_rank is not None and max_per_rank < 1:
             raise ValueError(f"max_per_rank={max_per_rank!r}: must be >= 1 or None")
         if max_concurrency is not None and max_concurrency < 1:
@@ -175,6 +177,10 @@ class Router:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
         self._seed = seed
         self._lock = threading.RLock()
+        #: the exact KV-cache index (:class:`~nbkit.policies.kv_index.KVIndex`) and the served model's
+        #: tokenizer (:class:`~nbkit.routing.tokenize.PromptTokenizer`), for policies that read them
+        self.kv_index, self.tokenizer = kv_index, tokenizer
+        self._fallback = ""  # the last cause a policy gave for not deciding as designed
         self._policy = self._make_policy(policy)
         self.max_per_rank = max_per_rank
         self.max_concurrency = max_concurrency
@@ -197,6 +203,7 @@ class Router:
         self._probe: Probe | None = probe
         self._own_probe = probe is None
         self.counters = {"requests": 0, "retries": 0, "failures": 0}
+        self.fallbacks = 0  # decisions a policy made by its fallback (kv_aware without a trusted index)
 
     # -- configuration ---------------------------------------------------------------------------
     @property
@@ -213,8 +220,11 @@ class Router:
 
     def _make_policy(self, spec) -> Policy:
         if self._seed is not None and (isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, Policy))):
-            return get_policy(spec, seed=self._seed)
-        return get_policy(spec)  # a name may carry its own options: "prefix_affinity:affinity_weight=0.5"
+            spec = get_policy(spec, seed=self._seed)
+        p = get_policy(spec)  # a name may carry its own options: "prefix_affinity:affinity_weight=0.5"
+        if p.uses_kv_index:
+            p.kv_index = self.kv_index
+        return p
 
     def set_ranks(self, ranks: Iterable) -> None:
         """Replace the rank set (after a scale); keeps state of ranks that stay."""
@@ -302,9 +312,25 @@ class Router:
         s.picks += 1
         record.rank, record.replica, record.dp_rank = s.key, s.rank.replica, s.rank.dp_rank
         record.reason = choice.reason
+        record.cached_tokens = int(choice.cached_tokens)
         record.queue_wait_s = time.time() - record.arrival
+        if choice.fallback != self._fallback:
+            if choice.fallback:
+                log.warning("router: %s cannot decide as designed (%s); %s", self._policy.name, choice.fallback,
+                            choice.reason.split(":", 1)[0])
+            else:
+                log.info("router: %s decides as designed again", self._policy.name)
+            self._fallback = choice.fallback
+        if choice.fallback:
+            self.fallbacks += 1
         self._policy.on_dispatch(choice, info)
         return Lease(self, s, choice, info, record)
+
+    def describe(self, body, headers=None) -> RequestInfo:
+        """What the policy needs of an OpenAI-style request body: token counts, prefix, session, and the
+        exact token ids when the policy reads the KV-cache index and a tokenizer is set."""
+        tokenizer = self.tokenizer if self._policy.uses_kv_index else None
+        return request_info(body, headers, tokenizer=tokenizer)
 
     async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
                       path: str = "", record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
@@ -402,6 +428,7 @@ class Router:
         """A lease was released: publish its record (unless the request is being retried), admit more."""
         if lease.record.outcome != "retry":
             self._publish(lease.record)
+        self._policy.on_release(lease.choice, lease.info)
         self._pump()
 
     def _publish(self, record: RequestRecord) -> None:

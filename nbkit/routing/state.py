@@ -34,6 +34,7 @@ class RequestRecord:
     error: str = ""
     prefill_rank: str = ""        # prefill/decode split: where the prompt was prefilled
     prefill_s: float | None = None  # ... and how long that took
+    cached_tokens: int = 0        # prompt tokens the policy expected the rank to hold cached (kv_aware: exact)
 
 
 @dataclass

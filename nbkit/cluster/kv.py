@@ -1,0 +1,75 @@
+"""A Cluster's view of its replicas' KV caches: the port the replicas publish their KV-cache
+events to, the subscriber bound there (in this process, before any replica starts, so no event
+is lost), the exact index it feeds, and the served model's tokenizer for router-side lookups.
+
+    kv = ClusterKV(model)             # Cluster does this; cluster.kv_index / cluster.tokenizer
+    plans = plan_replicas(specs, kv_events_port=kv.port)
+    kv.watch(plans[i])                # before spawning replica i (and again after a restart)
+    kv.unwatch(plans[i])              # after stopping it
+    kv.close()
+"""
+
+from __future__ import annotations
+
+import logging
+
+from nbkit.cluster.spec import LaunchPlan, SpecError
+from nbkit.http.ports import port_is_free
+from nbkit.policies.kv_index import KVIndex
+from nbkit.routing.kv_events import KVEventSubscriber
+from nbkit.routing.tokenize import PromptTokenizer
+
+log = logging.getLogger(__name__)
+
+#: Where the search for a free block of KV-event ports starts.
+KV_EVENTS_PORT_START = 15557
+#: DP ranks per replica the SUB socket listens for (vLLM offsets the port by the DP rank).
+MAX_DP_PORTS = 8
+
+
+def free_port_block(start: int, n: int, host: str = "127.0.0.1") -> int:
+    """The first port from ``start`` such that ``n`` consecutive ports are free."""
+    p = start
+    while p < 65535 - n:
+        if all(port_is_free(host, q) for q in range(p, p + n)):
+            return p
+        p += n
+    raise SpecError("kv_events_port", start, f"no {n} free consecutive ports from {start}")
+
+
+class ClusterKV:
+    """The KV-event port, subscriber, index and tokenizer of one Cluster (see the module docstring)."""
+
+    def __init__(self, model: str, port: int | None = None, dp_ports: int = MAX_DP_PORTS):
+        self.dp_ports = dp_ports
+        self.port = port if port is not None else free_port_block(KV_EVENTS_PORT_START, dp_ports)
+        self.index = KVIndex()
+        self.tokenizer = PromptTokenizer(model)
+        self._sub: KVEventSubscriber | None = None
+
+    @property
+    def subscriber(self) -> KVEventSubscriber:
+        if self._sub is None:
+            self._sub = KVEventSubscriber(self.index, port=self.port, dp_ports=self.dp_ports).start()
+        return self._sub
+
+    def watch(self, plan: LaunchPlan) -> None:
+        """Expect ``plan``'s events from now on (its index starts over: a new engine is empty)."""
+        if plan.kv_topic is None:
+            return
+        names = {r: f"{plan.name}/dp{r}" for r in range(plan.dp_size)} if plan.dp_size > 1 else {0: plan.name}
+        self.subscriber.add_source(plan.kv_topic, dp_size=plan.dp_size, replay_port=plan.kv_replay_port,
+                                   names=names)
+
+    def unwatch(self, plan: LaunchPlan) -> None:
+        if plan.kv_topic is not None and self._sub is not None:
+            self._sub.remove_source(plan.kv_topic)
+
+    def snapshot(self) -> dict:
+        """The subscriber's counters and the index per rank (empty before anything started)."""
+        return self._sub.snapshot() if self._sub is not None else {"counters": {}, "ranks": self.index.snapshot()}
+
+    def close(self) -> None:
+        if self._sub is not None:
+            self._sub.close()
+            self._sub = None
