@@ -5,7 +5,10 @@
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (a small fixed JSON body with
 ``usage``), ``GET /health`` (200), ``GET /v1/models``, ``GET /metrics`` (a tiny vLLM-style
 Prometheus text, all gauges 0), and any other GET -> 200 ``{}`` (peers probe paths such as
-``/get_server_info``); any other POST -> the completion body. ``GET /_bench/stats`` counts what
+``/get_server_info``); any other POST -> the completion body. A ``/v1/completions`` body with
+``"stream": true`` is answered ``text/event-stream``: ``max_tokens`` (default 16) SSE ``data:``
+chunks then ``data: [DONE]``, each sent as its own body chunk, ``chunk_interval_ms`` (default 0)
+apart (a non-zero gap makes each chunk arrive as its own read, as a replica's tokens do). ``GET /_bench/stats`` counts what
 was asked (completions, metrics scrapes, health checks, other paths). Bodies are pre-encoded bytes, so the
 backend's own cost is as small as uvicorn + starlette allow. With ``--parent-pid`` it exits when
 that process is gone (no orphan if the benchmark is killed).
@@ -21,7 +24,7 @@ import os
 
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 JSON = "application/json"
@@ -59,9 +62,47 @@ METRICS = (
 STATS = {"completions": 0, "chat": 0, "metrics": 0, "health": 0, "models": 0, "other": {}}
 
 
+SSE_CHUNK = b"data: " + json.dumps({
+    "id": "cmpl-mock", "object": "text_completion", "created": 0, "model": "m",
+    "choices": [{"index": 0, "text": "!", "logprobs": None, "finish_reason": None}],
+}).encode() + b"\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def _stream_params(body: bytes) -> tuple[int, float] | None:
+    """(chunks, seconds between them) when ``body`` asks for a stream, else None."""
+    if b"stream" not in body:          # the common case costs one bytes search, no JSON parse
+        return None
+    try:
+        d = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(d, dict) or d.get("stream") is not True:
+        return None
+    n = d.get("max_tokens")
+    n = 16 if not isinstance(n, int) or isinstance(n, bool) or n < 0 else n
+    gap = d.get("chunk_interval_ms", 0)
+    gap = float(gap) / 1000.0 if isinstance(gap, (int, float)) and gap > 0 else 0.0
+    return n, gap
+
+
+async def _sse(n: int, gap: float):
+    for _ in range(n):
+        if gap:
+            await asyncio.sleep(gap)
+        yield SSE_CHUNK
+    if gap:
+        await asyncio.sleep(gap)
+    yield SSE_DONE
+
+
 async def completions(request: Request) -> Response:
-    await request.body()
+    body = await request.body()
     STATS["completions"] += 1
+    stream = _stream_params(body)
+    if stream is not None:
+        return StreamingResponse(_sse(*stream), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
     return Response(COMPLETION, media_type=JSON)
 
 

@@ -285,6 +285,30 @@ def test_unread_big_body_pauses_reading_and_closing_early_drops_the_connection()
     run(main())
 
 
+def test_a_big_body_read_whole_is_not_held_up_by_back_pressure():
+    """aread() past the pause threshold: reading resumes (it stalled until the read timeout before)."""
+    size = 3 << 20
+
+    async def reply(req, w):
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+        for _ in range(size // 65536):
+            w.write(b"y" * 65536)
+            await w.drain()
+        return "keep"
+
+    async def main():
+        async with Scripted(reply) as s:
+            pool = Http1Pool(timeout=5)
+            for wait_first in (0.0, 0.3):  # aread at once, and after reading has paused
+                r = await pool.request("GET", s.url + "/big")
+                await asyncio.sleep(wait_first)
+                body = await asyncio.wait_for(r.aread(), 4)
+                assert len(body) == size and body[:1] == b"y"
+                await r.aclose()
+            await pool.aclose()
+    run(main())
+
+
 def test_cancelled_while_waiting_drops_the_connection_and_frees_the_slot():
     async def reply(req, w):
         if b"/hang" in req:

@@ -5,9 +5,9 @@ length, and reads a response that is either whole or an SSE stream. For that, a 
 spends most of its time on things a router does not use (URL objects, cookie and redirect
 handling, per-request trace hooks, multidict headers built twice). This one writes the request in
 one ``write`` and feeds the response to ``httptools.HttpResponseParser`` (the C parser uvicorn
-uses), which also undoes chunked framing. On this project's 2-core VM it costs ~0.07 ms of CPU
-per exchange where aiohttp's ClientSession costs ~0.2 ms and httpx ~0.75 ms
-(``benchmarks/router_overhead.py`` measures the difference it makes to the endpoint)::
+uses), which also undoes chunked framing. Driven as the forwarder drives it, it takes about half
+of aiohttp's CPU per exchange and a tenth to a thirtieth of httpx's (``benchmarks/transports.py``;
+``benchmarks/router_overhead.py`` measures what that makes of the endpoint)::
 
     pool = Http1Pool(timeout=600, connect_timeout=10)
     resp = await pool.request("POST", "http://127.0.0.1:8001/v1/completions",
@@ -20,8 +20,8 @@ per exchange where aiohttp's ClientSession costs ~0.2 ms and httpx ~0.75 ms
 What it does: keep-alive connections pooled per (scheme, host, port), newest reused first, ones
 idle longer than ``keepalive_s`` closed; an optional cap on exchanges in flight
 (``max_connections``, waiting FIFO); a connect timeout and a read timeout (longest silence while
-waiting for bytes); TLS for ``https://``; back-pressure (reading pauses while more than 1 MiB of an
-unread body is buffered); gzip/deflate bodies decoded, although it asks for ``identity``;
+waiting for bytes); TLS for ``https://``; back-pressure on streams (reading pauses while more than
+1 MiB of an unread streamed body is buffered; a body read whole with ``aread`` is not paused); gzip/deflate bodies decoded, although it asks for ``identity``;
 interim 1xx responses skipped. What it does not: redirects, cookies, proxies, HTTP/2, request
 bodies other than bytes. Errors are :class:`Http1Error` subclasses; header names or values
 containing CR/LF and characters outside latin-1 raise ValueError before anything is sent.
@@ -77,7 +77,7 @@ class Http1Response:
     """A response whose head has arrived; the body is read with :meth:`aread` or :meth:`aiter_bytes`."""
 
     __slots__ = ("status_code", "headers", "_conn", "_chunks", "_buffered", "_done", "_exc", "_waiter",
-                 "_decoder", "_slot")
+                 "_decoder", "_slot", "_whole")
 
     def __init__(self, conn: "_Connection", status: int, raw_headers: list[tuple[bytes, bytes]]):
         self.status_code = status
@@ -86,6 +86,7 @@ class Http1Response:
         self._conn: _Connection | None = conn
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
+        self._whole = False  # aread(): the caller wants all of it, so back-pressure does not apply
         self._done = False
         self._exc: BaseException | None = None
         self._waiter: asyncio.Future | None = None
@@ -107,7 +108,7 @@ class Http1Response:
                 return
         self._chunks.append(data)
         self._buffered += len(data)
-        if self._buffered > _PAUSE_AT and self._conn is not None:
+        if self._buffered > _PAUSE_AT and self._conn is not None and not self._whole:
             self._conn.pause()
         self._wake()
 
@@ -157,7 +158,10 @@ class Http1Response:
                 await self._wait()
 
     async def aread(self) -> bytes:
-        """The whole body."""
+        """The whole body (held in memory anyway: reading is not paused for it)."""
+        self._whole = True
+        if self._conn is not None:
+            self._conn.resume()  # a body over the pause threshold may have stopped the reading already
         while not self._done:
             await self._wait()
         if self._exc is not None:

@@ -14,8 +14,9 @@ stream, and close it"; all three give the same small response interface (the one
 reset, timed out): the forwarder retries those before the first byte.
 
 Why three: CPU per request is what a router in Python can spend. ``http1`` (:mod:`nbkit.http.http1`:
-pooled connections and httptools' parser, nothing else) costs ~0.07 ms per exchange on this
-project's VM, aiohttp's ClientSession ~0.2 ms and httpx ~0.75 ms (see
+pooled connections and httptools' parser, nothing else) costs about half of aiohttp's CPU per
+exchange and a tenth to a thirtieth of httpx's, as the forwarder drives them (see
+``benchmarks/transports.py``; its effect on the endpoint:
 ``benchmarks/router_overhead.py``). aiohttp is there for what http1 leaves out (redirects,
 proxies, cookies, other content encodings); httpx is what the unit tests'
 ``httpx.MockTransport`` stand-ins plug into. All keep connections alive and pooled;
@@ -158,7 +159,7 @@ class AiohttpTransport(Transport):
     errors = (*_aiohttp_errors(), asyncio.TimeoutError)
 
     def __init__(self, *, timeout: float = 600.0, connect_timeout: float = 10.0,
-                 max_connections: int | None = None, keepalive_s: float = 30.0):
+                 max_connections: int | None = None, keepalive_s: float = 4.0):
         self.timeout, self.connect_timeout = timeout, connect_timeout
         self.max_connections, self.keepalive_s = max_connections, keepalive_s
         self._session = None
