@@ -161,3 +161,24 @@ def test_monitor_uses_a_fresh_router_reading_and_scrapes_only_what_no_router_rea
     router.states[0].scraped = EngineMetrics(running=3, generation_tokens=150, scraped_at=now + 0.5)
     rows = loop.run(mon.sample())
     assert rows[0].gen_tok_s == pytest.approx(200.0)
+
+
+def test_monitor_shows_index_blocks_and_predicted_vs_reported_hit_rates():
+    from nbkit.policies.kv_index import KVIndex
+    from nbkit.routing.state import RequestRecord
+    _, router, _ = setup(2)
+    cluster, _ = fake_cluster(2, [router])
+    ix = cluster.kv_index = KVIndex()
+    ix.apply_batch("replica0", 0, [{"type": "BlockStored", "block_hashes": [1, 2], "parent_block_hash": None,
+                                    "token_ids": list(range(32)), "block_size": 16, "lora_name": None}])
+    mon = Monitor(cluster)
+    now = time.time()
+    router.states[0].scraped = EngineMetrics(prefix_cache_queries=100, prefix_cache_hits=10, scraped_at=now)
+    loop.run(mon.sample())
+    router.records.append(RequestRecord(id=1, path="/v1/completions", policy="kv_aware", rank="replica0",
+                                        arrival=time.time(), tokens_in=40, cached_tokens=32, outcome="ok"))
+    router.states[0].scraped = EngineMetrics(prefix_cache_queries=140, prefix_cache_hits=42, scraped_at=now + 1)
+    rows = loop.run(mon.sample())
+    assert rows[0].kv_blocks == 2 and rows[1].kv_blocks is None
+    assert rows[0].predicted_hit_pct == 80.0 and rows[0].reported_hit_pct == 80.0  # 32 of 40, since the first reading
+    assert rows[1].predicted_hit_pct is None

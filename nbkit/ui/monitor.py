@@ -54,6 +54,9 @@ class RankRow:
     routed: int = 0
     ttft_p50_s: float | None = None
     mem_gb: float = 0.0
+    kv_blocks: int | None = None          # blocks the router's KV-event index holds for the rank
+    predicted_hit_pct: float | None = None  # prompt tokens kv_aware expected cached, since the monitor began
+    reported_hit_pct: float | None = None   # ... and what vLLM reports as prefix-cache hits over the same time
     last_error: str = ""
 
 
@@ -74,6 +77,8 @@ class Monitor:
 
     def __post_init__(self) -> None:
         self._prev: dict[str, tuple[float, EngineMetrics]] = {}
+        self._first: dict[str, EngineMetrics] = {}  # each rank's first reading: hit rates count from it
+        self._began = time.time()
         self._last_rates: dict[str, tuple[float, float]] = {}
         self._errors: dict[str, str] = {}
         self._log_task: asyncio.Task | None = None
@@ -120,6 +125,7 @@ class Monitor:
         now = time.time()
         routed: dict[str, int] = {}
         ttfts: dict[str, list[float]] = {}
+        predicted: dict[str, list[int]] = {}  # rank -> [cached tokens, prompt tokens] of kv_aware decisions
         for router in self.routers():  # routed = finished records + in flight now
             for st in router.states:
                 routed[st.key] = routed.get(st.key, 0) + st.in_flight
@@ -129,6 +135,11 @@ class Monitor:
                 ttfts.setdefault(rec.rank, []).append(rec.ttft_s)
             if rec.outcome not in ("ok", "cancelled", "pending") and rec.error:
                 self._errors[rec.rank] = f"{rec.outcome}: {rec.error}"[:200]
+            if rec.policy == "kv_aware" and rec.outcome == "ok" and rec.arrival >= self._began and rec.tokens_in:
+                acc = predicted.setdefault(rec.rank, [0, 0])
+                acc[0] += rec.cached_tokens
+                acc[1] += rec.tokens_in
+        index = getattr(c, "kv_index", None)
         rows = []
         for rank in ranks:
             p = plans[rank.replica]
@@ -158,6 +169,15 @@ class Monitor:
                 else:
                     self._prev[rank.name] = (m.scraped_at, m)
                 self._last_rates[rank.name] = (row.prompt_tok_s, row.gen_tok_s)
+                first = self._first.setdefault(rank.name, m)
+                queries = m.prefix_cache_queries - first.prefix_cache_queries
+                if queries > 0:
+                    row.reported_hit_pct = round(100 * (m.prefix_cache_hits - first.prefix_cache_hits) / queries, 1)
+            if index is not None and rank.name in index.ranks:
+                row.kv_blocks = index.blocks(rank.name)
+            acc = predicted.get(rank.name)
+            if acc and acc[1]:
+                row.predicted_hit_pct = round(100 * acc[0] / acc[1], 1)
             t = sorted(ttfts.get(rank.name, []))
             row.ttft_p50_s = t[len(t) // 2] if t else None
             row.mem_gb = self._memory_gb(rank.replica)

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 _COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "port"), ("running", "running"),
          ("waiting", "waiting"), ("kv_cache_pct", "KV %"), ("prompt_tok_s", "prompt tok/s"),
          ("gen_tok_s", "gen tok/s"), ("requests_served", "served"), ("routed", "routed"),
-         ("ttft_p50_s", "TTFT p50 s"), ("mem_gb", "mem GB"), ("last_error", "last error")]
+         ("ttft_p50_s", "TTFT p50 s"), ("mem_gb", "mem GB"), ("kv_blocks", "KV blocks"),
+         ("predicted_hit_pct", "hit % (kv_aware)"), ("reported_hit_pct", "hit % (vLLM)"), ("last_error", "last error")]
 _STATE_COLOR = {"healthy": "#1a7f37", "starting": "#9a6700", "unhealthy": "#cf222e", "failed": "#cf222e",
                 "stopped": "#6e7781"}
 
