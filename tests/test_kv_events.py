@@ -279,3 +279,36 @@ def test_replicas_publish_to_the_routers_port_with_a_topic_and_replay_port_each(
     assert len(replay) == 3 and not replay & (http | {5557, 5558})
     none = plan_replicas(specs[:1], inv, port_start=8100, port_free=lambda h, p: True)
     assert "--kv-events-config" not in none[0].argv
+
+
+# ------------------------------------------------------------------------------- simulator
+def test_kv_aware_runs_in_the_simulator_on_the_engines_own_events():
+    """The simulated engines publish BlockStored/BlockRemoved from their prefix caches into one
+    index; kv_aware decides on it exactly (no fallback) and keeps each prefix where it is cached."""
+    import random
+
+    from nbkit.sim import Simulator
+    from nbkit.traces import TraceRequest
+    from test_sim_engine import cfg_of, inst
+
+    rng = random.Random(0)
+    prefixes = [tuple(rng.randrange(50_000) for _ in range(640)) for _ in range(6)]
+    tr = []
+    for k in range(240):
+        g = rng.randrange(len(prefixes))
+        q = tuple(rng.randrange(50_000) for _ in range(24))
+        tr.append(TraceRequest(664, 8, k * 15_000_000, prefixes[g] + q))
+    # each instance holds about 4 of the 6 prefixes: together they hold all, one alone cannot
+    sims = {name: Simulator(cfg_of([inst(kv_cache_gb=0.35), inst(kv_cache_gb=0.35)]), policy=name)
+            for name in ("kv_aware", "least_load", "prefix_affinity")}
+    res = {name: sim.run(tr) for name, sim in sims.items()}
+    kv = sims["kv_aware"].policy
+    index = kv.kv_index
+    assert index is not None and all(index.rank(k).warm for k in ("inst0", "inst1"))
+    assert sum(index.rank(k).stored for k in ("inst0", "inst1")) > 0
+    assert all(len(p) == 0 for p in kv.pending.values())  # every finished request was released
+    hits = {name: sum(i["prefix_hits"] for i in r.instances) for name, r in res.items()}
+    assert hits["kv_aware"] > hits["least_load"]
+    # the index agrees with the engines' own prefix caches at the end
+    for e in sims["kv_aware"].engines:
+        assert index.blocks(e.key) == len(e.cached)

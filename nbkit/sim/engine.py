@@ -83,6 +83,9 @@ class Engine:
         self.cached: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.handoff: dict[Req, None] = {}   # prefill-only: finished, KV not yet sent
+        #: vLLM's KV-cache events of this engine's prefix cache (``BlockStored`` when a block gets a
+        #: hash, ``BlockRemoved`` when it is evicted): ``kv_events(list of event maps)``; None: off
+        self.kv_events = None
         # accounting for routing
         self.in_flight = 0
         self.pend_prefill = 0
@@ -201,9 +204,11 @@ class Engine:
         self.free_plain = 0
         k -= fp
         ev, cached = self.evictable, self.cached
-        for _ in range(k):
-            h = ev.popitem(last=False)[0]
+        gone = [ev.popitem(last=False)[0] for _ in range(k)]
+        for h in gone:
             del cached[h]
+        if self.kv_events is not None and gone:
+            self.kv_events([{"type": "BlockRemoved", "block_hashes": gone, "medium": "GPU"}])
 
     def _session_hashes(self, req: Req, n: int) -> None:
         hs = req.hashes
@@ -222,13 +227,35 @@ class Engine:
         if k >= upto:
             return
         cached, held = self.cached, req.held
+        new = [] if self.kv_events is not None else None
         while k < upto:
             h = hs[k]
             if h not in cached:
                 cached[h] = 1
                 held.append(h)
+                if new is not None:
+                    new.append(k)
             k += 1
         req.registered = k
+        if new:
+            self._stored(req, new)
+
+    def _stored(self, req: Req, blocks: list[int]) -> None:
+        """``BlockStored`` events for ``req``'s newly cached blocks, one per run of consecutive blocks
+        (the event carries their token ids when the request has them, as vLLM's does)."""
+        bs, hs, ids = self.bs, req.hashes, req.ids
+        events, run = [], [blocks[0]]
+        for k in blocks[1:] + [None]:
+            if k is not None and k == run[-1] + 1:
+                run.append(k)
+                continue
+            a, b = run[0], run[-1] + 1
+            events.append({"type": "BlockStored", "block_hashes": hs[a:b], "parent_block_hash": hs[a - 1] if a else None,
+                           "token_ids": list(ids[a * bs:b * bs]) if ids is not None else [], "block_size": bs,
+                           "lora_name": None, "medium": "GPU"})
+            if k is not None:
+                run = [k]
+        self.kv_events(events)
 
     def _release(self, req: Req) -> None:
         """Free ``req``'s blocks; hashed ones stay cached (evictable) once unreferenced."""

@@ -55,6 +55,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence, TextIO
 
+from nbkit.policies.kv_index import KVIndex
 from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
 from nbkit.records import RequestResult, format_summary, summarize, write_csv
 from nbkit.traces import TraceRequest, TraceSession
@@ -83,7 +84,7 @@ class _Job:
     """One logical request across engines (a PD request has a prefill and a decode ``Req``)."""
 
     __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "turn", "entry", "prefill_inst",
-                 "info")
+                 "info", "choice")
 
     def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None, turn=0):
         self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
@@ -91,6 +92,7 @@ class _Job:
         self.entry: Req | None = None
         self.prefill_inst: int | None = None
         self.info: RequestInfo | None = None
+        self.choice = None
 
 
 class _Session:
@@ -250,6 +252,16 @@ class Simulator:
         if decode:
             dpolicy.on_ranks_changed([e.key for e in decode])
         need_prefix = self._needs_prefix(policy) or (decode and self._needs_prefix(dpolicy))
+        # kv_aware: the engines' own KV-cache events feed one exact index, as the live router's
+        need_ids = policy.uses_kv_index or (decode and dpolicy.uses_kv_index)
+        if need_ids:
+            index = KVIndex()
+            for p in (policy, dpolicy):
+                if p is not None and p.uses_kv_index:
+                    p.kv_index = index
+            for e in engines:
+                index.mark_empty(e.key)
+                e.kv_events = lambda events, key=e.key: index.apply_batch(key, None, events)
         pname = self.policy_name
         records: list[RequestResult] = []
         heap: list = []
@@ -291,6 +303,8 @@ class Simulator:
                 u.busy = False
 
         def record(job: _Job, e: Engine | None, r: Req | None, outcome: str = "ok") -> None:
+            if job.choice is not None:
+                policy.on_release(job.choice, job.info)
             ent = job.entry
             qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
             if outcome != "ok" or r is None or e is None:
@@ -332,10 +346,12 @@ class Simulator:
                     prefix = " ".join(map(str, job.ids))
                 elif job.session is not None:
                     prefix = self._session_prefix(job.session, job.prompt)
-            info = RequestInfo(job.prompt, job.output, prefix, job.session)
+            info = RequestInfo(job.prompt, job.output, prefix, job.session,
+                               token_ids=job.ids if need_ids else None)
             job.info = info
             choice = policy.select(loads(entry), info)
             policy.on_dispatch(choice, info)
+            job.choice = choice
             e = engines[choice.index]
             r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job)
             job.entry = r
