@@ -312,3 +312,21 @@ def test_kv_aware_runs_in_the_simulator_on_the_engines_own_events():
     # the index agrees with the engines' own prefix caches at the end
     for e in sims["kv_aware"].engines:
         assert index.blocks(e.key) == len(e.cached)
+
+
+def test_a_cluster_whose_kv_port_was_taken_listens_on_the_next_free_block(tiny_model_path):
+    import zmq
+
+    from nbkit.cluster.kv import ClusterKV
+    ctx = zmq.Context()
+    squatter = ctx.socket(zmq.PULL)
+    kv = ClusterKV(tiny_model_path, dp_ports=2)
+    squatter.bind(f"tcp://127.0.0.1:{kv.port + 1}")  # another process took one of the chosen ports
+    try:
+        chosen = kv.port
+        assert kv.listen() >= chosen + 2
+        assert kv.subscriber.endpoints == [f"tcp://127.0.0.1:{kv.port}", f"tcp://127.0.0.1:{kv.port + 1}"]
+    finally:
+        kv.close()
+        squatter.close(linger=0)
+        ctx.term()

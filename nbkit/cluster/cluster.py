@@ -271,6 +271,8 @@ class Cluster:
             if self.running:
                 raise RuntimeError("cluster is already running; stop() it first or use restart()/scale()")
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            if self.kv is not None and any(s.engine == "vllm" for s in self._specs):
+                self.kv.listen()  # the KV-event socket is bound before the plans name its port
             self.plans = self._plan(self._specs)  # re-check ports etc. right before launching
             self._procs = [None] * len(self.plans)
             try:

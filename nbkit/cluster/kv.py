@@ -3,6 +3,7 @@ events to, the subscriber bound there (in this process, before any replica start
 is lost), the exact index it feeds, and the served model's tokenizer for router-side lookups.
 
     kv = ClusterKV(model)             # Cluster does this; cluster.kv_index / cluster.tokenizer
+    kv.listen()                       # at start: bind 127.0.0.1:kv.port (another block if it was taken)
     plans = plan_replicas(specs, kv_events_port=kv.port)
     kv.watch(plans[i])                # before spawning replica i (and again after a restart)
     kv.unwatch(plans[i])              # after stopping it
@@ -47,10 +48,23 @@ class ClusterKV:
         self.tokenizer = PromptTokenizer(model)
         self._sub: KVEventSubscriber | None = None
 
+    def listen(self) -> int:
+        """Bind the SUB socket (before the replicas are planned for good and spawned); if another
+        process took the port since it was chosen, the next free block is used. Returns the port."""
+        tries = 0
+        while self._sub is None:
+            try:
+                self._sub = KVEventSubscriber(self.index, port=self.port, dp_ports=self.dp_ports).start()
+            except ValueError:
+                tries += 1
+                if tries > 20:
+                    raise
+                self.port = free_port_block(self.port + self.dp_ports, self.dp_ports)
+        return self.port
+
     @property
     def subscriber(self) -> KVEventSubscriber:
-        if self._sub is None:
-            self._sub = KVEventSubscriber(self.index, port=self.port, dp_ports=self.dp_ports).start()
+        self.listen()
         return self._sub
 
     def watch(self, plan: LaunchPlan) -> None:
