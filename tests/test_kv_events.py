@@ -330,3 +330,19 @@ def test_a_cluster_whose_kv_port_was_taken_listens_on_the_next_free_block(tiny_m
         kv.close()
         squatter.close(linger=0)
         ctx.term()
+
+
+def test_scaling_keeps_running_replicas_kv_ports_so_they_are_kept_not_restarted(tiny_model_path, tmp_path):
+    from types import SimpleNamespace
+
+    from nbkit.cluster.cluster import Cluster
+    from nbkit.cluster.spec import Inventory, ReplicaSpec
+    c = Cluster([ReplicaSpec(model=tiny_model_path, cores=(0,)), ReplicaSpec(model=tiny_model_path, cores=(1,))],
+                inventory=Inventory(cores=(0, 1, 2, 3)), run_dir=tmp_path, port_start=free_ports(1, 18100)[0])
+    before = {p.index: p.kv_replay_port for p in c.plans}
+    c._procs = [SimpleNamespace(alive=True), SimpleNamespace(alive=True)]  # as if both run
+    specs, plans, actions = c._scale_target(3)
+    assert [a for a, _, _ in actions] == ["keep", "keep", "start"]
+    assert {i: plans[i].kv_replay_port for i in (0, 1)} == before
+    ports = [p.port for p in plans] + [p.kv_replay_port for p in plans]
+    assert len(set(ports)) == 6, ports

@@ -115,12 +115,14 @@ class Cluster:
         spec = ReplicaSpec(model=model, tp_size=tp, device=device, **spec_kwargs)
         return cls([spec] * n, **ckw)
 
-    def _plan(self, specs: Sequence[ReplicaSpec], own_ports: set[int] = frozenset()) -> list[LaunchPlan]:
+    def _plan(self, specs: Sequence[ReplicaSpec], own_ports: set[int] = frozenset(),
+              replay_ports: dict[int, int] | None = None) -> list[LaunchPlan]:
         def free(host: str, port: int) -> bool:
             return port in own_ports or port_is_free(host, port)
 
         return plan_replicas(specs, self._inventory, port_start=self.port_start, port_free=free,
-                             kv_events_port=self.kv.port if self.kv is not None else None)
+                             kv_events_port=self.kv.port if self.kv is not None else None,
+                             kv_replay_ports=replay_ports)
 
     # -- views -------------------------------------------------------------------------------
     @property
@@ -348,11 +350,14 @@ class Cluster:
             shared_gpu = t.devices if t.devices is not None and len(t.devices) == 1 and t.workers == 1 else None
             template = t.model_copy(update={"cores": None, "devices": shared_gpu, "port": None, "name": None})
             specs = base + [template] * (n - len(base))
-        own = {p.port for i, p in enumerate(old) if self._procs[i] is not None and self._procs[i].alive}
+        live = [i for i, p in enumerate(old) if self._procs[i] is not None and self._procs[i].alive]
+        own = {old[i].port for i in live}
+        # a running replica keeps its KV replay port too (its engine holds it), so it is kept, not restarted
+        replay = {i: old[i].kv_replay_port for i in live if old[i].kv_replay_port is not None and i < n}
         # keep running replicas on their ports
         specs = [s.model_copy(update={"port": old[i].port}) if i < len(old) and s.port is None
                  and self._procs[i] is not None and self._procs[i].alive else s for i, s in enumerate(specs)]
-        plans = self._plan(specs, own_ports=own)
+        plans = self._plan(specs, own_ports=own, replay_ports=replay)
         actions = []
         for i in range(max(n, len(old))):
             if i >= n:

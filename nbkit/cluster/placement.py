@@ -113,13 +113,15 @@ def plan_replicas(
     check_models: bool = True,
     python: str = sys.executable,
     kv_events_port: int | None = None,
+    kv_replay_ports: dict[int, int] | None = None,
 ) -> list[LaunchPlan]:
     """Validate ``specs`` together and pin each to devices/cores and a port.
 
     ``kv_events_port``: where the router's SUB socket listens on 127.0.0.1 (DP rank ``d`` of a
     replica publishes to the port + ``d``, as vLLM offsets it). Each vLLM replica that publishes
     (``kv_events``, not headless, no ``--kv-events-config`` of its own) gets its own topic (its
-    name) and a replay endpoint on a free port (see :func:`kv_events_config`).
+    name) and a replay endpoint on a free port (see :func:`kv_events_config`); ``kv_replay_ports``
+    keeps the ones of replicas that run already (``{index: port}``).
 
     Raises :class:`SpecError` naming ``replicas[i].<field>`` and the value on the first problem.
     """
@@ -158,8 +160,11 @@ def plan_replicas(
                             f"{len(cpu_idx)} CPU replicas need ~{need:.0f} GiB (KV cache + ~{CPU_RUNTIME_GIB:g} GiB "
                             f"runtime each), the machine has {inventory.memory_gib:.0f} GiB")
 
-    ports = _assign_ports(specs, port_start, port_free)
-    replay = _assign_replay_ports(specs, kinds, ports, kv_events_port, port_free) if kv_events_port else {}
+    kept = {q for i, p0 in (kv_replay_ports or {}).items() if i < len(specs)
+            for q in range(p0, p0 + specs[i].ranks_local)}
+    ports = _assign_ports(specs, port_start, port_free, kept)
+    replay = _assign_replay_ports(specs, kinds, ports, kv_events_port, port_free, kv_replay_ports or {}) \
+        if kv_events_port else {}
     plans = []
     for i, s in enumerate(specs):
         kind = kinds[i]
@@ -344,15 +349,21 @@ def publishes_kv_events(s: ReplicaSpec, kind: str) -> bool:
     return kind != "sim" and s.kv_events and not s.headless and not _flag_given(s.extra_args, "--kv-events-config")
 
 
-def _assign_replay_ports(specs, kinds, http_ports: list[int], kv_port: int, port_free) -> dict[int, int]:
+def _assign_replay_ports(specs, kinds, http_ports: list[int], kv_port: int, port_free,
+                         keep: dict[int, int]) -> dict[int, int]:
     """A block of ``ranks_local`` free consecutive ports per publishing replica (vLLM offsets the
-    replay endpoint by the DP rank), clear of the HTTP ports and of the router's SUB ports."""
+    replay endpoint by the DP rank), clear of the HTTP ports and of the router's SUB ports; the
+    replicas in ``keep`` keep theirs."""
     max_dp = max((s.ranks_local for s in specs), default=1)
     taken = set(http_ports) | set(range(kv_port, kv_port + max_dp))
     out: dict[int, int] = {}
+    for i, p in keep.items():
+        if i < len(specs) and publishes_kv_events(specs[i], kinds[i]):
+            out[i] = p
+            taken.update(range(p, p + specs[i].ranks_local))
     nxt = max(http_ports) + 1
     for i, s in enumerate(specs):
-        if not publishes_kv_events(s, kinds[i]):
+        if not publishes_kv_events(s, kinds[i]) or i in out:
             continue
         while any(p in taken or not port_free("127.0.0.1", p) for p in range(nxt, nxt + s.ranks_local)):
             nxt += 1
@@ -362,9 +373,11 @@ def _assign_replay_ports(specs, kinds, http_ports: list[int], kv_port: int, port
     return out
 
 
-def _assign_ports(specs, port_start: int, port_free) -> list[int]:
+def _assign_ports(specs, port_start: int, port_free, reserved: set[int] = frozenset()) -> list[int]:
+    """HTTP ports: the given ones (checked), then the first free ones from ``port_start`` (not
+    ``reserved``: replay ports kept by running replicas)."""
     ports: list[int | None] = [s.port for s in specs]
-    taken: set[int] = set()
+    taken: set[int] = set(reserved)
     for i, s in enumerate(specs):
         if s.port is None:
             continue
