@@ -41,7 +41,7 @@ test-notebooks: model
 	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) notebooks
 
 test: model chromium
-	$(PYTEST) --timeout=1800 --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
+	$(PYTEST) --timeout=1800 --durations=15 --nbmake --nbmake-timeout=$(NB_TIMEOUT) tests notebooks
 
 # Benchmarks print figures and write benchmarks/results/ (not part of `make test`).
 bench: model bench-venv

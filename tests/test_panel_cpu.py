@@ -56,16 +56,20 @@ def test_rows_show_live_load_per_rank(cluster, client):
         assert list(snap.index) == ["replica0", "replica1"]
         assert list(snap["pinning"]) == ["cores 0", "cores 1"]
         assert (snap["mem_gb"] > 1).all() and (snap["routed"] > 0).all()
-        assert 'data-rank="replica0"' in panel.table.value and 'data-rank="replica1"' in panel.table.value
-        assert "least_load" in panel.decisions.value
+        # the table and the decisions view refresh on the panel's own cadence: poll, never read once
+        assert wait_for(lambda: 'data-rank="replica0"' in panel.table.value
+                        and 'data-rank="replica1"' in panel.table.value, 20), panel.table.value
+        assert wait_for(lambda: "least_load" in panel.decisions.value, 20), panel.decisions.value
         assert wait_for(lambda: "<svg" in panel.chart.value, 20)
         hist = panel.monitor.history_frame()
         assert set(hist["rank"]) == {"replica0", "replica1", "total"}
         assert hist["t"].max() - hist["t"].min() <= panel.monitor.window_s
         load.result(timeout=300)
-        assert "/v1/completions" in panel.log_view.value  # the log tail of the selected replica
+        # the log tail of the selected replica, as the next refresh shows it
+        assert wait_for(lambda: "/v1/completions" in panel.log_view.value, 20), panel.log_view.value[-500:]
     finally:
         panel.close()
+    time.sleep(1.0)  # a refresh already under way when the panel closed may still finish
     step = panel.monitor.step
     time.sleep(1.5)
     assert panel.monitor.step == step, "a closed panel kept refreshing"
