@@ -46,6 +46,7 @@ test: model chromium
 # Benchmarks print figures and write benchmarks/results/ (not part of `make test`).
 bench: model bench-venv
 	$(BIN)/python benchmarks/lifecycle.py
+	$(BIN)/python benchmarks/metrics_scrape.py
 	$(BIN)/python benchmarks/router_overhead.py --gen-client aiohttp --max-seconds 560
 	$(BIN)/python benchmarks/sim_speed.py
 	$(BIN)/python benchmarks/sim_fidelity.py
