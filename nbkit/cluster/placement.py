@@ -346,7 +346,7 @@ def kv_events_config(port: int, topic: str, replay_port: int) -> dict:
 
 
 def publishes_kv_events(s: ReplicaSpec, kind: str) -> bool:
-    return kind != "sim" and s.kv_events and not s.headless and not _flag_given(s.extra_args, "--kv-events-config")
+    return s.kv_events and not s.headless and not _flag_given(s.extra_args, "--kv-events-config")
 
 
 def _assign_replay_ports(specs, kinds, http_ports: list[int], kv_port: int, port_free,

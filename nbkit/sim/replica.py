@@ -8,7 +8,7 @@ token streams, and vLLM's /metrics series::
 
     async def main():
         await replica.start()                       # one driver task per engine
-        s = replica.submit(replica.tokens.ids("Hello there"), max_tokens=4)
+        s = replica.submit(replica.tokens.completion("Hello there"), max_tokens=4)
         async for n in replica.token_counts(s):     # tokens as the engine makes them, batch by batch
             print(n)
         print(replica.metrics_text().decode()[:200])
@@ -36,28 +36,12 @@ from typing import Any
 from nbkit.sim.config import InstanceSetup, load_cluster_config, resolve_instances
 from nbkit.sim.engine import Engine
 from nbkit.sim.hardware import get_hardware, load_profile
+from nbkit.sim.kv_publish import parse_kv_events_config
 from nbkit.sim.models import UnknownModelError, get_model_spec
 from nbkit.sim.request import DONE, Req
+from nbkit.sim.tokens import Tokens
 
 __all__ = ["SimReplica", "TokenStream", "build_parser"]
-
-
-class _Tokens:
-    """Prompt tokens: a real tokenizer when there is one, else ~4 characters per token."""
-
-    def __init__(self, path: str | None = None):
-        self.tok = None
-        if path:
-            try:
-                from tokenizers import Tokenizer
-                self.tok = Tokenizer.from_file(path)
-            except Exception:  # noqa: BLE001 - any failure: fall back to the estimate
-                self.tok = None
-
-    def ids(self, text: str) -> list[int]:
-        if self.tok is not None:
-            return self.tok.encode(text, add_special_tokens=False).ids
-        return [hash(text[i:i + 4]) & 0xFFFFFF for i in range(0, len(text), 4)] or [0]
 
 
 class TokenStream:
@@ -82,7 +66,8 @@ class SimReplica:
     """The engines of one simulated server and their real-time drivers."""
 
     def __init__(self, setups: list[InstanceSetup], model_name: str, *, tokenizer: str | None = None,
-                 speed: float = 1.0, max_model_len: int | None = None, default_max_tokens: int = 256):
+                 speed: float = 1.0, max_model_len: int | None = None, default_max_tokens: int = 256,
+                 kv_events: dict | str | None = None):
         if speed <= 0:
             raise ValueError(f"speed={speed!r}: must be > 0")
         self.setups = setups
@@ -90,7 +75,11 @@ class SimReplica:
         for e in self.engines:
             e.collect = True
         self.model_name = model_name
-        self.tokens = _Tokens(tokenizer)
+        self.tokens = Tokens(tokenizer)
+        #: vLLM's ``--kv-events-config`` (parsed; None: no KV-cache events), published from start()
+        self.kv_events = parse_kv_events_config(kv_events) if kv_events else None
+        self.kv_publishers: list = []               # one per engine (DP rank) while started
+        self._kv_pending: list[list[dict]] = [[] for _ in self.engines]
         self.speed = speed
         self._api_free: dict[int, float] = {}   # per engine: simulated time its API server is free (api_serial_s)
         s0 = setups[0]
@@ -183,7 +172,7 @@ class SimReplica:
                     tok = str(cand)
         name = args.served_model_name or model
         return cls(setups, name, tokenizer=tok, speed=args.speed, max_model_len=args.max_model_len,
-                   default_max_tokens=args.default_max_tokens)
+                   default_max_tokens=args.default_max_tokens, kv_events=args.kv_events_config)
 
     # -- clock and drivers ---------------------------------------------------------------------------
     def now(self) -> float:
@@ -191,6 +180,8 @@ class SimReplica:
         return (time.monotonic() - self.t0) * self.speed
 
     async def start(self) -> None:
+        if self.kv_events is not None and not self.kv_publishers:
+            self._start_kv_events()
         self._wake = [asyncio.Event() for _ in self.engines]
         self._tasks = [asyncio.create_task(self._drive(k)) for k in range(len(self.engines))]
 
@@ -203,6 +194,35 @@ class SimReplica:
             except (asyncio.CancelledError, Exception):  # noqa: BLE001
                 pass
         self._tasks = []
+        self._stop_kv_events()
+
+    # -- KV-cache events -----------------------------------------------------------------------------
+    def _start_kv_events(self) -> None:
+        """One publisher per engine (DP rank ``k`` on the endpoints' ports + ``k``, as vLLM); each
+        engine's events are gathered during a step and published as one batch after it."""
+        from nbkit.sim.kv_publish import KVEventPublisher
+        try:
+            for k in range(len(self.engines)):
+                self.kv_publishers.append(KVEventPublisher(self.kv_events, data_parallel_rank=k))
+        except BaseException:
+            self._stop_kv_events()
+            raise
+        for k, e in enumerate(self.engines):
+            e.kv_events = self._kv_pending[k].extend
+
+    def _stop_kv_events(self) -> None:
+        for k, e in enumerate(self.engines):
+            self._flush_kv(k)
+            e.kv_events = None
+        pubs, self.kv_publishers = self.kv_publishers, []
+        for p in pubs:
+            p.shutdown()
+
+    def _flush_kv(self, k: int) -> None:
+        pending = self._kv_pending[k]
+        if pending and k < len(self.kv_publishers):
+            self.kv_publishers[k].publish(list(pending))
+        pending.clear()
 
     async def _drive(self, k: int) -> None:
         e = self.engines[k]
@@ -215,6 +235,7 @@ class SimReplica:
             t = self.now()
             dt = e.schedule(t)
             if dt is None:          # nothing can run until something is freed or arrives
+                self._flush_kv(k)
                 wake.clear()
                 await wake.wait()
                 continue
@@ -222,6 +243,7 @@ class SimReplica:
             await asyncio.sleep(dt / self.speed)
             t_end = max(t + dt, self.now())
             e.finish_step(t_end)
+            self._flush_kv(k)       # one batch per step, as vLLM publishes
             self._emit(k, e, batch)
 
     def _emit(self, k: int, e: Engine, batch: list[Req]) -> None:
@@ -327,6 +349,7 @@ class SimReplica:
             return
         if s.req is not None and not s.done:
             self.engines[s.engine].abort(s.req)
+            self._flush_kv(s.engine)
             s.done = True
             if self._wake:
                 self._wake[s.engine].set()
@@ -391,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="serve this many independent replicas from one process, on ports PORT, PORT+1, ... "
                          "(router load tests at 32+ replicas)")
     ap.add_argument("--log-level", default="warning")
+    ap.add_argument("--kv-events-config", default=None,
+                    help="vLLM's KV-cache events config (JSON: enable_kv_cache_events, publisher zmq, endpoint, "
+                         "topic, replay_endpoint, ...): each engine publishes BlockStored/BlockRemoved as vLLM does")
     # vLLM flags a launcher passes that take a value: accepted and ignored (the data-parallel
     # ranks of every node are all served by the process without --headless)
     for flag in ("--data-parallel-size-local", "--data-parallel-start-rank", "--data-parallel-address",

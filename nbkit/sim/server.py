@@ -17,13 +17,21 @@ sets the KV cache as it does for vLLM-CPU. A request reaches its engine the prof
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST
 /v1/chat/completions`` (both with ``stream`` and ``stream_options.include_usage``), ``POST
-/tokenize``, ``GET /metrics``, ``GET /version``. The prompt's tokens come from the model folder's
-tokenizer (``tokenizer.json``: the tiny model's, or ``--tokenizer``) or, without one, one token
-per 4 characters (with stable pseudo ids, so the prefix cache works); ``max_tokens`` tokens of
-filler text come back (default 16; chat: up to the context limit, at most
+/tokenize``, ``GET /metrics``, ``GET /version``. The prompt's tokens are those vLLM would make
+(:mod:`nbkit.sim.tokens`): the model folder's tokenizer (``tokenizer.json``: the tiny model's, or
+``--tokenizer``) with special tokens for completions, its chat template for chat requests; without
+a tokenizer, one token per 4 characters (with stable pseudo ids, so the prefix cache works);
+``max_tokens`` tokens of filler text come back (default 16; chat: up to the context limit, at most
 ``--default-max-tokens``). With ``--data-parallel-size N`` there are N engines, labelled
 ``engine="0"..`` in /metrics and chosen by the ``X-data-parallel-rank`` header or by least load.
 ``--speed k`` runs the clock k times faster than real time.
+
+``--kv-events-config`` is vLLM's (``{"enable_kv_cache_events": true, "publisher": "zmq",
+"endpoint": "tcp://127.0.0.1:5557", "topic": "replica0", "replay_endpoint":
+"tcp://127.0.0.1:5600"}``): each engine publishes its prefix cache's ``BlockStored`` /
+``BlockRemoved`` events with vLLM's wire format, DP rank ``r`` on the ports + ``r``, and answers
+replays (:mod:`nbkit.sim.kv_publish`), so the router's ``kv_aware`` policy runs on a simulated
+cluster as on a real one.
 
 In-process use (tests, notebooks)::
 
@@ -57,20 +65,6 @@ _WORDS = (" the", " replica", " serves", " many", " tokens", " quickly", ",", " 
 
 def _filler(k: int) -> str:
     return _WORDS[k % len(_WORDS)]
-
-
-def _render_chat(messages: Any) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise ValueError("messages must be a non-empty list")
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or "role" not in m:
-            raise ValueError("each message needs a role")
-        content = m.get("content", "")
-        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
-            content = "".join(c.get("text", "") for c in content if isinstance(c, dict))
-        parts.append(f"<s>{m['role']}: {content or ''}</s>\n")
-    return "".join(parts) + "<s>assistant:"
 
 
 # ------------------------------------------------------------------------------------------- HTTP
@@ -112,38 +106,48 @@ def build_app(replica: SimReplica):
             raise ValueError("request body must be a JSON object")
         return body
 
+    def chat_ids(body: dict) -> list[int]:
+        return replica.tokens.chat(body.get("messages"),
+                                   add_generation_prompt=bool(body.get("add_generation_prompt", True)),
+                                   continue_final_message=bool(body.get("continue_final_message", False)),
+                                   add_special_tokens=bool(body.get("add_special_tokens", False)),
+                                   chat_template_kwargs=body.get("chat_template_kwargs"))
+
+    def prompt_ids(body: dict, prompt: Any) -> list[int]:
+        return replica.tokens.completion(prompt, bool(body.get("add_special_tokens", True)))
+
     async def tokenize(request: Request):
         try:
             body = await body_of(request)
-            text = _render_chat(body["messages"]) if "messages" in body else body.get("prompt", "")
-            if not isinstance(text, str):
-                raise ValueError("prompt must be a string")
+            if "messages" in body:
+                ids = chat_ids(body)
+            else:
+                prompt = body.get("prompt", "")
+                if not isinstance(prompt, str):
+                    raise ValueError("prompt must be a string")
+                ids = prompt_ids(body, prompt)
         except ValueError as e:
             return error(400, str(e))
-        ids = replica.tokens.ids(text)
         return JSONResponse({"count": len(ids), "max_model_len": replica.max_model_len, "tokens": ids})
 
     async def generate(request: Request, chat: bool):
         try:
             body = await body_of(request)
             if chat:
-                text = _render_chat(body.get("messages"))
+                ids = chat_ids(body)
             else:
                 prompt = body.get("prompt", "")
                 if isinstance(prompt, list):
-                    if prompt and all(isinstance(t, int) for t in prompt):
-                        text = None
+                    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
                         ids = list(prompt)
                     elif len(prompt) == 1 and isinstance(prompt[0], str):
-                        text = prompt[0]
+                        ids = prompt_ids(body, prompt[0])
                     else:
                         raise ValueError("only one prompt per request is supported by the simulated replica")
                 elif isinstance(prompt, str):
-                    text = prompt
+                    ids = prompt_ids(body, prompt)
                 else:
                     raise ValueError("prompt must be a string or a list of token ids")
-            if text is not None:
-                ids = replica.tokens.ids(text)
             mt = body.get("max_completion_tokens", body.get("max_tokens"))
             if mt is None:
                 mt = min(replica.default_max_tokens, max(1, replica.max_model_len - len(ids))) if chat else 16
@@ -278,6 +282,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.replicas < 1:
         print("nbkit.sim.server: error: --replicas must be >= 1", file=sys.stderr)
+        return 2
+    if args.replicas > 1 and replica.kv_events is not None:
+        print("nbkit.sim.server: error: --kv-events-config needs --replicas 1 (one topic and replay endpoint "
+              "per replica)", file=sys.stderr)
         return 2
     replicas = [replica] + [SimReplica._from_namespace(args) for _ in range(args.replicas - 1)]
     if args.startup_s > 0:
