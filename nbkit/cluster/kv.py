@@ -8,6 +8,20 @@ is lost), the exact index it feeds, and the served model's tokenizer for router-
     kv.watch(plans[i])                # before spawning replica i (and again after a restart)
     kv.unwatch(plans[i])              # after stopping it
     kv.close()
+
+The same pieces serve a router in another process than the Cluster's (a benchmark's endpoint
+process): the Cluster's own subscriber is closed, and that process binds the very port the
+replicas publish to and follows each replica's topic with its replay (from sequence 0, so
+binding after the replicas started loses nothing)::
+
+    sources = [kv_source(p) for p in cluster.plans]   # in the Cluster's process
+    cluster.kv.close()                                # hand the port over
+    kv = ClusterKV(model, port=port, dp_ports=1)      # in the router's process
+    kv.listen(move=False)                             # that port or an error: the replicas connect there
+    for s in sources:
+        kv.follow(**s)
+    kv.wait_replayed(30)
+    Endpoint(ranks, kv_index=kv.index, tokenizer=kv.tokenizer, policy="kv_aware")
 """
 
 from __future__ import annotations
@@ -38,6 +52,16 @@ def free_port_block(start: int, n: int, host: str = "127.0.0.1") -> int:
     raise SpecError("kv_events_port", start, f"no {n} free consecutive ports from {start}")
 
 
+def kv_source(plan: LaunchPlan) -> dict | None:
+    """What a subscriber follows for ``plan``'s replica (``topic``, ``dp_size``, ``replay_port``,
+    ``names``: DP rank -> rank name), as :meth:`ClusterKV.follow` takes it; None when the replica
+    does not publish KV-cache events to the cluster."""
+    if plan.kv_topic is None:
+        return None
+    names = {r: f"{plan.name}/dp{r}" for r in range(plan.dp_size)} if plan.dp_size > 1 else {0: plan.name}
+    return {"topic": plan.kv_topic, "dp_size": plan.dp_size, "replay_port": plan.kv_replay_port, "names": names}
+
+
 class ClusterKV:
     """The KV-event port, subscriber, index and tokenizer of one Cluster (see the module docstring)."""
 
@@ -48,16 +72,18 @@ class ClusterKV:
         self.tokenizer = PromptTokenizer(model)
         self._sub: KVEventSubscriber | None = None
 
-    def listen(self) -> int:
+    def listen(self, move: bool = True) -> int:
         """Bind the SUB socket (before the replicas are planned for good and spawned); if another
-        process took the port since it was chosen, the next free block is used. Returns the port."""
+        process took the port since it was chosen, the next free block is used (``move=False``:
+        raise ``ValueError`` instead, for a router whose replicas already publish to that port).
+        Returns the port."""
         tries = 0
         while self._sub is None:
             try:
                 self._sub = KVEventSubscriber(self.index, port=self.port, dp_ports=self.dp_ports).start()
             except ValueError:
                 tries += 1
-                if tries > 20:
+                if tries > 20 or not move:
                     raise
                 self.port = free_port_block(self.port + self.dp_ports, self.dp_ports)
         return self.port
@@ -69,11 +95,19 @@ class ClusterKV:
 
     def watch(self, plan: LaunchPlan) -> None:
         """Expect ``plan``'s events from now on (its index starts over: a new engine is empty)."""
-        if plan.kv_topic is None:
-            return
-        names = {r: f"{plan.name}/dp{r}" for r in range(plan.dp_size)} if plan.dp_size > 1 else {0: plan.name}
-        self.subscriber.add_source(plan.kv_topic, dp_size=plan.dp_size, replay_port=plan.kv_replay_port,
-                                   names=names)
+        source = kv_source(plan)
+        if source is not None:
+            self.follow(**source)
+
+    def follow(self, topic: str, *, replay_port: int | None = None, dp_size: int = 1,
+               names: dict[int, str] | None = None) -> None:
+        """Expect events on ``topic`` (one replica, see :func:`kv_source`), replaying its history
+        from ``replay_port`` first; listens first if need be."""
+        self.subscriber.add_source(topic, dp_size=dp_size, replay_port=replay_port, names=names)
+
+    def wait_replayed(self, timeout: float) -> bool:
+        """Until every followed source has answered its replay (True), or ``timeout`` s (False)."""
+        return self.subscriber.wait_replayed(timeout)
 
     def unwatch(self, plan: LaunchPlan) -> None:
         if plan.kv_topic is not None and self._sub is not None:

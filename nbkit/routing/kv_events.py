@@ -101,6 +101,26 @@ class KVEventSubscriber:
                 for d in range(src.dp_size):
                     self.index.forget(src.rank_name(d))
 
+    @property
+    def replayed(self) -> bool:
+        """True once every DP rank of every source with a replay endpoint has its replay behind it
+        (answered, or given up on ``REPLAY_WAIT_S`` after it began while live batches waited): from
+        then on the index is as complete as the engines' replay buffers allow (:meth:`KVIndex.snapshot`
+        says which ranks are warm)."""
+        with self._lock:
+            sources = list(self.sources.values())
+        return all(src.replay_started.get(d, 0) < 0 for src in sources if src.replay_port is not None
+                   for d in range(src.dp_size))
+
+    def wait_replayed(self, timeout: float, poll: float = 0.02) -> bool:
+        """Wait until :attr:`replayed` (True) or ``timeout`` seconds (False); needs :meth:`start`."""
+        deadline = time.monotonic() + timeout
+        while not self.replayed:
+            if self._thread is None or time.monotonic() >= deadline:
+                return self.replayed
+            time.sleep(poll)
+        return True
+
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self) -> "KVEventSubscriber":
         """Bind the SUB socket (raises if a port is taken) and start the receiving thread."""
