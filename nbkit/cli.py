@@ -26,6 +26,17 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
+def _port(text: str) -> int:
+    """argparse type: a TCP port a server can listen on (so a bad --port fails before anything starts)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="nbkit", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -40,10 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--num-instances", "-n", type=int, default=1)
     s.add_argument("--tp", type=int, default=1, help="tensor-parallel size of each instance")
     s.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"])
-    s.add_argument("--port", type=int, default=8000,
+    s.add_argument("--port", type=_port, default=8000,
                    help="with one instance the replica serves here; with more, the routed "
                         "OpenAI-compatible endpoint, and the replicas use --port-start")
-    s.add_argument("--port-start", type=int, default=None, help="first port of the replicas (default: port+1)")
+    s.add_argument("--port-start", type=_port, default=None, help="first port of the replicas (default: port+1)")
     s.add_argument("--host", default="127.0.0.1", help="address of the endpoint and replicas")
     s.add_argument("--policy", default="least_load", help="routing policy of the endpoint (N > 1): a name, or name:option=value,... "
                         "(e.g. prefix_affinity:affinity_weight=0.5)")

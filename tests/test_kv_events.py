@@ -119,6 +119,24 @@ def test_kv_aware_goes_where_the_prefix_is_cached_and_says_how_much():
     assert c.reason.startswith(f"kv_aware: r1 {3 * BS}/{len(PROMPT)} cached") and f"r0 0/{len(PROMPT)} cached" in c.reason
 
 
+def test_each_prompt_is_matched_by_its_own_tokens_even_when_the_last_ones_memory_is_reused():
+    """Prompts routed one after another, each list freed before the next is made (so CPython
+    hands the next list the same address): every choice follows the prefix of its own prompt."""
+    ix = KVIndex()
+    warm(ix, "r0", "r1")
+    other = [t + 1000 for t in PROMPT]
+    ix.apply_batch("r0", 0, [stored([1, 2, 3], PROMPT[:3 * BS])])
+    ix.apply_batch("r1", 0, [stored([7, 8, 9], other[:3 * BS])])
+    p, wrong = kv_policy(ix), []
+    for i in range(200):
+        want, ids = ("r0", list(PROMPT)) if i % 2 else ("r1", list(other))
+        c = p.select(loads(), RequestInfo(prompt_tokens=len(ids), max_tokens=8, token_ids=ids))
+        if (c.key, c.cached_tokens) != (want, 3 * BS):
+            wrong.append((i, c.reason))
+        del ids, c
+    assert wrong == [], f"{len(wrong)} of 200 prompts matched another prompt's blocks: {wrong[:2]}"
+
+
 def test_kv_aware_spreads_a_burst_once_the_cached_rank_is_busier_than_a_second_copy():
     ix = KVIndex()
     warm(ix, "r0", "r1")

@@ -63,27 +63,8 @@ def cluster(tiny_model_path, tmp_path_factory):
         c.stop()
 
 
-class KeepIds:
-    """The cluster's tokenizer, keeping every token-id list it made alive. Workaround:
-    ``KVAwarePolicy.keys`` memoizes a prompt's block keys by ``id(request.token_ids)`` without
-    holding the list, so once a finished request's list is freed the next prompt's list often gets
-    its id and the policy looks up the previous prompt's keys (nbkit/policies/kv.py; to be fixed
-    there: keep the list in the memo and compare with ``is``)."""
-
-    def __init__(self, tok):
-        self.tok, self.kept = tok, []
-
-    def token_ids(self, body):
-        ids = self.tok.token_ids(body)
-        self.kept.append(ids)
-        return ids
-
-    def __getattr__(self, name):
-        return getattr(self.tok, name)
-
-
 def kv_client(cluster):
-    return cluster.client("kv_aware", tokenizer=KeepIds(cluster.tokenizer))
+    return cluster.client("kv_aware")
 
 
 # --------------------------------------------------------------------------------- the flags

@@ -36,7 +36,8 @@ from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
 from nbkit.cluster.kv import ClusterKV
 from nbkit.http.ports import port_is_free
-from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, discover, resolve_device)
+from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, check_port, discover,
+                                resolve_device)
 from nbkit.cluster.placement import plan_replicas
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ class Cluster:
                  kv_events: bool = True, kv_events_port: int | None = None):
         if log_interval is not None and log_interval <= 0:
             raise SpecError("log_interval", log_interval, "must be > 0 seconds (or None)")
+        check_port("port_start", port_start)
+        if kv_events_port is not None:
+            check_port("kv_events_port", kv_events_port)
         if isinstance(specs, ReplicaSpec):
             specs = [specs]
         self._specs: list[ReplicaSpec] = list(specs)
@@ -273,7 +277,7 @@ class Cluster:
             if self.running:
                 raise RuntimeError("cluster is already running; stop() it first or use restart()/scale()")
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            if self.kv is not None and any(s.engine == "vllm" for s in self._specs):
+            if self.kv is not None:
                 self.kv.listen()  # the KV-event socket is bound before the plans name its port
             self.plans = self._plan(self._specs)  # re-check ports etc. right before launching
             self._procs = [None] * len(self.plans)

@@ -49,6 +49,13 @@ class SpecError(ValueError):
         super().__init__(f"{field}={value!r}: {message}")
 
 
+def check_port(field: str, value: object) -> int:
+    """``value`` if it is a TCP port a server can listen on (1-65535), else :class:`SpecError` naming ``field``."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise SpecError(field, value, "must be a TCP port number, 1-65535")
+    return value
+
+
 @dataclass(frozen=True)
 class GPU:
     index: int

@@ -5,6 +5,8 @@ See :mod:`nbkit.policies` for how to use and write policies."""
 
 from __future__ import annotations
 
+import math
+import numbers
 import random
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar, Sequence, Union
@@ -133,7 +135,8 @@ class Policy:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise TypeError(f"{type(self).__name__}: unknown option(s) {', '.join(unknown)} "
                             f"(accepted: seed, {known})")
-        for k, v in {**self.defaults, **options}.items():
+        for k, v in {**self.defaults, **{k: _checked_option(type(self).__name__, k, v, self.defaults[k])
+                                         for k, v in options.items()}}.items():
             setattr(self, k, v)
 
     def select(self, candidates: Sequence[RankLoad], request: RequestInfo) -> Choice:
@@ -210,6 +213,31 @@ def _normalize(name: str) -> str:
 def available_policies() -> list[str]:
     """Registered policy names, sorted."""
     return sorted(_REGISTRY)
+
+
+def _checked_option(policy: str, key: str, value: Any, default: Any) -> Any:
+    """``value`` for option ``key``, checked against the kind of its default: numbers (weights,
+    sizes, counts) must be finite and >= 0, whole where the default is whole; flags must be bool.
+    A bad value raises ``ValueError`` naming the option, when the policy is made, not on the first
+    routed request."""
+    def bad(why: str) -> ValueError:
+        return ValueError(f"{policy}: option {key}={value!r} {why} (default {default!r})")
+
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise bad("must be true or false")
+        return value
+    if isinstance(default, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise bad("must be a number")
+        if not math.isfinite(value) or value < 0:
+            raise bad("must be a finite number >= 0")
+        if isinstance(default, int):
+            if value != int(value):
+                raise bad("must be a whole number")
+            return int(value)
+        return float(value)
+    return value
 
 
 PolicySpec = Union[str, Policy, type[Policy],

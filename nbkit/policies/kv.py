@@ -54,7 +54,9 @@ class KVAwarePolicy(_LoadAware):
                                                     kv_weight=self.kv_weight)
         # rank key -> in-flight request id -> its block keys (at that rank's block size)
         self.pending: dict[str, OrderedDict[int, list[bytes]]] = {}
-        self._memo: tuple[int, str | None, int, list[bytes]] | None = None
+        # (token ids, lora, block size, keys): the list itself, compared by identity; an id() alone
+        # would be reused by the next prompt's list once this one is freed
+        self._memo: tuple[list[int], str | None, int, list[bytes]] | None = None
 
     # -- the decision ------------------------------------------------------------------------------
     def _why_not(self, candidates, request: RequestInfo) -> str:
@@ -73,10 +75,10 @@ class KVAwarePolicy(_LoadAware):
         """The prompt's block keys at ``block_size`` (memoized for the request being routed)."""
         ids = request.token_ids
         memo = self._memo
-        if memo is not None and memo[0] == id(ids) and memo[1] == request.lora and memo[2] == block_size:
+        if memo is not None and memo[0] is ids and memo[1] == request.lora and memo[2] == block_size:
             return memo[3]
         keys = block_keys(ids, block_size, request.lora)
-        self._memo = (id(ids), request.lora, block_size, keys)
+        self._memo = (ids, request.lora, block_size, keys)
         return keys
 
     def cached(self, c: RankLoad, request: RequestInfo) -> int:
