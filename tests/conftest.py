@@ -147,5 +147,24 @@ def kill_tree(pids) -> None:
 
 def free_port(start: int) -> int:
     """The first port from ``start`` that nothing listens on (for endpoints started by tests)."""
+    return free_ports(1, start)[0]
+
+
+def free_ports(n: int, start: int) -> list[int]:
+    """The first ``n`` ports from ``start`` that nothing listens on."""
+    from itertools import islice
+
     from nbkit.http.ports import port_is_free
-    return next(p for p in range(start, start + 200) if port_is_free("127.0.0.1", p))
+    out = list(islice((p for p in range(start, start + 200 + n) if port_is_free("127.0.0.1", p)), n))
+    assert len(out) == n, f"fewer than {n} free ports from {start}"
+    return out
+
+
+def wait_for(pred, timeout: float = 30.0, what: str = "condition", every: float = 0.05) -> None:
+    """Poll ``pred`` until it is true; fail naming ``what`` after ``timeout`` seconds."""
+    import time
+    t = time.monotonic()
+    while not pred():
+        if time.monotonic() - t > timeout:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(every)

@@ -19,19 +19,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from conftest import free_ports
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
-
-
-def free_ports(n: int, start: int) -> list[int]:
-    from nbkit.http.ports import port_is_free
-    out, p = [], start
-    while len(out) < n:
-        if port_is_free("127.0.0.1", p):
-            out.append(p)
-        p += 1
-    return out
 
 
 def wait_for(pred, timeout=20.0, what="condition", proc=None):

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import free_ports, wait_for
 from nbkit.policies import RankLoad, RequestInfo, get_policy
 from nbkit.policies.kv_index import KVIndex, block_keys, event_fields
 
@@ -187,24 +188,6 @@ def test_kv_aware_takes_options_in_its_name():
 
 
 # -------------------------------------------------------------------------------- subscriber
-def free_ports(n: int, start: int = 25557) -> list[int]:
-    from nbkit.http.ports import port_is_free
-    out, p = [], start
-    while len(out) < n:
-        if port_is_free("127.0.0.1", p):
-            out.append(p)
-        p += 1
-    return out
-
-
-def wait_for(pred, timeout=10.0, what="condition"):
-    t = time.monotonic()
-    while not pred():
-        if time.monotonic() - t > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
-
 @pytest.fixture
 def vllm_publisher():
     """vLLM's own publisher (no engine): the real wire format, sequence numbers and replay."""
@@ -228,7 +211,7 @@ def vllm_publisher():
 def test_a_late_subscriber_replays_the_history_then_follows_live_events(vllm_publisher):
     from nbkit.routing.kv_events import KVEventSubscriber
     make, kv = vllm_publisher
-    port, replay = free_ports(2)
+    port, replay = free_ports(2, 25557)
     publish = make(port, replay)
     publish(kv.BlockStored(block_hashes=[11, 12], parent_block_hash=None, token_ids=PROMPT[:2 * BS],
                            block_size=BS, lora_id=None, medium="GPU", lora_name=None))

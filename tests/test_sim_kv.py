@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import httpx
 import pytest
 
-from conftest import free_port
+from conftest import free_port, free_ports, wait_for
 from nbkit import Cluster
 from nbkit.policies.kv_index import KVIndex
 from nbkit.routing.kv_events import KVEventSubscriber
@@ -22,24 +21,6 @@ from nbkit.sim.kv_publish import encode_events, parse_kv_events_config
 
 N = 2
 BS = 128  # the cpu profile's block size (vLLM-CPU's)
-
-
-def wait_for(pred, timeout=30.0, what="condition"):
-    t = time.monotonic()
-    while not pred():
-        if time.monotonic() - t > timeout:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
-def free_ports(n: int, start: int) -> list[int]:
-    from nbkit.http.ports import port_is_free
-    out, p = [], start
-    while len(out) < n:
-        if port_is_free("127.0.0.1", p):
-            out.append(p)
-        p += 1
-    return out
 
 
 def doc(seed: int, words: int = 400) -> str:
