@@ -56,25 +56,11 @@ class _SharedCluster:
         return self.cluster
 
     def settle(self, timeout: float = 120.0) -> None:
-        """Until no live replica runs or queues a request (polls each replica's own /metrics)."""
+        """Until no live replica runs or queues a request (the cluster's own scrape of each replica)."""
         import time
-
-        import httpx
-
-        from nbkit.routing.metrics import parse_metrics
         deadline, busy = time.monotonic() + timeout, {}
         while time.monotonic() < deadline:
-            busy = {}
-            for st in self.cluster.status():
-                if st.state != "healthy":
-                    continue
-                try:
-                    per = parse_metrics(httpx.get(f"{st.url}/metrics", timeout=10).text)
-                except httpx.HTTPError:
-                    continue
-                n = sum(m.running + m.waiting for m in per.values())
-                if n:
-                    busy[st.name] = n
+            busy = {name: n for name, m in self.cluster.metrics().items() if (n := m.running + m.waiting)}
             if not busy:
                 return
             time.sleep(0.3)
