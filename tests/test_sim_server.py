@@ -176,3 +176,149 @@ def test_many_replicas_in_one_process():
     finally:
         p.terminate()
         p.wait(10)
+
+
+# ------------------------------------------- the migration dialect, in-process (vLLM 0.32's fields)
+def run_app(fn, *extra: str):
+    """``fn(client)`` against an in-process replica (the tiny model's tokenizer, a fast clock)."""
+    import asyncio
+
+    from nbkit.sim.replica import SimReplica
+    from nbkit.sim.server import build_app
+    replica = SimReplica.from_args(["--model-spec", "tiny", "--hardware", "cpu", "--speed", "20", *extra])
+
+    async def main():
+        await replica.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=build_app(replica)),
+                                         base_url="http://sim", timeout=30) as client:
+                return await fn(client, replica)
+        finally:
+            await replica.stop()
+
+    return asyncio.run(main())
+
+
+async def post_sse(client, path: str, body: dict) -> list:
+    r = await client.post(path, json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    return sse_events(r.text.splitlines())
+
+
+def test_prompt_as_token_ids_and_return_token_ids_not_streamed():
+    async def fn(client, replica):
+        text = (await client.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 6,
+                                                           "return_token_ids": True})).json()
+        ids = text["choices"][0]["prompt_token_ids"]
+        assert ids == replica.tokens.completion("hello world") and text["usage"]["prompt_tokens"] == len(ids)
+        gen = text["choices"][0]["token_ids"]
+        assert len(gen) == 6 == text["usage"]["completion_tokens"]
+        # the text is the generated tokens' text
+        assert text["choices"][0]["text"] == replica.tokens.tok.decode(gen)
+        for prompt in (ids, [ids]):   # the same prompt as token ids: the same answer
+            d = (await client.post("/v1/completions", json={"prompt": prompt, "max_tokens": 6,
+                                                            "return_token_ids": True})).json()
+            assert d["choices"][0]["prompt_token_ids"] == ids and d["choices"][0]["token_ids"] == gen
+            assert d["choices"][0]["text"] == text["choices"][0]["text"] and d["usage"] == text["usage"]
+        # without return_token_ids, no ids (as vLLM's fields are then null / absent)
+        plain = (await client.post("/v1/completions", json={"prompt": ids, "max_tokens": 3})).json()
+        assert not plain["choices"][0].get("token_ids") and not plain["choices"][0].get("prompt_token_ids")
+        bad = await client.post("/v1/completions", json={"prompt": [1, 2, 10**6], "max_tokens": 3})
+        assert bad.status_code == 400 and "out of vocabulary" in bad.json()["message"]
+        bad = await client.post("/v1/completions", json={"prompt": [[1, 2], [3]], "max_tokens": 3})
+        assert bad.status_code == 400
+        chat = (await client.post("/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "return_token_ids": True})).json()
+        assert chat["prompt_token_ids"] == replica.tokens.chat([{"role": "user", "content": "Hi"}])
+        assert len(chat["choices"][0]["token_ids"]) == 4 == chat["usage"]["completion_tokens"]
+        assert chat["choices"][0]["message"]["content"] == replica.tokens.tok.decode(chat["choices"][0]["token_ids"])
+
+    run_app(fn)
+
+
+def test_return_token_ids_streamed_in_vllms_places():
+    async def fn(client, replica):
+        ids = replica.tokens.completion("the stream begins")
+        ev = await post_sse(client, "/v1/completions", {"prompt": "the stream begins", "max_tokens": 9,
+                                                        "return_token_ids": True, "ignore_eos": True,
+                                                        "stream_options": {"include_usage": True}})
+        assert ev[-1] == "[DONE]"
+        chunks = [c for c in ev[:-1] if c["choices"]]
+        # prompt_token_ids in the first chunk's choice, null after; token_ids: each chunk's new tokens
+        assert chunks[0]["choices"][0]["prompt_token_ids"] == ids
+        assert all(c["choices"][0]["prompt_token_ids"] is None for c in chunks[1:])
+        gen = [t for c in chunks for t in c["choices"][0]["token_ids"]]
+        assert len(gen) == 9 == ev[-2]["usage"]["completion_tokens"]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == replica.tokens.tok.decode(gen)
+        # stable: the same prompt, the same tokens (not streamed too)
+        d = (await client.post("/v1/completions", json={"prompt": "the stream begins", "max_tokens": 9,
+                                                        "return_token_ids": True})).json()
+        assert d["choices"][0]["token_ids"] == gen
+        # chat: prompt_token_ids at the top of the first (role) chunk, token_ids in the choices
+        msgs = [{"role": "user", "content": "Hi"}]
+        ev = await post_sse(client, "/v1/chat/completions", {"messages": msgs, "max_tokens": 5,
+                                                             "return_token_ids": True})
+        assert ev[0]["prompt_token_ids"] == replica.tokens.chat(msgs) and ev[0]["choices"][0]["delta"]["role"]
+        content = [c for c in ev[1:-1] if c["choices"][0]["delta"].get("content")]
+        assert [len(c["choices"][0]["token_ids"]) for c in content] == [1] * 5
+        assert all("prompt_token_ids" not in c for c in ev[1:-1])
+        assert content[-1]["choices"][0]["finish_reason"] == "length"
+
+    run_app(fn)
+
+
+def test_a_resent_stream_continues_as_it_would_have():
+    """Prompt ids + the first k generated ids, with the remaining max_tokens: the rest of the tokens
+    the uninterrupted request gets (what a router's stream migration sends)."""
+    async def fn(client, replica):
+        whole = (await client.post("/v1/completions", json={"prompt": "migrate me", "max_tokens": 40,
+                                                            "return_token_ids": True})).json()["choices"][0]
+        ids, gen = whole["prompt_token_ids"], whole["token_ids"]
+        for k in (1, 7, 23):
+            ev = await post_sse(client, "/v1/completions", {"prompt": ids + gen[:k], "max_tokens": 40 - k,
+                                                            "return_token_ids": True, "ignore_eos": True})
+            rest = [t for c in ev[:-1] for t in c["choices"][0]["token_ids"]]
+            assert rest == gen[k:]
+            assert whole["text"] == replica.tokens.tok.decode(gen[:k]) + "".join(
+                c["choices"][0]["text"] for c in ev[:-1])
+
+    run_app(fn)
+
+
+def test_chat_continue_final_message():
+    async def fn(client, replica):
+        msgs = [{"role": "user", "content": "Tell me"}]
+        first = (await client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 20,
+                                                                 "return_token_ids": True})).json()
+        said = first["choices"][0]["message"]["content"]
+        part = replica.tokens.tok.decode(first["choices"][0]["token_ids"][:8])
+        cont = msgs + [{"role": "assistant", "content": part}]
+        body = {"messages": cont, "max_tokens": 12, "continue_final_message": True,
+                "add_generation_prompt": False, "return_token_ids": True}
+        d = (await client.post("/v1/chat/completions", json=body)).json()
+        want = replica.tokens.chat(cont, add_generation_prompt=False, continue_final_message=True)
+        # the assistant's partial message is prompt, left open (no end of turn)
+        assert d["prompt_token_ids"] == want and d["usage"]["prompt_tokens"] == len(want)
+        rendered = replica.tokens.render(cont, add_generation_prompt=False, continue_final_message=True)
+        assert rendered.endswith(part) and len(want) > len(replica.tokens.chat(msgs))
+        assert d["usage"]["completion_tokens"] == 12
+        assert part + d["choices"][0]["message"]["content"] == said      # it goes on where it was cut
+        ev = await post_sse(client, "/v1/chat/completions", body)
+        assert "".join(c["choices"][0]["delta"].get("content", "") for c in ev[:-1]) == \
+            d["choices"][0]["message"]["content"]
+        both = await client.post("/v1/chat/completions", json={**body, "add_generation_prompt": True})
+        assert both.status_code == 400 and "continue_final_message" in both.json()["message"]
+
+    run_app(fn)
+
+
+def test_ignore_eos_accepted():
+    async def fn(client, replica):
+        for path, extra in (("/v1/completions", {"prompt": "hi"}),
+                            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})):
+            r = await client.post(path, json={**extra, "max_tokens": 5, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        r = await client.post("/v1/completions", json={"prompt": "hi", "ignore_eos": "yes"})
+        assert r.status_code == 400
+
+    run_app(fn)

@@ -26,6 +26,19 @@ a tokenizer, one token per 4 characters (with stable pseudo ids, so the prefix c
 ``engine="0"..`` in /metrics and chosen by the ``X-data-parallel-rank`` header or by least load.
 ``--speed k`` runs the clock k times faster than real time.
 
+The fields a router uses to move a stream from one replica to another are vLLM 0.32's: a
+completion ``prompt`` may be token ids (``[1, 2, 3]`` or ``[[1, 2, 3]]``, checked against the
+vocabulary); ``return_token_ids: true`` adds the ids as vLLM does (completions: ``prompt_token_ids``
+and ``token_ids`` in the choice, streamed: ``prompt_token_ids`` in the first chunk's choice and
+``null`` after it, each chunk's ``token_ids`` its new tokens; chat: ``prompt_token_ids`` at the top
+of the response or of the first, role-only chunk, ``token_ids`` in the choice); chat's
+``continue_final_message: true`` with ``add_generation_prompt: false`` continues the last
+(assistant) message, whose tokens count as prompt (both true: vLLM's 400); ``ignore_eos`` is
+accepted (the simulated replica never stops before ``max_tokens``). The generated tokens are
+:meth:`Tokens.filler <nbkit.sim.tokens.Tokens.filler>`'s: each chunk's text is its token's, and,
+like greedy decoding, a context that ends inside the filler continues it, so prompt + generated ids
+resent to another replica give the same next tokens.
+
 ``--kv-events-config`` is vLLM's (``{"enable_kv_cache_events": true, "publisher": "zmq",
 "endpoint": "tcp://127.0.0.1:5557", "topic": "replica0", "replay_endpoint":
 "tcp://127.0.0.1:5600"}``): each engine publishes its prefix cache's ``BlockStored`` /
@@ -58,14 +71,6 @@ from nbkit.sim.models import UnknownModelError
 from nbkit.sim.replica import SimReplica, TokenStream, build_parser
 
 __all__ = ["build_app", "main"]
-
-_WORDS = (" the", " replica", " serves", " many", " tokens", " quickly", ",", " and", " a", " router",
-          " balances", " the", " load", " of", " every", " request", ".")
-
-
-def _filler(k: int) -> str:
-    return _WORDS[k % len(_WORDS)]
-
 
 # ------------------------------------------------------------------------------------------- HTTP
 
@@ -130,24 +135,43 @@ def build_app(replica: SimReplica):
             return error(400, str(e))
         return JSONResponse({"count": len(ids), "max_model_len": replica.max_model_len, "tokens": ids})
 
+    def token_prompt(prompt: list) -> list[int]:
+        ids = list(prompt)
+        vocab = replica.tokens.vocab_size
+        if vocab is not None and any(not 0 <= t < vocab for t in ids):
+            bad = max(ids) if max(ids) >= vocab else min(ids)
+            raise ValueError(f"Token id {bad} is out of vocabulary")
+        return ids
+
+    def completion_ids(body: dict) -> list[int]:
+        prompt = body.get("prompt", "")
+
+        def is_ids(x) -> bool:
+            return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in x)
+        if isinstance(prompt, str):
+            return prompt_ids(body, prompt)
+        if is_ids(prompt):
+            return token_prompt(prompt)
+        if isinstance(prompt, list) and len(prompt) == 1:
+            if isinstance(prompt[0], str):
+                return prompt_ids(body, prompt[0])
+            if is_ids(prompt[0]):
+                return token_prompt(prompt[0])
+        if isinstance(prompt, list) and len(prompt) > 1:
+            raise ValueError("only one prompt per request is supported by the simulated replica")
+        raise ValueError("prompt must be a string or a list of token ids")
+
     async def generate(request: Request, chat: bool):
         try:
             body = await body_of(request)
             if chat:
+                if body.get("continue_final_message") and body.get("add_generation_prompt"):
+                    raise ValueError("Cannot set both `continue_final_message` and `add_generation_prompt` "
+                                     "to True.")
                 ids = chat_ids(body)
             else:
-                prompt = body.get("prompt", "")
-                if isinstance(prompt, list):
-                    if prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-                        ids = list(prompt)
-                    elif len(prompt) == 1 and isinstance(prompt[0], str):
-                        ids = prompt_ids(body, prompt[0])
-                    else:
-                        raise ValueError("only one prompt per request is supported by the simulated replica")
-                elif isinstance(prompt, str):
-                    ids = prompt_ids(body, prompt)
-                else:
-                    raise ValueError("prompt must be a string or a list of token ids")
+                ids = completion_ids(body)
             mt = body.get("max_completion_tokens", body.get("max_tokens"))
             if mt is None:
                 mt = min(replica.default_max_tokens, max(1, replica.max_model_len - len(ids))) if chat else 16
@@ -155,6 +179,9 @@ def build_app(replica: SimReplica):
                 raise ValueError(f"max_tokens={mt!r}: must be an integer >= 1")
             if body.get("n", 1) != 1:
                 raise ValueError("n > 1 is not supported by the simulated replica")
+            for flag in ("return_token_ids", "ignore_eos", "continue_final_message", "add_generation_prompt"):
+                if body.get(flag) is not None and not isinstance(body[flag], bool):
+                    raise ValueError(f"{flag}={body[flag]!r}: must be a boolean")
             engine = replica.pick_engine(request.headers.get("x-data-parallel-rank"))
             s = replica.submit(ids, mt, engine)
         except ValueError as e:
@@ -163,30 +190,36 @@ def build_app(replica: SimReplica):
         created = int(time.time())
         model = replica.model_name
         n_in = len(ids)
+        out = _Output(replica, ids, bool(body.get("return_token_ids")))
         if body.get("stream"):
             opts = body.get("stream_options") or {}
             usage_chunk = bool(opts.get("include_usage")) if isinstance(opts, dict) else False
-            return StreamingResponse(_sse(replica, s, rid, created, model, chat, n_in, mt, usage_chunk),
+            return StreamingResponse(_sse(replica, s, rid, created, model, chat, out, mt, usage_chunk),
                                      media_type="text/event-stream")
         try:
             k = 0
-            pieces = []
             async for n in replica.token_counts(s):
-                for _ in range(n):
-                    pieces.append(_filler(k))
-                    k += 1
+                k += n
         except asyncio.CancelledError:
             replica.abort(s)
             raise
+        gen_ids, pieces = out.tokens(0, k)
         text_out = "".join(pieces)
         usage = {"prompt_tokens": n_in, "completion_tokens": k, "total_tokens": n_in + k}
         if chat:
-            return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model,
-                                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text_out},
-                                              "logprobs": None, "finish_reason": "length"}], "usage": usage})
+            choice = {"index": 0, "message": {"role": "assistant", "content": text_out}, "logprobs": None,
+                      "finish_reason": "length"}
+            d = {"id": rid, "object": "chat.completion", "created": created, "model": model, "choices": [choice],
+                 "usage": usage}
+            if out.return_ids:
+                choice.update(stop_reason=None, token_ids=gen_ids)
+                d["prompt_token_ids"] = ids
+            return JSONResponse(d)
+        choice = {"index": 0, "text": text_out, "logprobs": None, "finish_reason": "length"}
+        if out.return_ids:
+            choice.update(stop_reason=None, token_ids=gen_ids, prompt_token_ids=ids)
         return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model,
-                             "choices": [{"index": 0, "text": text_out, "logprobs": None,
-                                          "finish_reason": "length"}], "usage": usage})
+                             "choices": [choice], "usage": usage})
 
     async def completions(request: Request):
         return await generate(request, chat=False)
@@ -209,32 +242,60 @@ def build_app(replica: SimReplica):
     return Starlette(routes=routes, lifespan=lifespan)
 
 
-async def _sse(replica: SimReplica, s: TokenStream, rid: str, created: int, model: str, chat: bool, n_in: int,
-               max_tokens: int, usage_chunk: bool):
-    obj = "chat.completion.chunk" if chat else "text_completion"
+class _Output:
+    """One request's generated tokens: the filler cycle from where the prompt leaves it."""
 
-    def chunk(choice: dict, usage=None) -> bytes:
+    __slots__ = ("ids", "texts", "start", "prompt", "return_ids")
+
+    def __init__(self, replica: SimReplica, prompt: list[int], return_ids: bool):
+        self.ids, self.texts = replica.tokens.filler()
+        self.start = replica.tokens.filler_start(prompt)
+        self.prompt = prompt
+        self.return_ids = return_ids
+
+    def tokens(self, a: int, b: int) -> tuple[list[int], list[str]]:
+        """Generated tokens ``a..b-1``: their ids and texts."""
+        n = len(self.ids)
+        ks = [(self.start + k) % n for k in range(a, b)]
+        return [self.ids[k] for k in ks], [self.texts[k] for k in ks]
+
+
+async def _sse(replica: SimReplica, s: TokenStream, rid: str, created: int, model: str, chat: bool,
+               out: _Output, max_tokens: int, usage_chunk: bool):
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    n_in = len(out.prompt)
+
+    def chunk(choice: dict, usage=None, **top) -> bytes:
         d = {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
         if usage is not None or usage_chunk:
             d["usage"] = usage
+        d.update(top)
         return b"data: " + json.dumps(d, separators=(",", ":")).encode() + b"\n\n"
 
     k = 0
     try:
         if chat:
+            top = {"prompt_token_ids": out.prompt} if out.return_ids else {}
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                         "finish_reason": None})
+                         "finish_reason": None}, **top)
         async for n in replica.token_counts(s):
             for _ in range(n):
-                piece = _filler(k)
+                (tid,), (piece,) = out.tokens(k, k + 1)
                 k += 1
                 last = k >= max_tokens
                 if chat:
-                    yield chunk({"index": 0, "delta": {"content": piece}, "logprobs": None,
-                                 "finish_reason": "length" if last else None})
+                    c = {"index": 0, "delta": {"content": piece}, "logprobs": None,
+                         "finish_reason": "length" if last else None}
+                    if out.return_ids:
+                        if last:
+                            c["stop_reason"] = None
+                        c["token_ids"] = [tid]
                 else:
-                    yield chunk({"index": 0, "text": piece, "logprobs": None,
-                                 "finish_reason": "length" if last else None})
+                    c = {"index": 0, "text": piece, "logprobs": None, "finish_reason": "length" if last else None}
+                    if out.return_ids:
+                        c.update(stop_reason=None, prompt_token_ids=out.prompt if k == 1 else None,
+                                 token_ids=[tid])
+                yield chunk(c)
         if usage_chunk:
             d = {"id": rid, "object": obj, "created": created, "model": model, "choices": [],
                  "usage": {"prompt_tokens": n_in, "completion_tokens": k, "total_tokens": n_in + k}}

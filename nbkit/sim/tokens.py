@@ -16,16 +16,26 @@ then encoded with ``add_special_tokens`` default False. The encoding is the ``to
 (``transformers.utils.chat_template_utils``, about 2 s, no torch) is imported on the first chat
 request. Without a tokenizer: about one token per 4 characters, stable pseudo ids; without a chat
 template (or without jinja2, which transformers renders with): ``<s>role: content</s>`` lines.
+
+Generated tokens (:meth:`Tokens.filler`) cycle through the tokens of one filler sentence
+(:data:`FILLER`), each with its own id and text (the tokenizer's decoding of that id; without a
+tokenizer, one word per token with a stable pseudo id). Like a greedy model, what comes next depends
+only on the context's last token (:meth:`Tokens.filler_start`): a prompt that ends inside the cycle
+continues it, so a stream resent as prompt + generated ids goes on exactly as the first replica would.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-__all__ = ["Tokens", "render_fallback_chat"]
+__all__ = ["FILLER", "Tokens", "render_fallback_chat"]
+
+#: the text generated tokens are made of, cycled
+FILLER = " the replica serves many tokens quickly, and every router balances its load."
 
 _SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 
@@ -60,6 +70,7 @@ class Tokens:
         self.template = None          # the chat template's source
         self.special: dict[str, str] = {}
         self._render = None           # transformers' renderer once loaded; False: not available
+        self._filler: tuple[tuple[int, ...], tuple[str, ...], dict[int, int]] | None = None
         if path:
             try:
                 from tokenizers import Tokenizer
@@ -100,6 +111,33 @@ class Tokens:
             return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         return [zlib.crc32(text[i:i + 4].encode("utf-8", "surrogatepass")) & 0xFFFFFF
                 for i in range(0, len(text), 4)] or [0]
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The tokenizer's vocabulary size (token ids must be below it); None without a tokenizer."""
+        return self.tok.get_vocab_size() if self.tok is not None else None
+
+    def filler(self) -> tuple[tuple[int, ...], tuple[str, ...]]:
+        """The cycle of generated tokens: their ids and texts (``FILLER``'s tokens, each id once)."""
+        if self._filler is None:
+            if self.tok is not None:
+                ids = list(dict.fromkeys(self.tok.encode(FILLER, add_special_tokens=False).ids))
+                texts = [self.tok.decode([i], skip_special_tokens=False) for i in ids]
+            else:
+                texts = list(dict.fromkeys(re.findall(r"\s*[^\s,.]+|[,.]", FILLER)))
+                ids = [zlib.crc32(w.encode()) & 0xFFFFFF for w in texts]
+            self._filler = (tuple(ids), tuple(texts), {i: k for k, i in enumerate(ids)})
+        return self._filler[0], self._filler[1]
+
+    def filler_start(self, context: Sequence[int]) -> int:
+        """Where in :meth:`filler`'s cycle the tokens after ``context`` (token ids) begin: after the
+        context's last token if it is one of the cycle's, else at its start."""
+        self.filler()
+        if context:
+            k = self._filler[2].get(context[-1])
+            if k is not None:
+                return (k + 1) % len(self._filler[0])
+        return 0
 
     def completion(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
         """A /v1/completions prompt's ids (special tokens added unless asked not to)."""
