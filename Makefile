@@ -51,6 +51,7 @@ bench: model bench-venv
 	$(BIN)/python benchmarks/sim_speed.py
 	$(BIN)/python benchmarks/sim_fidelity.py
 	$(BIN)/python benchmarks/compare_routers.py
+	$(BIN)/python benchmarks/chaos.py
 
 # The peer routers, in their own venv so they cannot disturb the project's
 bench-venv: .bench-venv/.installed
