@@ -63,6 +63,22 @@ def build_parser() -> argparse.ArgumentParser:
                         "the same instance (policy 'session', least_load for requests without a key)")
     s.add_argument("--kv-cache-gib", type=int, default=1, help="CPU: VLLM_CPU_KVCACHE_SPACE per instance")
     s.add_argument("--startup-timeout", type=float, default=600.0)
+    s.add_argument("--restart", default="on-failure", choices=["on-failure", "never"],
+                   help="a replica that exits or stops answering is restarted on its port and pinning (default), "
+                        "or left failed; either way the endpoint keeps serving on the others")
+    s.add_argument("--max-restarts", type=int, default=5,
+                   help="restarts per replica within --restart-window, then it stays failed (default 5)")
+    s.add_argument("--restart-window", type=float, default=600.0, help="seconds (default 600)")
+    s.add_argument("--engine", default="vllm", choices=["vllm", "sim"],
+                   help="vllm, or sim: simulated replicas (nbkit.sim.server; no vLLM, for rehearsals)")
+    s.add_argument("--max-per-rank", type=int, default=None,
+                   help="the endpoint admits at most this many requests per rank; more wait in its FIFO queue")
+    s.add_argument("--max-queue", type=int, default=None,
+                   help="requests the admission queue may hold; beyond it the endpoint answers 429 + Retry-After")
+    s.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait for admission; then 503 + Retry-After")
+    s.add_argument("--migration-limit", type=int, default=3,
+                   help="times one stream may move to another replica when its own dies (0: never)")
     s.add_argument("--log-interval", type=float, default=None,
                    help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
 
@@ -86,23 +102,42 @@ def _serve(args, passthrough: list[str]) -> int:
     n = args.num_instances
     spec_kwargs = dict(tp=args.tp, device=args.device, host=args.host, extra_args=tuple(passthrough),
                        kv_cache_gib=args.kv_cache_gib)
+    if args.engine == "sim":
+        spec_kwargs["engine"] = "sim"
     if n == 1:
         spec_kwargs["port"] = args.port
     port_start = args.port_start if args.port_start is not None else args.port + 1
     from nbkit.policies import get_policy
     policy = "session" if args.enable_request_affinity else args.policy
     get_policy(policy)  # fail on a bad name before launching anything
+    endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue,
+                            queue_timeout=args.queue_timeout, migration_limit=args.migration_limit)
+    from nbkit.routing.router import check_admission
+    check_admission(max_per_rank=args.max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout)
+    if args.migration_limit < 0:
+        raise ValueError(f"--migration-limit {args.migration_limit}: must be >= 0")
     if n > 1:
         from nbkit.http.ports import port_is_free
         if not port_is_free(args.host, args.port):
             raise ValueError(f"port={args.port!r}: already in use on {args.host}")
     cluster = Cluster.replicas(args.model, n=n, port_start=port_start, startup_timeout=args.startup_timeout,
-                               log_interval=args.log_interval, **spec_kwargs)
+                               log_interval=args.log_interval, restart=args.restart, max_restarts=args.max_restarts,
+                               restart_window=args.restart_window, **spec_kwargs)
     stop = threading.Event()
     endpoint = None
 
     def on_signal(signum, _frame):
         stop.set()
+
+    def on_fault(event: str, i: int, detail: str) -> None:
+        name = cluster.plans[i].name
+        if event == "exited":
+            todo = "restarting" if args.restart == "on-failure" else "not restarted (--restart never)"
+            print(f"nbkit: {name} {detail}; {todo}; serving on the others", file=sys.stderr, flush=True)
+        elif event == "restarted":
+            print(f"nbkit: {name} restarted (pid {detail}, restart {cluster.restarts_of(i)})", flush=True)
+        elif event == "failed":
+            print(f"nbkit: {name} stays failed: {detail}\n{cluster.logs(i)}", file=sys.stderr, flush=True)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -110,22 +145,19 @@ def _serve(args, passthrough: list[str]) -> int:
     print(f"nbkit: starting {n} instance(s) of {cluster.model} (logs in {cluster.run_dir})", flush=True)
     try:
         cluster.start()
+        cluster.add_fault_listener(on_fault)
         print(f"nbkit: {n} instance(s) healthy in {time.perf_counter() - t:.1f} s", flush=True)
         for st in cluster.status(probe=False):
             print(f"  {st.name}: {st.url}  {st.pinning}  pid {st.pid}", flush=True)
         if n > 1:
-            endpoint = cluster.endpoint(port=args.port, host=args.host, policy=policy)
+            endpoint = cluster.endpoint(port=args.port, host=args.host, policy=policy, **endpoint_options)
             print(f"nbkit: endpoint {endpoint.url} (OpenAI-compatible, policy {policy}) over {n} instances",
                   flush=True)
         import gc
         gc.freeze()  # this process now mostly forwards: keep the long-lived objects out of GC scans
         while not stop.wait(1.0):
-            dead = [st.name for st in cluster.status(probe=False) if st.state == "failed"]
-            if dead:
-                print(f"nbkit: {', '.join(dead)} exited; stopping", file=sys.stderr, flush=True)
-                for i, st in enumerate(cluster.status(probe=False)):
-                    if st.state == "failed":
-                        print(cluster.logs(i), file=sys.stderr)
+            if all(cluster.state(i) == "failed" for i in range(len(cluster))):
+                print("nbkit: every instance has failed for good; stopping", file=sys.stderr, flush=True)
                 return 1
     finally:
         print("nbkit: stopping", flush=True)

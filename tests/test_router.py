@@ -201,7 +201,7 @@ def test_ok_non_streamed_request_is_accounted_and_released():
     assert (rec.outcome, rec.rank, rec.attempts, rec.path) == ("ok", "replica0", 1, "/v1/completions")
     assert (rec.tokens_in, rec.tokens_out) == (7, 3)  # taken from the body's usage
     assert rec.ttft_s is not None and rec.e2e_s is not None and rec.e2e_s >= 0
-    assert router.counters == {"requests": 1, "retries": 0, "failures": 0}
+    assert router.counters == {"requests": 1, "retries": 0, "failures": 0, "shed": 0, "migrations": 0}
     assert up.headers()["x-nbkit-rank"] == "replica0"
 
 
@@ -267,7 +267,7 @@ def test_transport_error_with_retries_exhausted_raises_and_releases():
     # r0, then r1, then r1 again (no other rank left: transport errors retry on the same one)
     assert (rec.outcome, rec.attempts, rec.rank) == ("error", 3, "replica1")
     assert "ConnectError" in rec.error
-    assert router.counters == {"requests": 1, "retries": 2, "failures": 1}
+    assert router.counters == {"requests": 1, "retries": 2, "failures": 1, "shed": 0, "migrations": 0}
     assert [s.failures for s in router.states] == [1, 2]
 
 
@@ -341,22 +341,28 @@ def test_stream_task_cancelled_while_waiting_for_a_chunk_is_released():
     assert body.closed
 
 
-def test_error_in_the_middle_of_a_stream_is_not_retried_and_is_recorded():
+def test_error_in_the_middle_of_a_stream_ends_it_with_an_error_event_and_is_recorded():
+    """A stream that cannot migrate (no body given to the Forwarder) and breaks mid-way ends with
+    an SSE error event in OpenAI's shape and [DONE], instead of a dropped connection."""
     fake, router, fwd = setup()
     fake.on["r0"] = lambda request: sse_response(Body(SSE[:2], error=httpx.ReadError("reset")))
 
     async def main():
         up = await post(fwd, stream=True)
         got = []
-        with pytest.raises(httpx.ReadError):
-            async for chunk in up.aiter():
-                got.append(chunk)
-        assert got == SSE[:2]
+        async for chunk in up.aiter():
+            got.append(chunk)
+        assert got[:2] == SSE[:2] and len(got) == 3
+        events = [e for e in got[2].split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        err = json.loads(events[0].removeprefix(b"data: "))["error"]
+        assert err["code"] == 503 and "ReadError" in err["message"] and "replica0" in err["message"]
 
     run(main())
     assert_clean(router)
     assert [(r.outcome, r.attempts) for r in router.records] == [("error", 1)]
     assert fake.hosts() == ["r0"]
+    assert router.states[0].failures == 1  # a broken stream counts towards the rank's breaker
 
 
 def test_many_mixed_requests_leave_nothing_behind():
@@ -486,7 +492,7 @@ def test_failure_before_the_first_byte_is_retried_on_another_rank(failure, strea
     assert len(router.records) == 1  # the failed attempt is not a separate request
     rec = router.records[0]
     assert (rec.outcome, rec.attempts, rec.rank, rec.replica) == ("ok", 2, "replica1", 1)
-    assert router.counters == {"requests": 1, "retries": 1, "failures": 0}
+    assert router.counters == {"requests": 1, "retries": 1, "failures": 0, "shed": 0, "migrations": 0}
     assert up.headers()["x-nbkit-rank"] == "replica1"
     assert router.states[0].failures == 1 and router.states[1].failures == 0
 

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import httpx
 import psutil
@@ -52,8 +55,10 @@ def test_serve_one_instance_on_port_until_sigint(tiny_model_path, tmp_path):
         kill_tree(alive(pids))
 
 
-def test_serve_two_instances_behind_one_endpoint(tiny_model_path, tmp_path):
-    out_path = tmp_path / "serve2.out"
+@pytest.fixture(scope="module")
+def serve2(tiny_model_path, tmp_path_factory):
+    """`nbkit serve -n 2` with its endpoint on 8466 (replicas 8467, 8468), shared by the tests below."""
+    out_path = tmp_path_factory.mktemp("serve2") / "serve2.out"
     log = open(out_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "-n", "2", "--port", "8466",
                              "--port-start", "8467", "--policy", "round_robin", "--device", "cpu",
@@ -67,24 +72,111 @@ def test_serve_two_instances_behind_one_endpoint(tiny_model_path, tmp_path):
             assert time.monotonic() < deadline, out_path.read_text()
             time.sleep(1)
         pids = [p for p in tree(proc.pid) if p != proc.pid]
-        assert httpx.get("http://127.0.0.1:8466/health").status_code == 200
-        seen = set()
-        for _ in range(4):
-            r = httpx.post("http://127.0.0.1:8466/v1/completions", timeout=120,
-                           json={"prompt": "Hello", "max_tokens": 3})
-            assert r.status_code == 200
-            seen.add(r.headers["x-nbkit-rank"])
-        assert seen == {"replica0", "replica1"}  # round robin over both instances
-        time.sleep(1.5)
-        lines = [l for l in out_path.read_text().splitlines() if l.startswith("[INFO] step=")]
-        assert lines and "inst0_batch=" in lines[-1] and "inst1_batch=" in lines[-1] and "npu_mem=[" in lines[-1]
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=60) == 0
-        deadline = time.monotonic() + 10
-        while alive(pids) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert alive(pids) == []
+        yield SimpleNamespace(proc=proc, out=out_path, pids=pids, url="http://127.0.0.1:8466")
     finally:
+        extra = [p for p in tree(proc.pid) if p != proc.pid] if proc.poll() is None else []
         if proc.poll() is None:
             proc.kill()
-        kill_tree(alive(pids))
+        kill_tree(alive(pids + extra))
+
+
+def test_serve_two_instances_behind_one_endpoint(serve2):
+    out_path = serve2.out
+    assert httpx.get("http://127.0.0.1:8466/health").status_code == 200
+    seen = set()
+    for _ in range(4):
+        r = httpx.post("http://127.0.0.1:8466/v1/completions", timeout=120,
+                       json={"prompt": "Hello", "max_tokens": 3})
+        assert r.status_code == 200
+        seen.add(r.headers["x-nbkit-rank"])
+    assert seen == {"replica0", "replica1"}  # round robin over both instances
+    time.sleep(1.5)
+    lines = [l for l in out_path.read_text().splitlines() if l.startswith("[INFO] step=")]
+    assert lines and "inst0_batch=" in lines[-1] and "inst1_batch=" in lines[-1] and "npu_mem=[" in lines[-1]
+
+
+def _replica_pid(serve_pid: int, port: int) -> int:
+    """The `vllm serve` process (its process group's leader) of the replica on ``port``."""
+    for p in psutil.Process(serve_pid).children():
+        cmd = p.cmdline()
+        if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+            return p.pid
+    raise AssertionError(f"no replica on port {port} under {serve_pid}")
+
+
+def _metric(url: str, name: str) -> float:
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(name)
+
+
+def test_serve_keeps_serving_through_a_killed_replica(serve2, tiny_model_path):
+    """SIGKILL one of 2 replicas (its whole process group) under load through the OpenAI SDK: every
+    non-streamed request is answered, streams finish with their exact token count (those on the
+    killed replica continue on the other), the endpoint stays up, and the replica comes back on
+    its port and is routed to again."""
+    from openai import AsyncOpenAI
+
+    url = serve2.url
+    victim_pid = _replica_pid(serve2.proc.pid, 8468)  # replica1
+    killed = asyncio.Event()
+
+    async def main():
+        client = AsyncOpenAI(base_url=url + "/v1", api_key="EMPTY", max_retries=0, timeout=180)
+
+        async def plain(k: int):
+            await asyncio.sleep(0.05 * k)
+            r = await client.completions.create(model=tiny_model_path, prompt=f"Request {k}: " * 6, max_tokens=24,
+                                                extra_body={"ignore_eos": True})
+            return r.usage.completion_tokens
+
+        async def streamed(k: int, n: int):
+            got, usage = 0, None
+            s = await client.completions.create(model=tiny_model_path, prompt=f"Story {k}. " * 6, max_tokens=n,
+                                                stream=True, stream_options={"include_usage": True},
+                                                extra_body={"ignore_eos": True})
+            async for chunk in s:
+                if chunk.choices:
+                    got += 1
+                if chunk.usage is not None:
+                    usage = chunk.usage.completion_tokens
+                if got == 8 and k == 0 and not killed.is_set():
+                    os.killpg(victim_pid, signal.SIGKILL)  # the API server and its engine core
+                    killed.set()
+            return usage
+
+        streams = [asyncio.ensure_future(streamed(k, 160)) for k in range(4)]  # round robin: 2 per replica
+        plains = [asyncio.ensure_future(plain(k)) for k in range(40)]
+        return await asyncio.gather(*streams), await asyncio.gather(*plains, return_exceptions=True)
+
+    stream_usage, plain_tokens = asyncio.run(main())
+    assert killed.is_set()
+    assert plain_tokens == [24] * 40, plain_tokens      # every non-streamed request answered
+    assert stream_usage == [160] * 4                    # every stream complete, exact usage
+    assert _metric(url, "nbkit_migrations_total") >= 1  # ... some of them moved to replica0
+    assert httpx.get(url + "/health", timeout=10).status_code == 200
+    # the replica comes back (same port) and is routed to again
+    deadline = time.monotonic() + 300
+    while httpx.get(url + "/health", timeout=10).json()["healthy"] != ["replica0", "replica1"]:
+        assert serve2.proc.poll() is None, serve2.out.read_text()[-3000:]
+        assert time.monotonic() < deadline, serve2.out.read_text()[-3000:]
+        time.sleep(1)
+    assert _replica_pid(serve2.proc.pid, 8468) != victim_pid
+    assert _metric(url, "nbkit_restarts_total") == 1.0
+    out = serve2.out.read_text()
+    assert "nbkit: replica1 exited with code -9; restarting" in out and "nbkit: replica1 restarted" in out
+    r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers={"x-nbkit-rank": "1"},
+                   timeout=120)
+    assert r.status_code == 200 and r.headers["x-nbkit-rank"] == "replica1"
+    serve2.pids[:] = [p for p in tree(serve2.proc.pid) if p != serve2.proc.pid]
+
+
+def test_serve_stops_everything_on_sigterm(serve2):
+    pids = [p for p in tree(serve2.proc.pid) if p != serve2.proc.pid]
+    serve2.proc.send_signal(signal.SIGTERM)
+    assert serve2.proc.wait(timeout=60) == 0
+    deadline = time.monotonic() + 10
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert alive(pids) == []

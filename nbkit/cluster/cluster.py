@@ -15,6 +15,18 @@ under nbmake and in plain scripts, because the work runs on nbkit's own loop thr
 Validation happens when the Cluster is built and again when it starts: nothing is launched for
 a spec that cannot run. A replica that fails to start stops the whole start and raises
 :class:`~nbkit.cluster.process.ReplicaStartError` quoting its log; nothing is left running.
+
+Supervision (after a start): a replica whose process exits, or whose ``/health`` has not answered
+for ``unresponsive_after`` seconds (then it is killed), leaves the routing of every client and
+endpoint of the cluster at once and is restarted on the same port and pinning
+(``restart="on-failure"``, the default), after a backoff that doubles from 1 s up to 30 s. More
+than ``max_restarts`` restarts within ``restart_window`` seconds and it stays ``failed`` (its log
+tail in :meth:`logs`); ``restart="never"`` leaves every dead replica ``failed``. The others keep
+serving throughout::
+
+    cluster = Cluster.replicas(n=2, restart="on-failure", max_restarts=5, restart_window=600)
+    cluster.status_frame()[["name", "state", "restarts"]]   # state: restarting while it comes back
+    cluster.restarts                                          # restarts so far, all replicas
 """
 
 from __future__ import annotations
@@ -39,15 +51,17 @@ from nbkit.http.ports import port_is_free
 from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, check_port, discover,
                                 resolve_device)
 from nbkit.cluster.placement import plan_replicas
+from nbkit.cluster.supervisor import Supervisor, check_options as check_supervision
 
 log = logging.getLogger(__name__)
+
 
 
 @dataclass
 class ReplicaStatus:
     index: int
     name: str
-    state: str  # starting | healthy | unhealthy | failed | stopped
+    state: str  # starting | healthy | unhealthy | restarting | failed | stopped
     url: str
     pinning: str
     tp_size: int
@@ -57,6 +71,7 @@ class ReplicaStatus:
     returncode: int | None
     rss_gib: float
     log: str
+    restarts: int = 0
 
 
 class Cluster:
@@ -65,7 +80,9 @@ class Cluster:
     def __init__(self, specs: Sequence[ReplicaSpec] | ReplicaSpec, *, run_dir: str | os.PathLike | None = None,
                  port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
                  stop_grace: float = 15.0, inventory: Inventory | None = None, log_interval: float | None = None,
-                 kv_events: bool = True, kv_events_port: int | None = None):
+                 kv_events: bool = True, kv_events_port: int | None = None, restart: str = "on-failure",
+                 max_restarts: int = 5, restart_window: float = 600.0, unresponsive_after: float | None = 60.0):
+        check_supervision(restart, max_restarts, restart_window, unresponsive_after)
         if log_interval is not None and log_interval <= 0:
             raise SpecError("log_interval", log_interval, "must be > 0 seconds (or None)")
         check_port("port_start", port_start)
@@ -90,6 +107,8 @@ class Cluster:
         self._probe: Probe | None = None  # /health and /metrics, on nbkit's loop
         self._monitor = None
         self.log_interval = log_interval
+        self.supervisor = Supervisor(self, restart=restart, max_restarts=max_restarts, restart_window=restart_window,
+                                     unresponsive_after=unresponsive_after)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod
@@ -105,7 +124,7 @@ class Cluster:
             raise SpecError("n", n, "the number of replicas must be a positive integer")
         ckw = dict(cluster_kwargs or {})
         for k in ("run_dir", "port_start", "startup_timeout", "stop_grace", "inventory", "log_interval",
-                  "kv_events", "kv_events_port"):
+                  "kv_events", "kv_events_port", "restart", "max_restarts", "restart_window", "unresponsive_after"):
             if k in spec_kwargs:
                 ckw[k] = spec_kwargs.pop(k)
         inventory = ckw.get("inventory") or discover()
@@ -180,9 +199,12 @@ class Cluster:
         return list(self._routers)
 
     def add_router(self, router) -> None:
-        """Tell ``router`` about rank changes from now on (clients and endpoints made by
-        :meth:`client`/:meth:`endpoint` are added already)."""
+        """Tell ``router`` about rank changes and faults from now on (clients and endpoints made by
+        :meth:`client`/:meth:`endpoint` are added already); replicas down now are down for it too."""
         self._routers.add(router)
+        for i in range(len(self.plans)):
+            if self.running and self.state(i) in ("restarting", "failed", "stopped"):
+                router.mark_down(i, self.state(i))
 
     @property
     def kv_index(self):
@@ -207,9 +229,12 @@ class Cluster:
             raise IndexError(f"replica index {i!r} out of range 0..{len(self.plans) - 1}")
 
     def state(self, i: int) -> str:
-        """``starting | healthy | unhealthy | failed | stopped``: replica ``i`` as last seen."""
+        """``starting | healthy | unhealthy | restarting | failed | stopped``: replica ``i`` as last seen."""
+        supervised = self.supervisor.state(i)
+        if supervised is not None:
+            return supervised
         proc = self._procs[i]
-        if proc is None or proc.stopped:
+        if proc is None or proc.stopped or proc.stopping:
             return "stopped"
         if not proc.alive:
             return "failed"
@@ -286,6 +311,8 @@ class Cluster:
             except BaseException:
                 await self._stop_some(range(len(self.plans)))
                 raise
+            self.supervisor.reset()
+            self.supervisor.start()
         if self.log_interval:
             self.monitor().start_logging(self.log_interval)
         return self
@@ -305,6 +332,7 @@ class Cluster:
         """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
         if self._monitor is not None:
             self._monitor.stop_logging()
+        await self.supervisor.stop()
         async with self._alock():
             await self._stop_some(range(len(self._procs)))
             if self.kv is not None:
@@ -312,10 +340,52 @@ class Cluster:
 
     stop = loop.blocking(astop)
 
+    # -- supervision (the policy is the Supervisor's; these are its hooks) ------------------------
+    @property
+    def restarts(self) -> int:
+        """Restarts the supervisor made so far (all replicas, since this Cluster was built)."""
+        return self.supervisor.restarts
+
+    def restarts_of(self, i: int) -> int:
+        """Restarts of replica ``i`` so far."""
+        self._check_index(i)
+        return self.supervisor.restarts_of(i)
+
+    def add_fault_listener(self, fn) -> "callable":
+        """Call ``fn(event, index, detail)`` on nbkit's loop thread for each supervision event:
+        ``exited`` (detail: why), ``restarted`` (the new pid), ``failed`` (gave up; why). Returns
+        a function that removes it."""
+        return self.supervisor.add_listener(fn)
+
+    def set_routable(self, i: int, up: bool, reason: str = "") -> None:
+        """Tell every router of this cluster that replica ``i`` serves (``up``) or is down (``reason``)."""
+        if not up:
+            self._health.pop(i, None)
+        for r in list(self._routers):
+            if up:
+                r.mark_up(i)
+            else:
+                r.mark_down(i, reason)
+
+    async def arecover(self, i: int, dead: ReplicaProcess) -> ReplicaProcess | None:
+        """Start replica ``i`` again on its plan (port, pinning) after its process ``dead`` died:
+        what is left of it is stopped first, and the routers route to it once it is healthy.
+        Returns the new process, or None when ``i`` is no longer ``dead`` (the user stopped,
+        restarted or scaled it meanwhile). Raises ReplicaStartError if it does not come up."""
+        async with self._alock():
+            if i >= len(self._procs) or self._procs[i] is not dead or not self.supervisor.running:
+                return None
+            await self._stop_some([i])
+            await self._start_some([i], self.startup_timeout)
+        self.set_routable(i, True)
+        return self._procs[i]
+
     @loop.on_loop
     async def astop_replica(self, i: int) -> None:
         """Stop replica ``i`` only (it shows as stopped; ``restart(i)`` brings it back)."""
         self._check_index(i)
+        await self.supervisor.hands_off(i)
+        self.set_routable(i, False, "stopped")
         async with self._alock():
             await self._stop_some([i])
 
@@ -325,9 +395,14 @@ class Cluster:
     async def arestart(self, i: int, timeout: float | None = None) -> None:
         """Stop replica ``i`` and start it again with the same plan; waits until healthy."""
         self._check_index(i)
+        await self.supervisor.hands_off(i)
+        self.set_routable(i, False, "restarting")
         async with self._alock():
             await self._stop_some([i])
             await self._start_some([i], timeout or self.startup_timeout)
+        self.set_routable(i, True)
+        if self.running:
+            self.supervisor.start()
 
     restart = loop.blocking(arestart)
 
@@ -388,6 +463,9 @@ class Cluster:
             self._specs, self.plans = specs, plans
             self._procs = (self._procs + [None] * n)[:n]
             to_start = [i for a, i, _ in actions if a in ("start", "restart")]
+            for _, i, _ in actions:  # replaced or gone: no longer supervised as before
+                if i >= n or i in to_start:
+                    await self.supervisor.hands_off(i)
             try:
                 if to_start:
                     self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -395,6 +473,11 @@ class Cluster:
             finally:
                 for r in list(self._routers):
                     r.set_ranks(self.ranks)
+                    for i in to_start:
+                        if self._health.get(i):
+                            r.mark_up(i)
+            if self.running:
+                self.supervisor.start()
             return actions
 
     scale = loop.blocking(ascale)
@@ -453,7 +536,7 @@ class Cluster:
                 uptime_s=round(time.time() - proc.started_at, 1) if alive and proc.started_at else None,
                 returncode=proc.returncode if proc else None,
                 rss_gib=round(proc.rss_bytes() / 2**30, 2) if alive else 0.0,
-                log=str(self.log_path(i)),
+                log=str(self.log_path(i)), restarts=self.supervisor.restarts_of(i),
             ))
         return out
 
@@ -470,7 +553,7 @@ class Cluster:
         options.setdefault("kv_index", self.kv_index)
         options.setdefault("tokenizer", self.tokenizer)
         c = RoutedClient(self, policy, **options)
-        self._routers.add(c.router)
+        self.add_router(c.router)
         return c
 
     def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy="least_load", start: bool = True,
@@ -480,7 +563,7 @@ class Cluster:
         options.setdefault("kv_index", self.kv_index)
         options.setdefault("tokenizer", self.tokenizer)
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
-        self._routers.add(ep.router)
+        self.add_router(ep.router)
         return ep.start() if start else ep
 
     def monitor(self):

@@ -66,6 +66,7 @@ class ReplicaProcess:
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self.stopped = False
+        self.stopping = False  # a stop is under way (its exit is wanted, not a crash)
         self._tree: set[int] = set()
 
     # -- start -----------------------------------------------------------------------------
@@ -186,6 +187,7 @@ class ReplicaProcess:
         SIGTERM to the group, SIGKILL after ``grace`` seconds, done when every process is gone."""
         if self.proc is None or self.stopped:
             return
+        self.stopping = True
         self._snapshot_tree()
         self._signal(signal.SIGTERM)
         for sig, wait in ((None, grace), (signal.SIGKILL, 10.0)):

@@ -87,7 +87,7 @@ class RoutedClient:
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
                  transport=DEFAULT_TRANSPORT, max_connections: int | None = None, local: bool = False,
-                 hop: bool | None = None, **router_options):
+                 hop: bool | None = None, migration_limit: int = 3, **router_options):
         if local and hop:
             raise ValueError("hop=True: a local=True client never leaves its own loop")
         self.target = target
@@ -102,6 +102,9 @@ class RoutedClient:
         self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                              seed=seed, **router_options)
         self.retries = retries
+        if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
+            raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
+        self.migration_limit = migration_limit
         from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
@@ -173,7 +176,7 @@ class RoutedClient:
         if pool is None:
             self._drop_closed_loops()
             transport = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
-            fwd = Forwarder(self.router, transport, retries=self.retries)
+            fwd = Forwarder(self.router, transport, retries=self.retries, migration_limit=self.migration_limit)
             if self.pd_connector:
                 from nbkit.routing.pd_forward import PDForwarder
                 fwd = PDForwarder(fwd, self.pd_connector)
@@ -248,13 +251,16 @@ class RoutedClient:
 
     async def _open(self, path: str, body: dict, rank, session, headers, stream: bool):
         """Send ``body`` through the router; raise RoutedClientError on an error status."""
+        if getattr(self.target, "running", True) is False:
+            raise RuntimeError("cluster not started: call cluster.start() (or `with cluster:`) before sending requests")
         fwd = await self._ensure()
         body = self._body(body)
         hdrs = self._headers(headers)
         if session is not None:
             hdrs["x-session-id"] = str(session)
         up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
-                            info=self.router.describe(body, hdrs), rank=rank, stream=stream)
+                            info=self.router.describe(body, hdrs), rank=rank, stream=stream, body=body,
+                            timeout=self.timeout)
         if up.status_code >= 400:
             raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
         return up
@@ -282,6 +288,10 @@ class RoutedClient:
                             if data == b"[DONE]":
                                 continue  # let the upstream end by itself, so the record says "ok"
                             obj = json.loads(data)
+                            if isinstance(obj.get("error"), dict):  # the stream broke and could not continue
+                                err = obj["error"]
+                                raise RoutedClientError(int(err.get("code") or 503), err.get("message", ""),
+                                                        up.lease.rank.name)
                             if obj.get("usage") and obj["usage"].get("completion_tokens") is not None:
                                 up.record.tokens_out = obj["usage"]["completion_tokens"]
                             yield obj

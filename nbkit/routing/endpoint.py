@@ -9,9 +9,17 @@ Every path is forwarded (``/v1/completions``, ``/v1/chat/completions``, ``/v1/mo
 ``/tokenize``, ``/pooling``, ...); SSE streams pass through chunk by chunk; a body without
 ``model`` gets the cluster's model; the caller's
 ``Authorization`` header goes to the replica. Its own routes: ``GET /health`` (200 while at
-least one replica is healthy, else 503) and ``GET /metrics`` (Prometheus, ``nbkit_`` prefix:
-requests, retries, picks per rank, queue wait, in-flight per rank). A header
-``X-nbkit-rank: <index or name>`` pins a request to a rank. Binds 127.0.0.1 unless told otherwise.
+least one replica is healthy, else 503 with Retry-After) and ``GET /metrics`` (Prometheus,
+``nbkit_`` prefix: requests, retries, picks per rank, queue wait, in-flight per rank, healthy
+ranks, restarts, stream migrations, shed requests). A header ``X-nbkit-rank: <index or name>``
+pins a request to a rank. Binds 127.0.0.1 unless told otherwise.
+
+Faults: a replica that dies is out of routing at once (its Cluster says so); requests it held
+are sent again elsewhere (non-streamed) or continued elsewhere (streams, see
+:mod:`nbkit.routing.forward`); a stream that cannot continue ends with an SSE error event. With
+no healthy rank, or when the admission queue sheds (``max_queue``, ``queue_timeout``), the answer
+is OpenAI's error object with 503/429 and ``Retry-After``. A client that goes away before its
+answer aborts the request on the replica (its connection there is closed).
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from nbkit import loop
 from nbkit.routing.forward import Forwarder
-from nbkit.routing.router import Router
+from nbkit.routing.router import NoHealthyRank, Overloaded, Router
 from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
@@ -40,8 +48,11 @@ ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/
 PROXIED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
 
 
-def _error(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind}}, status_code=status)
+def _error(status: int, message: str, kind: str, *, retry_after: float | None = None) -> JSONResponse:
+    """OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``)."""
+    headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+                        status_code=status, headers=headers)
 
 
 class Endpoint:
@@ -51,14 +62,19 @@ class Endpoint:
                  router: Router | None = None, retries: int = 2, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
                  log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
-                 max_connections: int | None = None, kv_index=None, tokenizer=None):
+                 max_connections: int | None = None, kv_index=None, tokenizer=None, max_queue: int | None = None,
+                 queue_timeout: float | None = None, migration_limit: int = 3):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
         self.default_model = getattr(target, "model", None)
         ranks = list(target.ranks) if hasattr(target, "ranks") else list(target)
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
-                                       seed=seed, kv_index=kv_index, tokenizer=tokenizer)
+                                       seed=seed, kv_index=kv_index, tokenizer=tokenizer, max_queue=max_queue,
+                                       queue_timeout=queue_timeout)
+        if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
+            raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
+        self.migration_limit = migration_limit
         self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
         from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
@@ -77,7 +93,13 @@ class Endpoint:
         self._m_ttft = Histogram("nbkit_time_to_first_token_seconds", "TTFT seen by the endpoint",
                                  registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
         self._m_inflight = Gauge("nbkit_in_flight", "In-flight requests per rank", ["rank"], registry=self.registry)
-        self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that pass health checks", registry=self.registry)
+        self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that may be routed to (alive, health checks pass)",
+                                registry=self.registry)
+        self._m_restarts = Gauge("nbkit_restarts_total", "Replica restarts by the cluster's supervisor",
+                                 registry=self.registry)
+        self._m_migrations = Gauge("nbkit_migrations_total", "Streams continued on another rank after theirs broke",
+                                   registry=self.registry)
+        self._m_shed = Gauge("nbkit_shed_total", "Requests the admission queue shed (429/503)", registry=self.registry)
         self._m_kv_events = Gauge("nbkit_kv_events_total", "KV-cache events applied to the router's index",
                                   ["rank"], registry=self.registry)
         self._m_kv_blocks = Gauge("nbkit_kv_index_blocks", "KV-cache blocks the index holds", ["rank"],
@@ -149,15 +171,18 @@ class Endpoint:
 
     # -- handlers --------------------------------------------------------------------------------
     async def _health(self) -> Response:
-        healthy = [s.key for s in self.router.states if s.healthy]
+        healthy = self.router.healthy_ranks
         return JSONResponse({"healthy": healthy, "ranks": len(self.router.states)},
-                            status_code=200 if healthy else 503)
+                            status_code=200 if healthy else 503, headers=None if healthy else {"retry-after": "5"})
 
     async def _metrics(self) -> Response:
         self._m_retries.set(self.router.counters["retries"])
         for s in self.router.states:
             self._m_inflight.labels(s.key).set(s.in_flight)
-        self._m_healthy.set(sum(1 for s in self.router.states if s.healthy))
+        self._m_healthy.set(len(self.router.healthy_ranks))
+        self._m_restarts.set(getattr(self.target, "restarts", 0))
+        self._m_migrations.set(self.router.counters["migrations"])
+        self._m_shed.set(self.router.counters["shed"])
         self._m_kv_fallbacks.set(self.router.fallbacks)
         if self.router.kv_index is not None:
             for rank, snap in self.router.kv_index.snapshot().items():
@@ -199,14 +224,36 @@ class Endpoint:
             parsed = None
         info = self.router.describe(parsed, headers)
         stream = bool(parsed and parsed.get("stream"))
+        opening = asyncio.ensure_future(self._fwd.open(method, full_path, content=body or None, headers=headers,
+                                                       info=info, rank=rank, stream=stream, timeout=self.timeout,
+                                                       body=parsed))
+        # a client that goes away before its answer: the request is cancelled, which closes its
+        # connection to the replica, and vLLM aborts it
+        watch = asyncio.ensure_future(receive())
         try:
-            up = await self._fwd.open(method, full_path, content=body or None, headers=headers,
-                                      info=info, rank=rank, stream=stream, timeout=self.timeout)
+            while True:
+                await asyncio.wait((opening, watch), return_when=asyncio.FIRST_COMPLETED)
+                if opening.done() or watch.result().get("type") == "http.disconnect":
+                    break
+                watch = asyncio.ensure_future(receive())  # not a disconnect: keep listening
+        finally:
+            if not opening.done():
+                opening.cancel()
+                await asyncio.gather(opening, return_exceptions=True)
+            watch.cancel()
+        if opening.cancelled():
+            return _error(499, "client went away", "ClientClosedRequest")
+        try:
+            up = opening.result()
+        except (NoHealthyRank, Overloaded) as e:
+            log.info("endpoint: %s %s -> %d: %s", method, path, e.status, e)
+            return _error(e.status, str(e), "ServiceUnavailable" if e.status == 503 else "TooManyRequests",
+                          retry_after=e.retry_after)
         except ValueError as e:
             return _error(400, str(e), "BadRequest")
         except ALL_ERRORS as e:
             log.warning("endpoint: no replica could serve %s %s: %r", method, path, e)
-            return _error(503, f"no replica could serve the request: {e!r}", "ServiceUnavailable")
+            return _error(503, f"no replica could serve the request: {e!r}", "ServiceUnavailable", retry_after=1)
         if up.stream:
             return StreamingResponse(up.aiter(), status_code=up.status_code, headers=up.headers())
         return up.status_code, up.raw_headers(len(up.body)), up.body
@@ -223,7 +270,7 @@ class Endpoint:
         if not port_is_free(self.host, self.port):
             raise ValueError(f"port={self.port!r}: already in use on {self.host}")
         self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
-        self._fwd = Forwarder(self.router, self._http, retries=self.retries)
+        self._fwd = Forwarder(self.router, self._http, retries=self.retries, migration_limit=self.migration_limit)
         if self.pd_connector:
             from nbkit.routing.pd_forward import PDForwarder
             self._fwd = PDForwarder(self._fwd, self.pd_connector)

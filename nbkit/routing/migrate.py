@@ -253,7 +253,7 @@ class StreamState:
         """Account for one chunk and edit ``d`` in place: True to re-encode it, False to pass its
         bytes as they came; raises _Drop for a chunk the client must not see."""
         cont = self._cont
-        edit = self.strip or cont
+        edit = cont  # a first response's event is re-encoded only when a field we added is taken out
         if self._id is None:
             self._id, self._created, self._model = d.get("id"), d.get("created"), d.get("model")
         elif cont:
@@ -269,6 +269,7 @@ class StreamState:
                 self._take_prompt(pids)
                 if self.strip or (cont and self._prompt_seen):
                     d["prompt_token_ids"] = None
+                    edit = True
                 self._prompt_seen = True
         for c in choices:
             if self.chat:
@@ -291,6 +292,7 @@ class StreamState:
                     self._take_prompt(pids)
                     if self.strip or (cont and self._prompt_seen):
                         c["prompt_token_ids"] = None
+                        edit = True
                     self._prompt_seen = True
             ids = c.get("token_ids")
             if isinstance(ids, list):
@@ -299,6 +301,7 @@ class StreamState:
                     self._gen.extend(ids)
                 if self.strip:
                     c["token_ids"] = None
+                    edit = True
             else:
                 self.exact = False
             if c.get("finish_reason") is not None:

@@ -52,11 +52,13 @@ class PDForwarder:
 
     async def open(self, method: str, path: str, *, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None, info: RequestInfo | None = None, rank=None,
-                   stream: bool = False, timeout=None) -> Upstream:
+                   stream: bool = False, timeout=None, body: dict | None = None) -> Upstream:
+        """As :meth:`Forwarder.open`; a split request's streams do not migrate (its KV lives on one
+        decode rank)."""
         if method != "POST" or path.split("?")[0] not in PD_PATHS or not content or rank is not None \
                 or not self._has_split():
             return await self.fwd.open(method, path, content=content, headers=headers, info=info, rank=rank,
-                                       stream=stream, timeout=timeout)
+                                       stream=stream, timeout=timeout, body=body)
         body = json.loads(content)
         pbody = dict(body, max_tokens=1, stream=False)
         pbody.pop("stream_options", None)

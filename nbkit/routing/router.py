@@ -17,8 +17,15 @@ reads scraped load (``Policy.uses_scrape``; every ``IDLE_SCRAPE_S`` = 2 s otherw
 older than two intervals is stale and ignored by the policies.
 
 Admission: with ``max_per_rank`` and/or ``max_concurrency`` set, requests that cannot be placed
-wait in one FIFO queue (never dropped); when a slot frees, the oldest request that can be placed
-picks among the ranks with room.
+wait in one FIFO queue; when a slot frees, the oldest request that can be placed picks among the
+ranks with room. ``max_queue`` bounds the queue's depth (a request beyond it is shed at once:
+:class:`Overloaded`, status 429) and ``queue_timeout`` the wait (shed after it: status 503); both
+unbounded by default. Shed requests are counted (``counters["shed"]``).
+
+Faults: the owner of the ranks' processes (the :class:`~nbkit.cluster.cluster.Cluster`) calls
+:meth:`Router.mark_down` the moment a replica's process exits, and :meth:`Router.mark_up` once its
+restart is healthy; a down rank gets no request (grace or not), and when every candidate is down
+:meth:`Router.acquire` raises :class:`NoHealthyRank` (the endpoint's 503) instead of waiting.
 
 Threads: one Router may be used from several event loops at once (a RoutedClient serves callers
 on their own loops while the scraper runs on nbkit's): every change to the accounting, the queue
@@ -36,6 +43,8 @@ import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
+from nbkit.routing.lease import (Lease, NoHealthyRank, Overloaded, Waiter, check_admission, settle,  # noqa: F401
+                                 uncached)
 from nbkit.routing.state import RankState, RequestRecord
 from nbkit.routing.probes import PROBE_TIMEOUT_S, Probe, ProbeError
 from nbkit.routing.request_info import request_info
@@ -52,111 +61,6 @@ BREAKER_OPEN_S = 5.0
 MAX_RECORDS = 20_000
 
 
-def _uncached(info: RequestInfo, choice: Choice) -> int:
-    """Prompt tokens the rank will really have to prefill (the policy's cache estimate aside)."""
-    return max(0, int(info.prompt_tokens - choice.cached_tokens))
-
-
-class Lease:
-    """A request's hold on a rank. Update it as the response arrives; release it exactly once."""
-
-    def __init__(self, router: "Router", state: RankState, choice: Choice, info: RequestInfo, record: RequestRecord):
-        self.router, self.state, self.choice, self.info, self.record = router, state, choice, info, record
-        self._t0 = time.perf_counter()
-        self._last = None
-        self._prefill = _uncached(info, choice)
-        self._decode = info.max_tokens
-        self.released = False
-
-    @property
-    def rank(self):
-        return self.state.rank
-
-    def backdate(self, seconds: float) -> None:
-        """Count the request's times (TTFT, E2E) from ``seconds`` earlier than the lease's start: work
-        done for it before it got this rank (a prefill/decode split's prefill phase)."""
-        self._t0 -= seconds
-
-    def first_token(self) -> None:
-        if self._prefill:
-            with self.router._lock:
-                self.state.pending_prefill_tokens -= self._prefill
-                self._prefill = 0
-        now = time.perf_counter()
-        if self.record.ttft_s is None:
-            self.record.ttft_s = now - self._t0
-        self._last = now
-
-    def token(self, n: int = 1) -> None:
-        """``n`` tokens arrived (streaming)."""
-        if self.record.ttft_s is None:
-            self.first_token()
-        now = time.perf_counter()
-        if self._last is not None and self.record.tokens_out:
-            self.record.itl_s.append(now - self._last)
-        self._last = now
-        self.record.tokens_out += n
-        with self.router._lock:
-            take = min(n, self._decode)
-            self._decode -= take
-            self.state.pending_decode_tokens -= take
-
-    def release(self, outcome: str = "ok", error: str = "") -> None:
-        with self.router._lock:
-            if self.released:
-                return
-            self.released = True
-            s = self.state
-            s.in_flight -= 1
-            s.pending_prefill_tokens -= self._prefill
-            s.pending_decode_tokens -= self._decode
-            self._prefill = self._decode = 0
-            self.record.e2e_s = time.perf_counter() - self._t0
-            self.record.outcome = outcome
-            if error:
-                self.record.error = error
-            if outcome == "ok":
-                s.failures = 0
-            self.router._finished(self)
-
-
-class _Waiter:
-    """A request in the admission queue; ``granted`` once a lease is on its way to it."""
-
-    __slots__ = ("fut", "info", "rank", "exclude", "record", "roles", "granted")
-
-    def __init__(self, fut, info, rank, exclude, record, roles):
-        self.fut, self.info, self.rank, self.exclude, self.record, self.roles = fut, info, rank, exclude, record, roles
-        self.granted = False
-
-
-def _settle(fut: asyncio.Future, lease: Lease | None = None, exc: BaseException | None = None) -> None:
-    """Complete a waiter's future from whichever thread the grant happens on."""
-    try:
-        here = asyncio.get_running_loop()
-    except RuntimeError:
-        here = None
-    home = fut.get_loop()
-    if home is here:
-        _complete(fut, lease, exc)
-        return
-    try:
-        home.call_soon_threadsafe(_complete, fut, lease, exc)
-    except RuntimeError:  # the waiter's loop is closed: nobody is waiting any more
-        if lease is not None:
-            lease.release("cancelled")
-
-
-def _complete(fut: asyncio.Future, lease: Lease | None, exc: BaseException | None) -> None:
-    if fut.done():  # the waiter was cancelled while its lease was on the way
-        if lease is not None:
-            lease.release("cancelled")
-    elif exc is not None:
-        fut.set_exception(exc)
-    else:
-        fut.set_result(lease)
-
-
 #: Scrape interval while the policy ignores scraped load (round_robin, random, least_outstanding)
 IDLE_SCRAPE_S = 2.0
 
@@ -168,15 +72,15 @@ class Router:
                  max_per_rank: int | None = None, max_concurrency: int | None = None,
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
                  seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None,
-                 kv_index=None, tokenizer=None):
-        if max_per_rank is not None and max_per_rank < 1:
-            raise ValueError(f"max_per_rank={max_per_rank!r}: must be >= 1 or None")
-        if max_concurrency is not None and max_concurrency < 1:
-            raise ValueError(f"max_concurrency={max_concurrency!r}: must be >= 1 or None")
+                 kv_index=None, tokenizer=None, max_queue: int | None = None, queue_timeout: float | None = None):
+        check_admission(max_per_rank=max_per_rank, max_concurrency=max_concurrency, max_queue=max_queue,
+                        queue_timeout=queue_timeout)
+        self.max_queue, self.queue_timeout = max_queue, queue_timeout
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
         self._seed = seed
         self._lock = threading.RLock()
+        self.lock = self._lock  #: guards the accounting, the queue and the policy (leases take it too)
         #: the exact KV-cache index (:class:`~nbkit.policies.kv_index.KVIndex`) and the served model's
         #: tokenizer (:class:`~nbkit.routing.tokenize.PromptTokenizer`), for policies that read them
         self.kv_index, self.tokenizer = kv_index, tokenizer
@@ -194,7 +98,7 @@ class Router:
         self.listeners: list[Callable[[RequestRecord], None]] = []
         #: called with each record as it is created, on the caller's thread (before routing)
         self.created_listeners: list[Callable[[RequestRecord], None]] = []
-        self._queue: deque[_Waiter] = deque()  # FIFO
+        self._queue: deque[Waiter] = deque()  # FIFO
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         # /metrics and /health: a Probe given (not closed here), or one over ``client`` (a transport
@@ -202,7 +106,7 @@ class Router:
         self._client = client
         self._probe: Probe | None = probe
         self._own_probe = probe is None
-        self.counters = {"requests": 0, "retries": 0, "failures": 0}
+        self.counters = {"requests": 0, "retries": 0, "failures": 0, "shed": 0, "migrations": 0}
         self.fallbacks = 0  # decisions a policy made by its fallback (kv_aware without a trusted index)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -280,12 +184,18 @@ class Router:
             return None
         if rank is not None:
             s = self._resolve(rank)
+            if s.down:
+                raise NoHealthyRank(f"rank={rank!r}: {s.key} is down ({s.down})")
             if not self._has_room(s):
                 return None
             return s, Choice(s.index, s.key, f"explicit rank={rank!r}")
         now = time.time()
-        cands = [s for s in self.states if s.key not in exclude and self._has_room(s)
-                 and (roles is None or getattr(s.rank, "role", "both") in roles)]
+        pool = [s for s in self.states if s.key not in exclude
+                and (roles is None or getattr(s.rank, "role", "both") in roles)]
+        up = [s for s in pool if not s.down]
+        if pool and not up:
+            raise NoHealthyRank("no healthy rank: " + "; ".join(f"{s.key} {s.down}" for s in pool))
+        cands = [s for s in up if self._has_room(s)]
         if not cands:
             return None
         views = [s.view(2 * self.scrape_interval, now) for s in cands]
@@ -307,7 +217,7 @@ class Router:
         s.in_flight += 1
         if s.in_flight > s.inflight_peak:
             s.inflight_peak = s.in_flight
-        s.pending_prefill_tokens += _uncached(info, choice)
+        s.pending_prefill_tokens += uncached(info, choice)
         s.pending_decode_tokens += info.max_tokens
         s.picks += 1
         record.rank, record.replica, record.dp_rank = s.key, s.rank.replica, s.rank.dp_rank
@@ -361,10 +271,30 @@ class Router:
                 raise
             if placed is not None:
                 return self._grant(*placed, info, record)
-            waiter = _Waiter(asyncio.get_running_loop().create_future(), info, rank, exclude, record, roles)
+            if self.max_queue is not None and len(self._queue) >= self.max_queue:
+                e = Overloaded(f"admission queue full ({len(self._queue)} waiting, max_queue={self.max_queue})",
+                               429, self._retry_after())
+                self._shed(record, e)
+                raise e
+            waiter = Waiter(asyncio.get_running_loop().create_future(), info, rank, exclude, record, roles)
             self._queue.append(waiter)
         try:
-            return await waiter.fut
+            if self.queue_timeout is None:
+                return await waiter.fut
+            done, _ = await asyncio.wait((waiter.fut,), timeout=self.queue_timeout)
+            if not done:
+                with self._lock:
+                    if not waiter.granted:
+                        try:
+                            self._queue.remove(waiter)
+                        except ValueError:
+                            pass
+                        e = Overloaded(f"no rank had room within queue_timeout={self.queue_timeout:g} s",
+                                       503, self._retry_after())
+                        self._shed(record, e)
+                        waiter.fut.cancel()
+                        raise e
+            return await waiter.fut  # granted meanwhile (perhaps from another thread): take it
         except asyncio.CancelledError:
             with self._lock:
                 if not waiter.granted:
@@ -375,11 +305,20 @@ class Router:
                     self._abandon(record, "cancelled")
                 elif waiter.fut.done() and not waiter.fut.cancelled():
                     waiter.fut.result().release("cancelled")
-                # else: the lease is on its way from another thread; _complete releases it there
+                # else: the lease is on its way from another thread; complete_waiter releases it there
             raise
         except Exception as e:
             self._abandon(record, "error", repr(e))
             raise
+
+    def _retry_after(self) -> float:
+        """A Retry-After for shed requests: about how long the queue takes to move (>= 1 s)."""
+        return float(max(1, min(30, round(self.queue_timeout or 1.0))))
+
+    def _shed(self, record: RequestRecord, e: Overloaded) -> None:
+        self.counters["shed"] += 1
+        log.info("router: request %d shed: %s", record.id, e)
+        self._abandon(record, "shed", str(e))
 
     def _abandon(self, record: RequestRecord, outcome: str, error: str = "") -> None:
         """A request that never got a rank (cancelled while queued, bad rank, router closed)."""
@@ -424,7 +363,7 @@ class Router:
             except Exception:  # noqa: BLE001 - a listener must not break routing
                 log.exception("router: a record listener raised (ignored)")
 
-    def _finished(self, lease: Lease) -> None:
+    def finished(self, lease: Lease) -> None:
         """A lease was released: publish its record (unless the request is being retried), admit more."""
         if lease.record.outcome != "retry":
             self._publish(lease.record)
@@ -451,7 +390,7 @@ class Router:
                     placed = self._place(w.info, w.rank, w.exclude, w.roles)
                 except Exception as e:  # noqa: BLE001 - hand the error to the waiter
                     w.granted = True
-                    _settle(w.fut, exc=e)
+                    settle(w.fut, exc=e)
                     continue
                 if placed is None:
                     kept.append(w)
@@ -461,8 +400,35 @@ class Router:
                         break
                     continue
                 w.granted = True
-                _settle(w.fut, self._grant(*placed, w.info, w.record))
+                settle(w.fut, self._grant(*placed, w.info, w.record))
             self._queue = kept
+
+    def mark_down(self, replica: int, reason: str) -> None:
+        """Replica ``replica``'s process is gone: its ranks leave routing now (startup grace or
+        not) until :meth:`mark_up`. Requests waiting for them are re-placed (or get NoHealthyRank)."""
+        with self._lock:
+            for s in self.states:
+                if s.rank.replica == replica:
+                    if not s.down:
+                        log.warning("router: %s is down (%s); out of routing", s.key, reason)
+                    s.down, s.healthy = reason or "down", False
+            self._pump()
+
+    def mark_up(self, replica: int) -> None:
+        """Replica ``replica`` serves again (restarted and healthy): route to it, with a fresh breaker
+        and load reading."""
+        with self._lock:
+            for s in self.states:
+                if s.rank.replica == replica and (s.down or not s.healthy):
+                    log.warning("router: %s is back in routing", s.key)
+                    s.down, s.healthy, s.failures, s.open_until, s.scraped = "", True, 0, 0.0, None
+                    s.added_at = time.monotonic()
+            self._pump()
+
+    @property
+    def healthy_ranks(self) -> list[str]:
+        """Names of the ranks that may be routed to now (not down, health checks passing)."""
+        return [s.key for s in self.states if s.healthy and not s.down]
 
     def report_failure(self, state: RankState) -> None:
         """A connection error / 5xx / 429 on ``state``: count it towards its circuit breaker."""
@@ -490,7 +456,7 @@ class Router:
         with self._lock:
             for w in self._queue:
                 w.granted = True
-                _settle(w.fut, exc=NoCandidateError("router closed"))
+                settle(w.fut, exc=NoCandidateError("router closed"))
             self._queue.clear()
         if self._probe is not None and self._own_probe:
             await self._probe.aclose()
@@ -562,6 +528,8 @@ class Router:
             ok = await probe.health(s.rank.url)
             in_grace = time.monotonic() - s.added_at < self.startup_grace
             with self._lock:
+                if s.down:
+                    return  # its owner says when it serves again (mark_up)
                 if ok:
                     if not s.healthy or s.open_until:
                         log.info("router: %s is healthy%s", s.key, " (breaker closed)" if s.open_until else "")

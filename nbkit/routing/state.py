@@ -29,8 +29,9 @@ class RequestRecord:
     e2e_s: float | None = None
     tokens_in: int = 0
     tokens_out: int = 0
-    outcome: str = "pending"      # ok | error | cancelled | http_<status>
+    outcome: str = "pending"      # ok | error | cancelled | shed | http_<status>
     attempts: int = 1
+    migrations: int = 0           # times a broken stream was continued on another rank
     error: str = ""
     prefill_rank: str = ""        # prefill/decode split: where the prompt was prefilled
     prefill_s: float | None = None  # ... and how long that took
@@ -55,6 +56,7 @@ class RankState:
     inflight_peak: int = 0        # max in_flight since the last scrape was sent
     inflight_seen: int = 0        # ... frozen when that scrape answered (see load_score)
     scrape_error: str = ""        # why the last scrape failed ("" after a good one)
+    down: str = ""                # why the rank is known dead (its process exited); "" while it may serve
 
     @property
     def key(self) -> str:
@@ -68,5 +70,5 @@ class RankState:
             pending_prefill_tokens=self.pending_prefill_tokens, pending_decode_tokens=self.pending_decode_tokens,
             running=m.running if m else 0.0, waiting=m.waiting if m else 0.0,
             kv_cache_usage=m.kv_cache_usage if m else 0.0, stale=stale,
-            healthy=self.healthy and time.monotonic() >= self.open_until,
+            healthy=self.healthy and not self.down and time.monotonic() >= self.open_until,
         )

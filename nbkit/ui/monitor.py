@@ -57,6 +57,7 @@ class RankRow:
     kv_blocks: int | None = None          # blocks the router's KV-event index holds for the rank
     predicted_hit_pct: float | None = None  # prompt tokens kv_aware expected cached, since the monitor began
     reported_hit_pct: float | None = None   # ... and what vLLM reports as prefix-cache hits over the same time
+    restarts: int = 0                       # restarts of its replica by the cluster's supervisor
     last_error: str = ""
 
 
@@ -152,7 +153,8 @@ class Monitor:
             elif res is not None:
                 m = res.get(str(rank.dp_rank)) if p.dp_size > 1 else next(iter(res.values()), None)
             row = RankRow(rank=rank.name, replica=rank.replica, state=state, pinning=p.pinning, port=p.port,
-                          routed=routed.get(rank.name, 0), last_error=self._errors.get(rank.name, ""))
+                          routed=routed.get(rank.name, 0), last_error=self._errors.get(rank.name, ""),
+                          restarts=c.restarts_of(rank.replica) if hasattr(c, "restarts_of") else 0)
             if m is not None:
                 row.running, row.waiting = m.running, m.waiting
                 row.kv_cache_pct = round(100 * m.kv_cache_usage, 1)

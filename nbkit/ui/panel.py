@@ -34,9 +34,10 @@ _COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "
          ("waiting", "waiting"), ("kv_cache_pct", "KV %"), ("prompt_tok_s", "prompt tok/s"),
          ("gen_tok_s", "gen tok/s"), ("requests_served", "served"), ("routed", "routed"),
          ("ttft_p50_s", "TTFT p50 s"), ("mem_gb", "mem GB"), ("kv_blocks", "KV blocks"),
-         ("predicted_hit_pct", "hit % (kv_aware)"), ("reported_hit_pct", "hit % (vLLM)"), ("last_error", "last error")]
+         ("predicted_hit_pct", "hit % (kv_aware)"), ("reported_hit_pct", "hit % (vLLM)"), ("restarts", "restarts"),
+         ("last_error", "last error")]
 _STATE_COLOR = {"healthy": "#1a7f37", "starting": "#9a6700", "unhealthy": "#cf222e", "failed": "#cf222e",
-                "stopped": "#6e7781"}
+                "restarting": "#9a6700", "stopped": "#6e7781"}
 
 
 def _fmt(v) -> str:
@@ -187,7 +188,8 @@ class Panel(W.VBox):
         if not rows:
             from nbkit.ui.monitor import RankRow
             rows = [RankRow(rank=r.name, replica=r.replica, state=self.cluster.state(r.replica),
-                            pinning=self.cluster.plans[r.replica].pinning, port=self.cluster.plans[r.replica].port)
+                            pinning=self.cluster.plans[r.replica].pinning, port=self.cluster.plans[r.replica].port,
+                            restarts=getattr(self.cluster, "restarts_of", lambda i: 0)(r.replica))
                     for r in self.cluster.ranks]
         self.table.value = rows_html(rows)
         self.decisions.value = decisions_html(self.monitor.records(), self.n_decisions)
