@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import threading
 import time
 from collections import deque
@@ -516,10 +517,11 @@ class Router:
             await asyncio.sleep(max(0.0, self.current_scrape_interval - (time.monotonic() - t)))
 
     def _scrape_failed(self, states: list[RankState], error: BaseException) -> None:
+        why = re.sub(r"\?\S*", "", str(error))  # not the long series filter of the URL
         for s in states:
             if not s.scrape_error and s.scraped is not None:  # log once per outage, not every 250 ms
-                log.warning("router: scraping %s failed: %s", s.key, error)
-            s.scrape_error = str(error)
+                log.warning("router: scraping %s failed: %s", s.key, why)
+            s.scrape_error = why
 
     async def check_health_once(self) -> None:
         probe = self.probe
