@@ -4,7 +4,8 @@ pinning, telling the routers) is the :class:`~nbkit.cluster.cluster.Cluster`'s.
 
 A replica whose process exits, or whose ``/health`` has not answered for ``unresponsive_after``
 seconds (it is then killed), leaves the routing of every client and endpoint of the cluster at
-once and is restarted after a backoff that doubles from 1 s up to 30 s (``restart="on-failure"``).
+once and is restarted after a backoff (``restart="on-failure"``): 1 s, doubling up to 30 s while it
+keeps dying within ``STABLE_S`` of coming up, back to 1 s once it has served that long.
 More than ``max_restarts`` restarts within ``restart_window`` seconds and it stays ``failed``;
 ``restart="never"`` leaves every dead replica ``failed``. The user taking a replica in hand
 (``stop_replica``, ``restart``, ``scale``) cancels what the supervisor had planned for it::
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 WATCH_S = 0.2
 #: seconds between /health probes (a replica silent for ``unresponsive_after`` is killed)
 HEALTH_S = 2.0
-#: backoff before the k-th restart within the window: min(BACKOFF_CAP_S, 2 ** k) seconds
+#: backoff before a restart: min(BACKOFF_CAP_S, 2 ** k) seconds, k = deaths in a row within
+#: STABLE_S of coming up (a replica that served that long starts again at 1 s)
 BACKOFF_CAP_S = 30.0
+STABLE_S = 60.0
 RESTART_POLICIES = ("on-failure", "never")
 
 
@@ -65,6 +68,8 @@ class Supervisor:
         self._restarting: dict[int, asyncio.Task] = {}
         self._given_up: dict[int, str] = {}           # replica -> why it stays failed
         self._last_ok: dict[int, float] = {}          # last good /health, per replica (monotonic)
+        self._up_since: dict[int, float] = {}         # when it last came up (monotonic)
+        self._streak: dict[int, int] = {}             # deaths in a row within STABLE_S of coming up
         self._listeners: list[Callable[[str, int, str], None]] = []
 
     # -- views -------------------------------------------------------------------------------------
@@ -113,12 +118,14 @@ class Supervisor:
         if not self.running:
             now = time.monotonic()
             self._last_ok = {i: now for i in range(len(self.cluster))}
+            self._up_since = {i: now for i in range(len(self.cluster))}
             self._task = asyncio.ensure_future(self._watch())
 
     def reset(self) -> None:
         """A fresh start of the whole cluster: nothing is given up, no restart is recent."""
         self._given_up.clear()
         self._times.clear()
+        self._streak.clear()
 
     async def stop(self) -> None:
         tasks = [t for t in (self._task, *self._restarting.values()) if t is not None]
@@ -135,7 +142,8 @@ class Supervisor:
         if t is not None and t is not asyncio.current_task():
             t.cancel()
             await asyncio.gather(t, return_exceptions=True)
-        self._last_ok[i] = time.monotonic()
+        self._last_ok[i] = self._up_since[i] = time.monotonic()
+        self._streak.pop(i, None)
 
     # -- policy ------------------------------------------------------------------------------------
     async def _watch(self) -> None:
@@ -187,9 +195,13 @@ class Supervisor:
             self._give_up(i, f"{why}; {len(recent)} restarts in the last {self.restart_window:.0f} s "
                              f"(max_restarts={self.max_restarts})")
             return
-        delay = min(BACKOFF_CAP_S, 2.0 ** len(recent))
-        log.warning("supervisor: %s %s; restarting it in %.0f s (restart %d within %.0f s)", self.cluster.plans[i].name,
-                    why, delay, len(recent) + 1, self.restart_window)
+        now = time.monotonic()
+        served = now - self._up_since.get(i, now)
+        streak = 0 if served >= STABLE_S else self._streak.get(i, -1) + 1
+        self._streak[i] = streak
+        delay = min(BACKOFF_CAP_S, 2.0 ** streak)
+        log.warning("supervisor: %s %s after %.0f s up; restarting it in %.0f s (restart %d within %.0f s)",
+                    self.cluster.plans[i].name, why, served, delay, len(recent) + 1, self.restart_window)
         self._restarting[i] = asyncio.ensure_future(self._restart_later(i, proc, delay))
 
     def _give_up(self, i: int, why: str) -> None:
@@ -214,14 +226,15 @@ class Supervisor:
                         self._give_up(i, f"its restart failed: {e.reason}; {len(recent)} restarts in the last "
                                          f"{self.restart_window:.0f} s (max_restarts={self.max_restarts})")
                         return
-                    delay = min(BACKOFF_CAP_S, 2.0 ** len(recent))
+                    self._streak[i] = self._streak.get(i, 0) + 1
+                    delay = min(BACKOFF_CAP_S, 2.0 ** self._streak[i])
                     log.warning("supervisor: restarting %s failed (%s); again in %.0f s", c.plans[i].name, e.reason,
                                 delay)
                     continue
                 if new is None:
                     self._counts[i] -= 1  # the user took it in hand meanwhile
                     return
-                self._last_ok[i] = time.monotonic()
+                self._last_ok[i] = self._up_since[i] = time.monotonic()
                 log.warning("supervisor: %s restarted (pid %s, %s, port %s)", c.plans[i].name, new.pid,
                             c.plans[i].pinning, c.plans[i].port)
                 self._event("restarted", i, str(new.pid))

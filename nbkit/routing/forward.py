@@ -222,18 +222,18 @@ class Forwarder:
 
     async def _send(self, method: str, path: str, content: bytes | None, passed: dict, info: RequestInfo,
                     record: RequestRecord, *, rank=None, stream: bool, roles=None, deadline: float | None,
-                    tried: set[str] | None = None, backdate: float = 0.0) -> Upstream:
-        """The attempts of one exchange. ``backdate`` > 0: the continuation of a migrating stream
-        (its times count from the request's start; any error status fails it, and a failure leaves
-        the record open for the caller)."""
-        keep_open = backdate > 0
+                    tried: set[str] | None = None, backdate: float = 0.0, keep_open: bool = False) -> Upstream:
+        """The attempts of one exchange. ``keep_open``: the continuation of a migrating stream,
+        whose times count from ``backdate`` seconds ago; any error status fails it, and a failure
+        leaves the record open for the caller."""
         tried = set() if tried is None else tried
         attempt = 0
         while True:
             lease = await self.router.acquire(info, rank=rank, exclude=tried, record=record, roles=roles)
             if backdate:
                 lease.backdate(backdate)
-            record.attempts += 1 if attempt or backdate else 0
+            if attempt or keep_open:
+                record.attempts += 1
             hdrs = dict(passed)
             hdrs.update(lease.rank.headers)  # (name, value) pairs, e.g. X-data-parallel-rank
             pool = [st for st in self.router.states if roles is None or getattr(st.rank, "role", "both") in roles]
@@ -300,7 +300,8 @@ class Forwarder:
         deadline = None if up.timeout is None else time.monotonic() + max(1.0, up.timeout - elapsed)
         try:
             nxt = await self._send("POST", up.path, json.dumps(body).encode(), dict(up.headers_in or {}), old.info,
-                                   record, stream=True, deadline=deadline, tried={gone}, backdate=elapsed)
+                                   record, stream=True, deadline=deadline, tried={gone}, backdate=elapsed,
+                                   keep_open=True)
         except Exception as e:  # noqa: BLE001 - no rank could take it: the stream ends with an error event
             log.warning("forward: request %d broke on %s after %d tokens (%r); no rank could continue it: %r",
                         record.id, gone, state.tokens, broken, e)
