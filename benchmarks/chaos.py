@@ -210,6 +210,7 @@ class Kill:
     t_down: float | None = None           # first poll without it (or with a new pid)
     t_healthy: float | None = None        # listed healthy again
     new_pid: int | None = None
+    wall: float = 0.0                     # time.time() of the kill (to read the replica's log against)
 
     @property
     def to_healthy_s(self) -> float | None:
@@ -397,7 +398,7 @@ async def killer(args, serve: Serve, health: Health, ports: dict[str, int], stop
             print(f"  [{health.now():6.1f} s] kill {n}: no process found for {name} (port {port}); skipped",
                   flush=True)
             continue
-        k = Kill(name, port, p.pid, health.now(), waited_s=round(health.now() - t_due, 2))
+        k = Kill(name, port, p.pid, health.now(), waited_s=round(health.now() - t_due, 2), wall=time.time())
         try:
             os.killpg(p.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -468,6 +469,8 @@ async def run(args, serve: Serve, ports_base: tuple[int, int], model: str, out: 
         ranks = sorted(health.healthy)
         await asyncio.sleep(1.0)                         # let the startup lines reach the log
         ports = rank_ports(serve.log_text(), ranks, port_start)
+        logs_in = re.search(r"\(logs in ([^)]+)\)", serve.log_text())
+        out["log_dir"] = Path(logs_in.group(1)) if logs_in else None  # the replicas' own logs
         procs = await asyncio.to_thread(serve.replicas)
         out["ranks"] = {r: {"port": ports[r], "first_start_s": round(health.first_up.get(r, out["startup_s"]), 1),
                             "pid": procs[ports[r]].pid if ports[r] in procs else None} for r in ranks}
@@ -520,6 +523,40 @@ def p_ms(xs: list[float], q: float) -> float | None:
     return round(percentile(xs, q) * 1000, 1) if xs else None
 
 
+_START = re.compile(r"^=== nbkit (\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) start ")
+_LISTEN = re.compile(r"INFO (\d\d-\d\d \d\d:\d\d:\d\d)\S* \[[^]]*\] Starting vLLM server on")
+
+
+def restart_breakdown(log_dir: Path | None, rank: str, kill_wall: float, back_s: float | None) -> dict | None:
+    """Where a restart's time went, from the replica's own log (nbkit writes a dated line at each
+    spawn, vLLM one when its server listens; both to the second): kill -> spawn (nbkit: noticing,
+    backoff, stopping what was left), spawn -> listening (vLLM's start), listening -> back in routing."""
+    if log_dir is None or not (log_dir / f"{rank}.log").exists():
+        return None
+    year = time.strftime("%Y", time.localtime(kill_wall))
+    spawn = listen = None
+    for line in (log_dir / f"{rank}.log").read_text(errors="replace").splitlines():
+        m = _START.match(line)
+        if m:
+            t = time.mktime(time.strptime(m.group(1), "%Y-%m-%d %H:%M:%S"))
+            if spawn is None and t >= kill_wall - 1:
+                spawn = t
+            continue
+        m = _LISTEN.search(line)
+        if m and spawn is not None and listen is None:
+            t = time.mktime(time.strptime(f"{year}-{m.group(1)}", "%Y-%m-%d %H:%M:%S"))
+            if t >= spawn - 1:
+                listen = t
+    if spawn is None:
+        return None
+    out = {"kill_to_spawn_s": round(max(0.0, spawn - kill_wall), 1)}
+    if listen is not None:
+        out["spawn_to_listening_s"] = round(listen - spawn, 1)
+        if back_s is not None:
+            out["listening_to_routed_s"] = round(max(0.0, kill_wall + back_s - listen), 1)
+    return out
+
+
 def report(args, out: dict) -> tuple[list[str], dict]:
     recs: list[Rec] = out.get("_recs") or []
     health: Health | None = out.get("_health")
@@ -552,6 +589,7 @@ def report(args, out: dict) -> tuple[list[str], dict]:
         first = ranks.get(k.rank, {}).get("first_start_s")
         limit = None if first is None else first + GOAL_RETURN_SLACK_S
         returns.append({"rank": k.rank, "killed_at_s": round(k.t, 1), "pid": k.pid, "new_pid": k.new_pid,
+                        "breakdown": restart_breakdown(out.get("log_dir"), k.rank, k.wall, k.to_healthy_s),
                         "waited_for_both_s": k.waited_s,
                         "left_healthy_after_s": None if k.t_down is None else round(k.t_down - k.t, 1),
                         "to_healthy_s": None if k.to_healthy_s is None else round(k.to_healthy_s, 1),
@@ -606,6 +644,11 @@ def report(args, out: dict) -> tuple[list[str], dict]:
         lines.append(f"  {x['rank']} killed at {x['killed_at_s']:6.1f} s (pid {x['pid']}): left /health after "
                      f"{x['left_healthy_after_s']} s, healthy again after {x['to_healthy_s']} s (limit {x['limit_s']}; "
                      f"new pid {x['new_pid']})" + (f"; kill waited {x['waited_for_both_s']} s" if x["waited_for_both_s"] > 0.5 else ""))
+        if x.get("breakdown"):
+            b = x["breakdown"]
+            lines.append(f"    of which: kill -> spawn {b['kill_to_spawn_s']} s (nbkit: noticed, backoff, remnants "
+                         f"stopped); spawn -> vLLM listening {b.get('spawn_to_listening_s', '?')} s; listening -> "
+                         f"back in routing {b.get('listening_to_routed_s', '?')} s")
     lat = summary["latency_ms"]
     lines.append(f"latency ms, no fault overlapping: n {lat['no_fault']['n']}, p50 {lat['no_fault']['p50']}, "
                  f"p99 {lat['no_fault']['p99']}; with a fault: n {lat['fault']['n']}, p50 {lat['fault']['p50']}, "

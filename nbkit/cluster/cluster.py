@@ -195,8 +195,12 @@ class Cluster:
         return self._procs[i]
 
     def routers(self) -> list:
-        """The routers of this cluster's clients and endpoints (they follow :meth:`scale`)."""
+        """The routers of this cluster's open clients and endpoints (they follow :meth:`scale`)."""
         return list(self._routers)
+
+    def remove_router(self, router) -> None:
+        """Forget ``router`` (its client was closed or its endpoint stopped)."""
+        self._routers.discard(router)
 
     def add_router(self, router) -> None:
         """Tell ``router`` about rank changes and faults from now on (clients and endpoints made by

@@ -192,6 +192,9 @@ class RoutedClient:
 
     async def _aclose(self) -> None:
         """Close the router (on its loop) and every connection pool (each on its own loop)."""
+        forget = getattr(self.target, "remove_router", None)
+        if forget is not None:
+            forget(self.router)  # a closed client's router no longer follows the cluster
         running = asyncio.get_running_loop()
         if self._started:
             await self._at_router(self.router.aclose())

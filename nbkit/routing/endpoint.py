@@ -269,6 +269,9 @@ class Endpoint:
         from nbkit.http.ports import port_is_free
         if not port_is_free(self.host, self.port):
             raise ValueError(f"port={self.port!r}: already in use on {self.host}")
+        adopt = getattr(self.target, "add_router", None)
+        if adopt is not None:
+            adopt(self.router)  # the cluster tells it about faults and scaling (again, after a stop)
         self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
         self._fwd = Forwarder(self.router, self._http, retries=self.retries, migration_limit=self.migration_limit)
         if self.pd_connector:
@@ -308,6 +311,9 @@ class Endpoint:
             except (asyncio.TimeoutError, Exception):
                 self._task.cancel()
         self._task = self._server = None
+        forget = getattr(self.target, "remove_router", None)
+        if forget is not None:
+            forget(self.router)
         await self.router.aclose()
         if self._http is not None:
             await self._http.aclose()

@@ -138,7 +138,7 @@ class Upstream:
                 if state is not None and not state.finished and self.forwarder is not None \
                         and state.migrations < self.forwarder.migration_limit:
                     body = state.continuation()
-                moved = body is not None and await self.forwarder._continue(self, body, broken)
+                moved = body is not None and await self.forwarder.resume(self, body, broken)
                 first = self.first if moved else b""
                 if not moved:
                     why = f"the stream broke on {self.lease.rank.name} after {self.record.tokens_out} tokens: {broken!r}"
@@ -290,7 +290,7 @@ class Forwarder:
                               else "error", repr(e))
                 raise
 
-    async def _continue(self, up: Upstream, body: dict, broken: BaseException) -> bool:
+    async def resume(self, up: Upstream, body: dict, broken: BaseException) -> bool:
         """Move the broken stream ``up`` to another rank with the continuation ``body``; True when
         its first bytes are in (``up`` then reads from there)."""
         state, record, old = up.migration, up.record, up.lease
