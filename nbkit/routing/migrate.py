@@ -263,14 +263,8 @@ class StreamState:
             if "model" in d and self._model is not None:
                 d["model"] = self._model
         choices = d.get("choices") or ()
-        if self.chat:
-            pids = d.get("prompt_token_ids")
-            if pids is not None:
-                self._take_prompt(pids)
-                if self.strip or (cont and self._prompt_seen):
-                    d["prompt_token_ids"] = None
-                    edit = True
-                self._prompt_seen = True
+        if self.chat:  # chat: the prompt's ids at the top of the chunk
+            edit = self._prompt_ids_in(d, cont) or edit
         for c in choices:
             if self.chat:
                 delta = c.get("delta") or {}
@@ -286,14 +280,8 @@ class StreamState:
                 text = delta.get("content")
                 if isinstance(text, str) and text:
                     self._text.append(text)
-            else:
-                pids = c.get("prompt_token_ids")
-                if pids is not None:
-                    self._take_prompt(pids)
-                    if self.strip or (cont and self._prompt_seen):
-                        c["prompt_token_ids"] = None
-                        edit = True
-                    self._prompt_seen = True
+            else:  # completions: in the choice
+                edit = self._prompt_ids_in(c, cont) or edit
             ids = c.get("token_ids")
             if isinstance(ids, list):
                 self.tokens += len(ids)
@@ -317,6 +305,19 @@ class StreamState:
                 usage["completion_tokens"] = done
                 usage["total_tokens"] = prompt + done
         return edit
+
+    def _prompt_ids_in(self, d: dict, cont: bool) -> bool:
+        """Note the prompt's ids where ``d`` carries them; True when they were taken out of ``d``
+        (we asked for them, or the client already saw the prompt's ids of the first response)."""
+        pids = d.get("prompt_token_ids")
+        if pids is None:
+            return False
+        self._take_prompt(pids)
+        seen, self._prompt_seen = self._prompt_seen, True
+        if self.strip or (cont and seen):
+            d["prompt_token_ids"] = None
+            return True
+        return False
 
     def _take_prompt(self, ids: list[int]) -> None:
         if self._prompt_ids is None and self._base == 0:

@@ -285,11 +285,7 @@ class Router:
             done, _ = await asyncio.wait((waiter.fut,), timeout=self.queue_timeout)
             if not done:
                 with self._lock:
-                    if not waiter.granted:
-                        try:
-                            self._queue.remove(waiter)
-                        except ValueError:
-                            pass
+                    if self._unqueue(waiter):
                         e = Overloaded(f"no rank had room within queue_timeout={self.queue_timeout:g} s",
                                        503, self._retry_after())
                         self._shed(record, e)
@@ -298,11 +294,7 @@ class Router:
             return await waiter.fut  # granted meanwhile (perhaps from another thread): take it
         except asyncio.CancelledError:
             with self._lock:
-                if not waiter.granted:
-                    try:
-                        self._queue.remove(waiter)
-                    except ValueError:
-                        pass
+                if self._unqueue(waiter):
                     self._abandon(record, "cancelled")
                 elif waiter.fut.done() and not waiter.fut.cancelled():
                     waiter.fut.result().release("cancelled")
@@ -311,6 +303,16 @@ class Router:
         except Exception as e:
             self._abandon(record, "error", repr(e))
             raise
+
+    def _unqueue(self, waiter: Waiter) -> bool:
+        """Take a waiter that was not granted out of the queue (under the lock); False if it was granted."""
+        if waiter.granted:
+            return False
+        try:
+            self._queue.remove(waiter)
+        except ValueError:
+            pass
+        return True
 
     def _retry_after(self) -> float:
         """A Retry-After for shed requests: about how long the queue takes to move (>= 1 s)."""
