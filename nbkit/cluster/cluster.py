@@ -16,13 +16,10 @@ Validation happens when the Cluster is built and again when it starts: nothing i
 a spec that cannot run. A replica that fails to start stops the whole start and raises
 :class:`~nbkit.cluster.process.ReplicaStartError` quoting its log; nothing is left running.
 
-Supervision (after a start): a replica whose process exits, or whose ``/health`` has not answered
-for ``unresponsive_after`` seconds (then it is killed), leaves the routing of every client and
-endpoint of the cluster at once and is restarted on the same port and pinning
-(``restart="on-failure"``, the default), after a backoff that doubles from 1 s up to 30 s. More
-than ``max_restarts`` restarts within ``restart_window`` seconds and it stays ``failed`` (its log
-tail in :meth:`logs`); ``restart="never"`` leaves every dead replica ``failed``. The others keep
-serving throughout::
+Supervision (after a start; policy in :mod:`nbkit.cluster.supervisor`): a replica that exits or
+stops answering leaves every client's and endpoint's routing at once and is restarted on the same
+port and pinning, with backoff, up to ``max_restarts`` per ``restart_window`` (then ``failed``;
+``restart="never"`` opts out). The others keep serving throughout::
 
     cluster = Cluster.replicas(n=2, restart="on-failure", max_restarts=5, restart_window=600)
     cluster.status_frame()[["name", "state", "restarts"]]   # state: restarting while it comes back
