@@ -154,3 +154,12 @@ def wait_for(pred, timeout: float = 30.0, what: str = "condition", every: float 
         if time.monotonic() - t > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(every)
+
+
+def metric(url: str, name: str) -> float:
+    """One unlabelled series of an nbkit endpoint's /metrics (``nbkit_restarts_total``, ...)."""
+    import httpx
+    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"{name} not in {url}/metrics")

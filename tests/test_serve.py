@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from conftest import alive, kill_tree, tree
+from conftest import alive, kill_tree, metric, tree
 
 pytestmark = pytest.mark.vllm
 
@@ -104,13 +104,6 @@ def _replica_pid(serve_pid: int, port: int) -> int:
     raise AssertionError(f"no replica on port {port} under {serve_pid}")
 
 
-def _metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(name)
-
-
 def test_serve_keeps_serving_through_a_killed_replica(serve2, tiny_model_path):
     """SIGKILL one of 2 replicas (its whole process group) under load through the OpenAI SDK: every
     non-streamed request is answered, streams finish with their exact token count (those on the
@@ -158,7 +151,7 @@ def test_serve_keeps_serving_through_a_killed_replica(serve2, tiny_model_path):
     assert plain_tokens == [24] * 40, plain_tokens           # every non-streamed request answered
     assert sorted(on for on, _, _ in streams) == ["replica0", "replica1"]
     assert [(usage, n_ids) for _, usage, n_ids in streams] == [(n_stream, 1)] * 2  # complete, exact, one stream
-    assert _metric(url, "nbkit_migrations_total") == 1.0     # the one on replica1 moved to replica0
+    assert metric(url, "nbkit_migrations_total") == 1.0     # the one on replica1 moved to replica0
     assert httpx.get(url + "/health", timeout=10).status_code == 200
     # the replica comes back (same port) and is routed to again
     deadline = time.monotonic() + 300
@@ -167,7 +160,7 @@ def test_serve_keeps_serving_through_a_killed_replica(serve2, tiny_model_path):
         assert time.monotonic() < deadline, serve2.out.read_text()[-3000:]
         time.sleep(1)
     assert _replica_pid(serve2.proc.pid, 8468) != victim_pid
-    assert _metric(url, "nbkit_restarts_total") == 1.0
+    assert metric(url, "nbkit_restarts_total") == 1.0
     out = serve2.out.read_text()
     assert "nbkit: replica1 exited with code -9; restarting" in out and "nbkit: replica1 restarted" in out
     r = httpx.post(url + "/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, headers={"x-nbkit-rank": "1"},

@@ -15,10 +15,9 @@ import time
 import httpx
 import pytest
 
-from conftest import free_port, wait_for
+from conftest import free_port, metric, wait_for
 from nbkit import Cluster
 from nbkit.routing.client import RoutedClientError
-from nbkit.routing.metrics import parse_metrics  # noqa: F401  (the endpoint's /metrics is Prometheus text)
 
 
 def sim_cluster(tmp_path, **kw) -> Cluster:
@@ -31,13 +30,6 @@ def kill(cluster: Cluster, i: int, sig=signal.SIGKILL) -> int:
     pid = cluster.process(i).pid
     os.killpg(pid, sig)
     return pid
-
-
-def metric(url: str, name: str) -> float:
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[1])
-    raise AssertionError(f"{name} not in {url}/metrics")
 
 
 def healthy(ep_url: str) -> list[str]:

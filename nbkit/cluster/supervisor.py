@@ -88,9 +88,6 @@ class Supervisor:
             return "restarting" if self.running and self.policy == "on-failure" else "failed"
         return None
 
-    def why_failed(self, i: int) -> str:
-        return self._given_up.get(i, "")
-
     @property
     def restarts(self) -> int:
         """Restarts made so far, all replicas."""
