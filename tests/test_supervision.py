@@ -51,7 +51,10 @@ def test_killed_replica_is_out_at_once_requests_answered_and_it_comes_back(tmp_p
                     return await h.post("/v1/completions", json={"prompt": f"request {k} " * 8, "max_tokens": 60,
                                                                  "ignore_eos": True})
                 tasks = [asyncio.ensure_future(one(k)) for k in range(n)]
-                await asyncio.sleep(0.4)        # several are generating on replica1 now
+                t = time.monotonic()            # kill while replica1 holds some of them (poll, never assume)
+                while ep.router.states[1].in_flight < 2:
+                    assert time.monotonic() - t < 20, "replica1 never got a request"
+                    await asyncio.sleep(0.01)
                 old = kill(c, 1)
                 t = time.monotonic()
                 while "replica1" in healthy(url):   # (sync probe: fine, the load runs on the server side)
