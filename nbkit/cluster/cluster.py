@@ -40,7 +40,8 @@ from typing import Sequence
 
 from nbkit import loop
 from nbkit.routing.rank import Rank
-from nbkit.cluster.process import ReplicaProcess, ReplicaStartError
+from nbkit.cluster.process import ReplicaProcess
+from nbkit.cluster import startup
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
 from nbkit.cluster.kv import ClusterKV
@@ -249,56 +250,31 @@ class Cluster:
         return self._lock
 
     def _waves(self, idx: Sequence[int]) -> list[list[int]]:
-        """Start order: all at once, except replicas sharing a GPU, which start one after another
-        (vLLM's memory profiling counts a neighbour's allocations while both start)."""
-        waves: list[list[int]] = []
-        seen: dict[int, int] = {}
-        for i in idx:
-            p = self.plans[i]
-            k = 0
-            if p.device == "gpu":
-                k = max((seen.get(d, 0) for d in p.devices), default=0)
-                for d in p.devices:
-                    seen[d] = k + 1
-            while len(waves) <= k:
-                waves.append([])
-            waves[k].append(i)
-        return waves
+        return startup.waves(self.plans, idx)  # replicas sharing a GPU one after another
 
-    async def _start_some(self, idx: Sequence[int], timeout: float) -> None:
-        errors: list[BaseException] = []
-        for wave in self._waves(idx):
-            for i in wave:
-                if self.kv is not None:
-                    self.kv.watch(self.plans[i])  # listening before the engine publishes anything
-                proc = ReplicaProcess(self.plans[i], self.log_path(i))
-                self._procs[i] = proc
-                self._health.pop(i, None)
-                proc.spawn()
-                log.info("cluster: %s started (pid %s, %s, port %s)", self.plans[i].name, proc.pid,
-                         self.plans[i].pinning, self.plans[i].port)
-            results = await asyncio.gather(
-                *(self._procs[i].wait_healthy(timeout, self.probe) for i in wave), return_exceptions=True)
-            errors = [r for r in results if isinstance(r, BaseException)]
-            if errors:
-                break
-            for i, took in zip(wave, results):
-                self._health[i] = True
-                log.info("cluster: %s healthy in %.0f s", self.plans[i].name, took)
-        if errors:
+    def _launch(self, i: int) -> ReplicaProcess:
+        if self.kv is not None:
+            self.kv.watch(self.plans[i])  # listening before the engine publishes anything
+        self._procs[i] = ReplicaProcess(self.plans[i], self.log_path(i))
+        self._health.pop(i, None)
+        return self._procs[i]
+
+    async def _start_some(self, idx: Sequence[int], timeout: float, progress=None) -> None:
+        """Start ``idx`` in :mod:`~nbkit.cluster.startup` order; on a failure stop them all and raise."""
+        try:
+            await startup.start_replicas(self.plans, idx, self._launch, timeout=timeout, probe=self.probe,
+                                         progress=progress, on_healthy=lambda i, _: self._health.__setitem__(i, True))
+        except BaseException:
             await asyncio.gather(*(self._procs[i].stop(self.stop_grace) for i in idx if self._procs[i] is not None))
             for i in idx:
                 self._health.pop(i, None)
-            first = errors[0]
-            log.error("cluster: start failed: %s", str(first).splitlines()[0] if str(first) else repr(first))
-            if len(errors) > 1 and isinstance(first, ReplicaStartError):
-                others = ", ".join(e.name for e in errors[1:] if isinstance(e, ReplicaStartError))
-                first.args = (first.args[0] + f"\n(also failed: {others})",)
-            raise first
+            raise
 
     @loop.on_loop
-    async def astart(self, timeout: float | None = None) -> "Cluster":
-        """Start every replica in parallel and wait until all are healthy."""
+    async def astart(self, timeout: float | None = None, progress=None) -> "Cluster":
+        """Start every replica (those sharing a GPU one after another) and wait until all are healthy.
+        ``progress``: a bar per replica; None: if stderr is a terminal or in a notebook (see
+        :mod:`~nbkit.cluster.startup`: True, False, a file object or a Progress)."""
         async with self._alock():
             if self.running:
                 raise RuntimeError("cluster is already running; stop() it first or use restart()/scale()")
@@ -308,7 +284,8 @@ class Cluster:
             self.plans = self._plan(self._specs)  # re-check ports etc. right before launching
             self._procs = [None] * len(self.plans)
             try:
-                await self._start_some(range(len(self.plans)), timeout or self.startup_timeout)
+                await self._start_some(range(len(self.plans)), timeout or self.startup_timeout,
+                                       startup.open_progress(progress))
             except BaseException:
                 await self._stop_some(range(len(self.plans)))
                 raise
