@@ -5,21 +5,22 @@
     # any OpenAI client: OpenAI(base_url=ep.url + "/v1", api_key="EMPTY")
     ep.stop()
 
-Every path is forwarded (``/v1/completions``, ``/v1/chat/completions``, ``/v1/models``,
-``/tokenize``, ``/pooling``, ...); SSE streams pass through chunk by chunk; a body without
-``model`` gets the cluster's model; the caller's
-``Authorization`` header goes to the replica. Its own routes: ``GET /health`` (200 while at
-least one replica is healthy, else 503 with Retry-After) and ``GET /metrics`` (Prometheus,
-``nbkit_`` prefix: requests, retries, picks per rank, queue wait, in-flight per rank, healthy
-ranks, restarts, stream migrations, shed requests). A header ``X-nbkit-rank: <index or name>``
-pins a request to a rank. Binds 127.0.0.1 unless told otherwise.
+Every path is forwarded (``/v1/completions``, ``/v1/chat/completions``, ``/tokenize``,
+``/pooling``, ...); SSE streams pass through chunk by chunk; a body without ``model`` gets the
+cluster's model; the caller's ``Authorization`` header goes to the replica. Its own routes:
+``GET /health`` (200 while at least one replica is healthy, else 503 with Retry-After),
+``GET /v1/models`` (every rank's models, each id once) and ``GET /metrics`` (Prometheus through
+prometheus_client's ASGI app, gzip and OpenMetrics included; the metrics are read from the router
+when scraped, see :mod:`nbkit.routing.prom`). A header ``X-nbkit-rank: <index or name>`` pins a
+request to a rank (an unknown one: 400). Binds 127.0.0.1 unless told otherwise.
 
 Faults: a replica that dies is out of routing at once (its Cluster says so); requests it held
 are sent again elsewhere (non-streamed) or continued elsewhere (streams, see
 :mod:`nbkit.routing.forward`); a stream that cannot continue ends with an SSE error event. With
 no healthy rank, or when the admission queue sheds (``max_queue``, ``queue_timeout``), the answer
-is OpenAI's error object with 503/429 and ``Retry-After``. A client that goes away before its
-answer aborts the request on the replica (its connection there is closed).
+is OpenAI's error object with 503/429 and ``Retry-After``; a body that is not JSON gets 400, a
+replica that does not answer within ``timeout`` 504, all in that shape. A client that goes away
+before its answer aborts the request on the replica (its connection there is closed).
 """
 
 from __future__ import annotations
@@ -29,14 +30,16 @@ import json
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST
+import httpx
+from prometheus_client import make_asgi_app
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from nbkit import loop
-from nbkit.routing.forward import Forwarder
-from nbkit.routing.router import NoHealthyRank, Overloaded, Router
-from nbkit.routing.state import RequestRecord
+from nbkit.policies import NoCandidateError
+from nbkit.routing.forward import HOP_BY_HOP, Forwarder
+from nbkit.routing.prom import EndpointMetrics
+from nbkit.routing.router import Router
+from nbkit.http.http1 import ConnectTimeout, ReadTimeout
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
 log = logging.getLogger(__name__)
@@ -46,13 +49,25 @@ ROUTED_POST = ("/v1/completions", "/v1/chat/completions", "/v1/responses", "/v1/
 
 
 PROXIED_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "PATCH"})
+#: what a timed-out exchange with a replica raises (any transport): the endpoint answers 504
+TIMEOUTS = (asyncio.TimeoutError, TimeoutError, httpx.TimeoutException, ReadTimeout, ConnectTimeout)
 
 
-def _error(status: int, message: str, kind: str, *, retry_after: float | None = None) -> JSONResponse:
-    """OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``)."""
+def _error(status: int, message: str, kind: str, *, retry_after: float | None = None,
+           param: str | None = None) -> JSONResponse:
+    """OpenAI's error object (``{"error": {"message", "type", "param", "code"}}``): every answer that
+    nbkit itself makes up (a replica's own errors pass through as they are)."""
     headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after is not None else None
-    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
+    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": status}},
                         status_code=status, headers=headers)
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    """A request header's value (ASGI gives names in lower case)."""
+    for k, v in scope["headers"]:
+        if k == name:
+            return v
+    return None
 
 
 class Endpoint:
@@ -82,39 +97,10 @@ class Endpoint:
             raise ValueError("pd=True: the target has no prefill and decode ranks (see nbkit.cluster.pd.pd_specs)")
         check_transport(transport)
         self.timeout, self._transport_spec, self.max_connections = float(timeout), transport, max_connections
-        self.registry = CollectorRegistry()
-        self._m_requests = Counter("nbkit_requests", "Requests through the endpoint", ["path", "outcome"],
-                                   registry=self.registry)
-        self._m_picks = Counter("nbkit_picks", "Requests dispatched per rank", ["rank"], registry=self.registry)
-        self._m_retries = Gauge("nbkit_retries_total", "Retries on another rank before the first byte",
-                                registry=self.registry)
-        self._m_queue = Histogram("nbkit_queue_wait_seconds", "Time waiting for admission", registry=self.registry,
-                                  buckets=(0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 30))
-        self._m_ttft = Histogram("nbkit_time_to_first_token_seconds", "TTFT seen by the endpoint",
-                                 registry=self.registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self._m_inflight = Gauge("nbkit_in_flight", "In-flight requests per rank", ["rank"], registry=self.registry)
-        self._m_healthy = Gauge("nbkit_healthy_ranks", "Ranks that may be routed to (alive, health checks pass)",
-                                registry=self.registry)
-        self._m_restarts = Gauge("nbkit_restarts_total", "Replica restarts by the cluster's supervisor",
-                                 registry=self.registry)
-        self._m_migrations = Gauge("nbkit_migrations_total", "Streams continued on another rank after theirs broke",
-                                   registry=self.registry)
-        self._m_shed = Gauge("nbkit_shed_total", "Requests the admission queue shed (429/503)", registry=self.registry)
-        self._m_kv_events = Gauge("nbkit_kv_events_total", "KV-cache events applied to the router's index",
-                                  ["rank"], registry=self.registry)
-        self._m_kv_blocks = Gauge("nbkit_kv_index_blocks", "KV-cache blocks the index holds", ["rank"],
-                                  registry=self.registry)
-        self._m_kv_gaps = Gauge("nbkit_kv_sequence_gaps_total", "KV-event batches missed (sequence gaps)", ["rank"],
-                                registry=self.registry)
-        self._m_kv_warm = Gauge("nbkit_kv_index_warm", "1 while the rank's index is trusted (0: cold)", ["rank"],
-                                registry=self.registry)
-        self._m_kv_fallbacks = Gauge("nbkit_kv_fallbacks_total", "Decisions a policy made by its fallback",
-                                     registry=self.registry)
-        self._m_kv_matched = Histogram("nbkit_kv_matched_tokens", "Prompt tokens cached on the chosen rank",
-                                       registry=self.registry, buckets=(0, 16, 64, 128, 256, 512, 1024, 2048, 4096, 8192))
-        self._requests_by: dict = {}  # labelled children, looked up once (labels() costs per call)
-        self._picks_by: dict = {}
-        self.router.listeners.append(self._observe)
+        self.metrics = EndpointMetrics(self.router, target)
+        self.registry = self.metrics.registry
+        self._metrics_app = make_asgi_app(self.registry)
+        self.router.listeners.append(self.metrics.observe)
         self._server = None
         self._task: asyncio.Task | None = None
         self._http = None
@@ -133,7 +119,10 @@ class Endpoint:
             if method == "GET" and path == "/health":
                 response = await self._health()
             elif method == "GET" and path == "/metrics":
-                response = await self._metrics()
+                await self._metrics_app(scope, receive, send)  # prometheus_client's: gzip, OpenMetrics
+                return
+            elif method == "GET" and path == "/v1/models" and not _header(scope, b"x-nbkit-rank"):
+                response = await self._models(scope)
             elif method in PROXIED_METHODS:
                 response = await self._proxy(scope, receive)
                 if type(response) is tuple:  # (status, headers, body): the common, non-streamed case
@@ -152,45 +141,11 @@ class Endpoint:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def _observe(self, rec: RequestRecord) -> None:
-        key = (rec.path, rec.outcome)
-        c = self._requests_by.get(key)
-        if c is None:
-            c = self._requests_by[key] = self._m_requests.labels(rec.path, rec.outcome)
-        c.inc()
-        if rec.rank:
-            c = self._picks_by.get(rec.rank)
-            if c is None:
-                c = self._picks_by[rec.rank] = self._m_picks.labels(rec.rank)
-            c.inc()
-        self._m_queue.observe(rec.queue_wait_s)
-        if rec.rank and self.router.policy.uses_kv_index:
-            self._m_kv_matched.observe(rec.cached_tokens)
-        if rec.ttft_s is not None and rec.outcome == "ok":
-            self._m_ttft.observe(rec.ttft_s)
-
     # -- handlers --------------------------------------------------------------------------------
     async def _health(self) -> Response:
         healthy = self.router.healthy_ranks
         return JSONResponse({"healthy": healthy, "ranks": len(self.router.states)},
                             status_code=200 if healthy else 503, headers=None if healthy else {"retry-after": "5"})
-
-    async def _metrics(self) -> Response:
-        self._m_retries.set(self.router.counters["retries"])
-        for s in self.router.states:
-            self._m_inflight.labels(s.key).set(s.in_flight)
-        self._m_healthy.set(len(self.router.healthy_ranks))
-        self._m_restarts.set(getattr(self.target, "restarts", 0))
-        self._m_migrations.set(self.router.counters["migrations"])
-        self._m_shed.set(self.router.counters["shed"])
-        self._m_kv_fallbacks.set(self.router.fallbacks)
-        if self.router.kv_index is not None:
-            for rank, snap in self.router.kv_index.snapshot().items():
-                self._m_kv_events.labels(rank).set(snap["events"])
-                self._m_kv_blocks.labels(rank).set(snap["blocks"])
-                self._m_kv_gaps.labels(rank).set(snap["gaps"])
-                self._m_kv_warm.labels(rank).set(1 if snap["warm"] else 0)
-        return Response(generate_latest(self.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def _proxy(self, scope, receive):
         """Forward one request; returns ``(status, headers, body)`` or a streaming/error Response."""
@@ -245,18 +200,79 @@ class Endpoint:
             return _error(499, "client went away", "ClientClosedRequest")
         try:
             up = opening.result()
-        except (NoHealthyRank, Overloaded) as e:
-            log.info("endpoint: %s %s -> %d: %s", method, path, e.status, e)
-            return _error(e.status, str(e), "ServiceUnavailable" if e.status == 503 else "TooManyRequests",
-                          retry_after=e.retry_after)
-        except ValueError as e:
-            return _error(400, str(e), "BadRequest")
+        except NoCandidateError as e:  # no healthy rank (503), shed (429 or 503), the router closed (503)
+            status = getattr(e, "status", 503)
+            log.info("endpoint: %s %s -> %d: %s", method, path, status, e)
+            return _error(status, str(e), "ServiceUnavailable" if status == 503 else "TooManyRequests",
+                          retry_after=getattr(e, "retry_after", 1.0))
+        except ValueError as e:  # e.g. X-nbkit-rank names no rank
+            return _error(400, str(e), "BadRequest", param="x-nbkit-rank" if rank is not None else None)
+        except TIMEOUTS as e:
+            log.warning("endpoint: %s %s timed out: %r", method, path, e)
+            return _error(504, f"no replica answered in time (timeout={self.timeout:g} s): {e!r}", "GatewayTimeout")
         except ALL_ERRORS as e:
             log.warning("endpoint: no replica could serve %s %s: %r", method, path, e)
             return _error(503, f"no replica could serve the request: {e!r}", "ServiceUnavailable", retry_after=1)
         if up.stream:
             return StreamingResponse(up.aiter(), status_code=up.status_code, headers=up.headers())
         return up.status_code, up.raw_headers(len(up.body)), up.body
+
+    async def _models(self, scope) -> Response:
+        """``GET /v1/models``: the models of every rank that is not down, each id once (the first
+        rank's answer with the merged ``data``). No rank answers: the first replica error as it
+        came, or 503."""
+        query = scope.get("query_string")
+        path = "/v1/models" + ("?" + query.decode("latin-1") if query else "")
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]
+                   if k.decode("latin-1") not in HOP_BY_HOP}
+        by_url: dict = {}
+        for s in self.router.states:
+            if not s.down:
+                by_url.setdefault(s.rank.url, s.rank)  # data-parallel ranks share a server
+        transport = self._fwd.transport
+
+        async def one(rank):
+            try:
+                resp = await transport.send("GET", rank.url + path, headers={**headers, **dict(rank.headers)},
+                                            timeout=min(self.timeout, 10.0))
+                try:
+                    return resp, await resp.aread()
+                finally:
+                    await resp.aclose()
+            except ALL_ERRORS as e:
+                return e, b""
+
+        merged, seen, base, failed = [], set(), None, None
+        for resp, raw in await asyncio.gather(*(one(r) for r in by_url.values())):
+            if isinstance(resp, BaseException):
+                continue
+            if resp.status_code >= 400:
+                failed = failed or (resp, raw)
+                continue
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                continue
+            if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+                continue
+            base = base or data
+            for m in data["data"]:
+                key = m.get("id") if isinstance(m, dict) else json.dumps(m)
+                if key not in seen:
+                    seen.add(key)
+                    merged.append(m)
+        if base is not None:
+            self.metrics.count_request(path, "ok")
+            return JSONResponse({**base, "data": merged})
+        if failed is not None:
+            resp, raw = failed
+            self.metrics.count_request(path, f"http_{resp.status_code}")
+            passed = {k: v for k, v in resp.headers.items()
+                      if k.lower() not in HOP_BY_HOP and k.lower() != "content-encoding"}
+            return Response(raw, status_code=resp.status_code, headers=passed)
+        self.metrics.count_request(path, "error")
+        why = "every rank is down" if not by_url else "no rank answered"
+        return _error(503, f"no replica could list its models: {why}", "ServiceUnavailable", retry_after=1)
 
     # -- lifecycle -------------------------------------------------------------------------------
     @loop.on_loop

@@ -47,11 +47,14 @@ HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-authenticate", "proxy
 
 
 def sse_events(chunk: bytes) -> int:
-    """Data events in a raw SSE chunk, not counting ``[DONE]`` (each is about one token in vLLM)."""
+    """Data events in a raw SSE chunk, not counting ``[DONE]`` nor usage-only events (``"choices":
+    []``, the last with ``include_usage``): each of the others is about one token in vLLM."""
     n = chunk.count(b"data:")
     if n and b"[DONE]" in chunk:
         n -= 1
-    return n
+    if n and b'"choices":' in chunk:
+        n -= chunk.count(b'"choices":[]') + chunk.count(b'"choices": []')
+    return max(0, n)
 
 
 @dataclass
