@@ -34,6 +34,11 @@ WINDOW_S = 120.0
 #: A router's reading younger than this is used instead of scraping again (a router that does not
 #: read load scrapes every 2 s; one that does, every 0.25 s).
 REUSE_SCRAPE_S = 2.5
+#: Rates are taken over at least this many seconds of a rank's counters: two readings a moment apart
+#: (a router's scrape, then the probe's) would divide one burst of tokens by almost nothing.
+MIN_RATE_DT = 0.5
+#: A rank's last error is shown, with its age, for this long; a failed scrape only until one succeeds.
+ERROR_SHOW_S = 60.0
 
 
 @dataclass
@@ -59,6 +64,7 @@ class RankRow:
     reported_hit_pct: float | None = None   # ... and what vLLM reports as prefix-cache hits over the same time
     restarts: int = 0                       # restarts of its replica by the cluster's supervisor
     last_error: str = ""
+    last_error_age_s: float | None = None   # seconds since last_error happened
 
 
 def fmt_rate(x: float) -> str:
@@ -77,11 +83,11 @@ class Monitor:
     step: int = 0
 
     def __post_init__(self) -> None:
-        self._prev: dict[str, tuple[float, EngineMetrics]] = {}
+        self._prev: dict[str, tuple[object, EngineMetrics]] = {}  # rank -> (generation, last rate reading)
         self._first: dict[str, EngineMetrics] = {}  # each rank's first reading: hit rates count from it
         self._began = time.time()
         self._last_rates: dict[str, tuple[float, float]] = {}
-        self._errors: dict[str, str] = {}
+        self._errors: dict[str, tuple[str, float]] = {}  # rank -> (message, when)
         self._log_task: asyncio.Task | None = None
 
     # -- sampling ---------------------------------------------------------------------------------
@@ -123,7 +129,29 @@ class Monitor:
         live = [p for p in plans if not p.headless and c.state(p.index) in ("healthy", "unhealthy", "starting")]
         results = dict(zip([p.url for p in live],
                            await asyncio.gather(*(self._read(p, ranks, routed) for p in live))))
-        now = time.time()
+        readings: dict[str, EngineMetrics | Exception] = {}
+        for rank in ranks:
+            p = plans[rank.replica]
+            res = results.get(p.url)
+            if isinstance(res, Exception):
+                readings[rank.name] = res
+            elif res is not None:
+                m = res.get(str(rank.dp_rank)) if p.dp_size > 1 else next(iter(res.values()), None)
+                if m is not None:
+                    readings[rank.name] = m
+        return self.update(readings)
+
+    def update(self, readings: dict, now: float | None = None, generations: dict | None = None) -> list[RankRow]:
+        """One sample from readings already in hand: ``{rank name: EngineMetrics | Exception}`` (a rank
+        left out had no reading). :meth:`sample` scrapes and calls it; tests feed it synthetic readings.
+
+        Rates come only from two readings of the same rank generation at least :data:`MIN_RATE_DT`
+        apart: a replica restart (``generations``, by default its restarts and pid) or counters that went
+        down start the rank afresh with rate 0, never a cumulative counter over an arbitrary time. The
+        history's "total" row at each instant is the sum of the ranks' rows of that instant."""
+        c = self.cluster
+        plans = list(c.plans)
+        now = time.time() if now is None else now
         routed: dict[str, int] = {}
         ttfts: dict[str, list[float]] = {}
         predicted: dict[str, list[int]] = {}  # rank -> [cached tokens, prompt tokens] of kv_aware decisions
@@ -134,44 +162,41 @@ class Monitor:
             routed[rec.rank] = routed.get(rec.rank, 0) + 1
             if rec.ttft_s is not None and rec.outcome == "ok" and now - rec.arrival < 30:
                 ttfts.setdefault(rec.rank, []).append(rec.ttft_s)
-            if rec.outcome not in ("ok", "cancelled", "pending") and rec.error:
-                self._errors[rec.rank] = f"{rec.outcome}: {rec.error}"[:200]
+            if (rec.outcome not in ("ok", "cancelled", "pending") and rec.error
+                    and now - rec.arrival <= ERROR_SHOW_S and rec.arrival >= self._errors.get(rec.rank, ("", 0.0))[1]):
+                self._errors[rec.rank] = (f"{rec.outcome}: {rec.error}"[:200], rec.arrival)
             if rec.policy == "kv_aware" and rec.outcome == "ok" and rec.arrival >= self._began and rec.tokens_in:
                 acc = predicted.setdefault(rec.rank, [0, 0])
                 acc[0] += rec.cached_tokens
                 acc[1] += rec.tokens_in
         index = getattr(c, "kv_index", None)
         rows = []
-        for rank in ranks:
+        for rank in list(c.ranks):
             p = plans[rank.replica]
             state = c.state(rank.replica)
-            res = results.get(p.url)
-            m = None
-            if isinstance(res, Exception):
-                if state == "healthy":
-                    self._errors[rank.name] = f"metrics: {res!r}"[:200]
-            elif res is not None:
-                m = res.get(str(rank.dp_rank)) if p.dp_size > 1 else next(iter(res.values()), None)
+            res = readings.get(rank.name)
+            m = res if isinstance(res, EngineMetrics) else None
+            if isinstance(res, Exception) and state == "healthy":
+                self._errors[rank.name] = (f"metrics: {res!r}"[:200], now)
+            elif m is not None and self._errors.get(rank.name, ("", 0.0))[0].startswith("metrics: "):
+                del self._errors[rank.name]  # the scrape works again: its old failure is news no more
+            err = self._errors.get(rank.name)
+            if err is not None and now - err[1] > ERROR_SHOW_S:  # long past: no longer shown
+                del self._errors[rank.name]
+                err = None
             row = RankRow(rank=rank.name, replica=rank.replica, state=state, pinning=p.pinning, port=p.port,
-                          routed=routed.get(rank.name, 0), last_error=self._errors.get(rank.name, ""),
+                          routed=routed.get(rank.name, 0), last_error=err[0] if err else "",
+                          last_error_age_s=round(max(0.0, now - err[1]), 1) if err else None,
                           restarts=c.restarts_of(rank.replica) if hasattr(c, "restarts_of") else 0)
             if m is not None:
                 row.running, row.waiting = m.running, m.waiting
                 row.kv_cache_pct = round(100 * m.kv_cache_usage, 1)
                 row.requests_served = int(m.requests_finished)
-                prev = self._prev.get(rank.name)
-                if prev is not None and m.scraped_at > prev[0]:  # rates between two readings' own times
-                    dt = m.scraped_at - prev[0]
-                    row.prompt_tok_s = max(0.0, (m.prompt_tokens - prev[1].prompt_tokens) / dt)
-                    row.gen_tok_s = max(0.0, (m.generation_tokens - prev[1].generation_tokens) / dt)
-                    self._prev[rank.name] = (m.scraped_at, m)
-                elif prev is not None:  # the same reading again: keep the last rates
-                    last = self._last_rates.get(rank.name, (0.0, 0.0))
-                    row.prompt_tok_s, row.gen_tok_s = last
-                else:
-                    self._prev[rank.name] = (m.scraped_at, m)
-                self._last_rates[rank.name] = (row.prompt_tok_s, row.gen_tok_s)
-                first = self._first.setdefault(rank.name, m)
+                gen = (generations or {}).get(rank.name, self._generation(rank.replica))
+                row.prompt_tok_s, row.gen_tok_s = self._rates(rank.name, gen, m)
+                first = self._first.get(rank.name)
+                if first is None or first.prefix_cache_queries > m.prefix_cache_queries:  # new or reset counters
+                    first = self._first[rank.name] = m
                 queries = m.prefix_cache_queries - first.prefix_cache_queries
                 if queries > 0:
                     row.reported_hit_pct = round(100 * (m.prefix_cache_hits - first.prefix_cache_hits) / queries, 1)
@@ -189,9 +214,36 @@ class Monitor:
         for r in rows:
             self.history.append({"t": now, "rank": r.rank, "gen_tok_s": r.gen_tok_s, "prompt_tok_s": r.prompt_tok_s,
                                  "running": r.running, "waiting": r.waiting, "ttft_p50_s": r.ttft_p50_s})
+        if rows:  # the total of this instant, from these very rows
+            self.history.append({"t": now, "rank": "total", "gen_tok_s": sum(r.gen_tok_s for r in rows),
+                                 "prompt_tok_s": sum(r.prompt_tok_s for r in rows),
+                                 "running": sum(r.running for r in rows), "waiting": sum(r.waiting for r in rows),
+                                 "ttft_p50_s": None})
         while self.history and now - self.history[0]["t"] > self.window_s:
             self.history.popleft()
         return rows
+
+    def _generation(self, replica: int):
+        """What changes when a replica's process (and so its counters) is replaced: restarts and pid."""
+        c = self.cluster
+        proc = c.process(replica) if hasattr(c, "process") else None
+        return (c.restarts_of(replica) if hasattr(c, "restarts_of") else 0, getattr(proc, "pid", None))
+
+    def _rates(self, name: str, gen, m: EngineMetrics) -> tuple[float, float]:
+        """(prompt, generation) tok/s of rank ``name`` from its previous reading of the same generation."""
+        prev = self._prev.get(name)
+        if (prev is None or prev[0] != gen or m.prompt_tokens < prev[1].prompt_tokens
+                or m.generation_tokens < prev[1].generation_tokens):  # first reading, restart or counter reset
+            self._prev[name] = (gen, m)
+            self._last_rates[name] = (0.0, 0.0)
+            return 0.0, 0.0
+        dt = m.scraped_at - prev[1].scraped_at
+        if dt < MIN_RATE_DT:  # the same reading again, or one a moment later: keep the last rates
+            return self._last_rates.get(name, (0.0, 0.0))
+        rates = ((m.prompt_tokens - prev[1].prompt_tokens) / dt, (m.generation_tokens - prev[1].generation_tokens) / dt)
+        self._prev[name] = (gen, m)
+        self._last_rates[name] = rates
+        return rates
 
     def _memory_gb(self, replica: int) -> float:
         plan = self.cluster.plans[replica]
@@ -210,22 +262,23 @@ class Monitor:
     # -- views ------------------------------------------------------------------------------------
     def snapshot(self):
         """The latest rows as a pandas DataFrame indexed by rank."""
-        import pandas as pd
         from dataclasses import asdict
+
+        import pandas as pd
         cols = list(RankRow.__dataclass_fields__)
         return pd.DataFrame([asdict(r) for r in self.rows], columns=cols).set_index("rank")
 
-    def history_frame(self):
-        """The bounded history (last ``window_s`` seconds), one row per (time, rank), plus a 'total' rank."""
+    def history_frame(self, history: list | None = None):
+        """The bounded history (last ``window_s`` seconds), one row per (time, rank), with a 'total' rank
+        at each instant (the sum of that sample's ranks). ``history``: a copy of :attr:`history` taken
+        earlier (the panel copies it on nbkit's loop and builds the frame on its chart thread)."""
         import pandas as pd
-        df = pd.DataFrame(list(self.history))
+        df = pd.DataFrame(list(self.history) if history is None else history)
         if df.empty:
-            return pd.DataFrame(columns=["t", "rank", "gen_tok_s", "prompt_tok_s", "running", "waiting", "ttft_p50_s"])
-        total = df.groupby("t", as_index=False)[["gen_tok_s", "prompt_tok_s", "running", "waiting"]].sum()
-        total["rank"] = "total"
-        out = pd.concat([df, total], ignore_index=True)
-        out["time"] = pd.to_datetime(out["t"], unit="s")
-        return out
+            return pd.DataFrame(columns=["t", "rank", "gen_tok_s", "prompt_tok_s", "running", "waiting", "ttft_p50_s",
+                                         "time"])
+        df["time"] = pd.to_datetime(df["t"], unit="s")
+        return df
 
     def log_line(self) -> str:
         """One line in the seed format for the latest sample."""

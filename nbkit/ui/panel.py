@@ -14,11 +14,15 @@ rank; the last routing decisions with their reasons; a log tail per replica.
 What it controls: the routing policy (applied live to the cluster's clients and endpoints), the
 max concurrency, the number of instances and the TP size (Apply shows what will happen, Confirm
 does it), and stop/restart per replica. Long actions run on nbkit's loop; the kernel stays free.
+
+Charts are drawn (altair -> vl-convert SVG, tens of milliseconds each) on the panel's own thread,
+never on nbkit's loop, which forwards every request of the cluster's clients and endpoints.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import html
 import logging
 import time
@@ -26,7 +30,7 @@ import time
 import ipywidgets as W
 
 from nbkit import loop
-from nbkit.ui.monitor import Monitor
+from nbkit.ui.monitor import ERROR_SHOW_S, Monitor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +52,20 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def concurrency_text(value: int | None) -> str:
+    """The max-concurrency setting as shown: 0 or None is unlimited."""
+    return "∞ (unlimited)" if not value else str(value)
+
+
+def _error_cell(r) -> tuple[str, str]:
+    """(text, style) of a row's last error: with its age, fading as it gets older."""
+    if not r.last_error:
+        return "", ""
+    age = r.last_error_age_s or 0.0
+    opacity = max(0.35, 1.0 - age / ERROR_SHOW_S)
+    return f"{r.last_error} ({age:.0f} s ago)", f"opacity:{opacity:.2f}"
+
+
 def rows_html(rows) -> str:
     """The rank table as HTML (each row carries data-rank, each cell a class named for its field)."""
     head = "".join(f'<th style="padding:2px 8px">{html.escape(t)}</th>' for _, t in _COLS)
@@ -57,7 +75,10 @@ def rows_html(rows) -> str:
         for f, _ in _COLS:
             v = getattr(r, f)
             extra = f"color:{_STATE_COLOR.get(v, 'inherit')};font-weight:600" if f == "state" else ""
-            cells.append(f'<td class="nbkit-{f}" style="padding:2px 8px;{extra}">{html.escape(_fmt(v))}</td>')
+            text = _fmt(v)
+            if f == "last_error":
+                text, extra = _error_cell(r)
+            cells.append(f'<td class="nbkit-{f}" style="padding:2px 8px;{extra}">{html.escape(text)}</td>')
         body.append(f'<tr class="nbkit-row" data-rank="{html.escape(r.rank)}">{"".join(cells)}</tr>')
     return (f'<table class="nbkit-ranks" style="border-collapse:collapse;font-size:12px">'
             f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
@@ -78,17 +99,20 @@ def decisions_html(records, n: int = 8) -> str:
 
 
 def charts(history_df):
-    """Altair charts: generation tok/s per rank and total; queue depth (waiting) per rank."""
+    """Altair charts: generation tok/s per rank and total (dashed); queue depth (waiting) per rank. One
+    legend (the rank colours, shared by both) under the charts."""
     import altair as alt
 
-    df = history_df
+    df = history_df[["time", "rank", "gen_tok_s", "waiting"]]
+    color = alt.Color("rank:N", title="rank", legend=alt.Legend(orient="bottom", direction="horizontal"))
     base = alt.Chart(df).encode(x=alt.X("time:T", title=None, axis=alt.Axis(format="%H:%M:%S", tickCount=4)),
-                                color=alt.Color("rank:N"))
-    thr = base.mark_line().encode(y=alt.Y("gen_tok_s:Q", title="generation tok/s")).properties(
-        width=420, height=160, title="throughput per rank")
+                                color=color)
+    dash = alt.condition(alt.datum.rank == "total", alt.value([5, 3]), alt.value([1, 0]))
+    thr = base.mark_line().encode(y=alt.Y("gen_tok_s:Q", title="generation tok/s"), strokeDash=dash).properties(
+        width=420, height=160, title="throughput per rank and total")
     q = base.transform_filter(alt.datum.rank != "total").mark_line().encode(
         y=alt.Y("waiting:Q", title="waiting requests")).properties(width=420, height=160, title="queue depth per rank")
-    return alt.hconcat(thr, q)
+    return alt.hconcat(thr, q).resolve_scale(color="shared")
 
 
 def chart_svg(history_df) -> str:
@@ -113,8 +137,10 @@ class Panel(W.VBox):
         self.decisions = W.HTML()
         self.policy = W.Dropdown(options=[p for p in available_policies() if p != "custom"],
                                  value=self._current_policy() or "least_load", description="policy")
-        self.concurrency = W.IntSlider(value=self._current_concurrency(), min=0, max=512, step=1,
+        conc = self._current_concurrency()
+        self.concurrency = W.IntSlider(value=conc, min=0, max=max(512, conc), step=1, readout=False,
                                        description="max conc.", tooltip="0 = unlimited")
+        self.concurrency_label = W.HTML(concurrency_text(conc), layout=W.Layout(min_width="110px"))
         self.instances = W.BoundedIntText(value=len(cluster), min=1, max=64, description="instances")
         self.tp = W.BoundedIntText(value=cluster.plans[0].tp_size, min=1, max=64, description="TP size")
         self.apply = W.Button(description="Apply", button_style="warning")
@@ -128,6 +154,9 @@ class Panel(W.VBox):
         self.log_view = W.HTML()
         self._pending = None
         self._task: asyncio.Future | None = None
+        # one thread draws the charts, one chart at a time (a slow one is skipped over, never queued)
+        self._chart_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="nbkit-panel-chart")
+        self._chart_job: concurrent.futures.Future | None = None
         self._tick = 0
         self.closed = False
 
@@ -138,7 +167,7 @@ class Panel(W.VBox):
         self.stop_btn.on_click(lambda _: self._run_action("stop", self.replica.value))
         self.restart_btn.on_click(lambda _: self._run_action("restart", self.replica.value))
         controls = W.VBox([
-            W.HBox([self.policy, self.concurrency]),
+            W.HBox([self.policy, self.concurrency, self.concurrency_label]),
             W.HBox([self.instances, self.tp, self.apply, self.confirm]), self.plan_line,
             W.HBox([self.replica, self.stop_btn, self.restart_btn]), self.action_line,
         ])
@@ -198,11 +227,19 @@ class Panel(W.VBox):
             self.log_view.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
                              f"{html.escape(self.cluster.logs(i, 15))}</pre>"
         self._tick += 1
-        if self._tick % self.chart_every == 1 or self.chart_every == 1:
-            try:
-                self.chart.value = chart_svg(self.monitor.history_frame())
-            except Exception as e:  # noqa: BLE001
-                self.chart.value = f"<i>chart unavailable: {html.escape(repr(e))}</i>"
+        if (self._tick % self.chart_every == 1 or self.chart_every == 1) and (
+                self._chart_job is None or self._chart_job.done()) and not self.closed:
+            history = list(self.monitor.history)  # copied here, where the monitor appends to it
+            self._chart_job = self._chart_pool.submit(self._draw_chart, history)
+
+    def _draw_chart(self, history: list) -> None:
+        """On the panel's chart thread: the history's charts as SVG into the chart widget."""
+        try:
+            value = chart_svg(self.monitor.history_frame(history))
+        except Exception as e:  # noqa: BLE001
+            value = f"<i>chart unavailable: {html.escape(repr(e))}</i>"
+        if not self.closed:
+            self.chart.value = value
 
     # -- controls ---------------------------------------------------------------------------------
     def _on_policy(self, change) -> None:
@@ -215,7 +252,8 @@ class Panel(W.VBox):
         value = change["new"] or None
         for r in self._routers():
             loop.call_soon(r.set_max_concurrency, value)
-        self.action_line.value = f"max concurrency -> <b>{value or 'unlimited'}</b>"
+        self.concurrency_label.value = concurrency_text(value)
+        self.action_line.value = f"max concurrency -> <b>{html.escape(concurrency_text(value))}</b>"
 
     def _on_apply(self, _=None) -> None:
         n, tp = self.instances.value, self.tp.value
@@ -270,4 +308,5 @@ class Panel(W.VBox):
         task = getattr(self, "_task", None)
         if task is not None:
             task.cancel()
+        self._chart_pool.shutdown(wait=False, cancel_futures=True)
         super().close()
