@@ -141,6 +141,7 @@ def test_stage_log_follows_a_file_from_where_it_stood_and_never_goes_back(tmp_pa
     with open(path, "a") as f:
         f.write("(EngineCore) CPU KV cache size: 1 tokens\n(EngineCore) Capturing CUDA graphs (decode, FULL)\n")
     assert watch.poll() == "KV cache"  # monotone: the later graph capture does not move it back
+    assert watch.take_new() == ["loading weights", "KV cache"] and watch.take_new() == []
     with open(path, "a") as f:
         f.write("vllm serve: error: unrecognized arguments: --bad")  # no newline yet
     watch.poll()
@@ -189,9 +190,12 @@ def test_bars_show_each_stage_and_the_failing_replicas_last_line(tmp_path):
     assert "failed after 0 s: vllm serve: error: unrecognized arguments: --no-such-flag" in text
 
 
-def test_line_progress_prints_one_line_per_stage(tmp_path):
+def test_line_progress_prints_one_line_per_stage_even_when_one_poll_reads_several(tmp_path):
     out = io.StringIO()
-    run_start(gpu_plans([(0,), (0,)]), tmp_path, progress=startup.LineProgress(out))
+    plans = gpu_plans([(0,), (0,)])
+    launch = lambda i: FakeProcess(i, tmp_path / f"r{i}.log", [])  # noqa: E731
+    asyncio.run(startup.start_replicas(plans, [0, 1], launch, timeout=10, progress=startup.LineProgress(out),
+                                       poll_s=0.5))
     lines = out.getvalue().splitlines()
     r1 = [ln for ln in lines if ln.startswith("nbkit: replica1")]
     assert r1[0].startswith("nbkit: replica1 waiting") and "after replica0, same GPU" in r1[0]

@@ -6,12 +6,22 @@
                 --num-prefixes 8 --prefix-len 1024 --request-rate 6 --num-prompts 200 --output results.csv
     nbkit bench --cluster 1x2,2 --policy least_load --workload synthetic --input-len 512 --output-len 64 \\
                 --range-ratio 0.5 --concurrency 16 --output results.csv --time-unit ns
-    nbkit bench --url http://127.0.0.1:8100 --workload trace --dataset trace.jsonl --output results.csv
+    nbkit bench --url http://127.0.0.1:8100 --workload trace.jsonl --output results.csv
+    nbkit bench --base-url http://127.0.0.1:8000 --dataset-name random --random-input-len 512 \\
+                --random-output-len 128 --max-concurrency 16 --num-prompts 200 --save-result --result-dir out
+
+``vllm bench serve``'s spellings are aliases: --base-url (--url), --dataset-name (--workload: random
+is synthetic, prefix_repetition is shared-prefix), --dataset-path (--dataset), --max-concurrency
+(--concurrency), --random-input-len / --random-output-len / --random-range-ratio /
+--random-prefix-len (--input-len / --output-len / --range-ratio / --prefix-len), --disable-tqdm
+(--no-progress), --endpoint /v1/chat/completions (--api chat), --save-result with --result-dir and
+--result-filename (the per-request CSV there, plus the summary as CSV and JSON). A path given to
+--workload is read as a trace (JSONL, see nbkit.traces).
 
 ``--cluster`` starts each layout (``N`` replicas, or ``NxTP``: N replicas of tensor-parallel size TP)
 in turn, runs every ``--policy`` on it through the in-kernel client (``--via endpoint``: through
-nbkit's HTTP endpoint), emptying the replicas' prefix caches before each run, and stops it. Several runs write ``<output>-<label>.csv`` each and print a
-comparison table (``--summary`` writes it as CSV).
+nbkit's HTTP endpoint), emptying the replicas' prefix caches before each run, and stops it.
+Several runs write ``<output>-<label>.csv`` each and print a comparison table (``--summary`` writes it as CSV).
 """
 
 from __future__ import annotations
@@ -22,16 +32,76 @@ import os
 import sys
 from pathlib import Path
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help of every option (but not "(default: None)" nor a flag's False),
+    descriptions as written. ``nbkit serve`` uses it too."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, [], argparse.SUPPRESS) or action.default is False and action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 WORKLOADS = ("synthetic", "shared-prefix", "multi-turn", "trace", "sharegpt")
+#: ``vllm bench serve --dataset-name`` values that mean one of ours.
+WORKLOAD_ALIASES = {"random": "synthetic", "prefix_repetition": "shared-prefix", "prefix-repetition": "shared-prefix",
+                    "shared_prefix": "shared-prefix", "multi_turn": "multi-turn", "custom": "trace"}
+
+
+def workload_arg(text: str) -> str:
+    """argparse type of ``--workload``: a name, a ``vllm bench`` dataset name, or a trace file's path
+    (kept as the path; :func:`resolve_workload` turns it into ``trace`` + ``--dataset``)."""
+    name = WORKLOAD_ALIASES.get(text, text)
+    if name in WORKLOADS or os.path.isfile(os.path.expanduser(text)):
+        return name
+    raise argparse.ArgumentTypeError(f"{text!r} is neither a workload ({', '.join(WORKLOADS)}; vllm bench's "
+                                     f"{', '.join(WORKLOAD_ALIASES)}) nor a trace file")
+
+
+def api_arg(text: str) -> str:
+    """``--api`` / ``--endpoint``: completions | chat, or vLLM's endpoint path."""
+    if text in ("completions", "chat"):
+        return text
+    if text.rstrip("/").endswith("/chat/completions"):
+        return "chat"
+    if text.rstrip("/").endswith("/completions"):
+        return "completions"
+    raise argparse.ArgumentTypeError(f"{text!r}: expected completions, chat, /v1/completions or /v1/chat/completions")
+
+
+def resolve_workload(args) -> None:
+    """A path given to ``--workload`` means ``--workload trace --dataset PATH``."""
+    if args.workload not in WORKLOADS:
+        if args.dataset and args.dataset != args.workload:
+            raise ValueError(f"--workload {args.workload} is a trace file, and --dataset {args.dataset} another")
+        args.workload, args.dataset = "trace", args.workload
+
+
+def result_paths(args) -> None:
+    """``--save-result``: the per-request CSV in ``--result-dir`` (``--result-filename``, default
+    ``nbkit-bench-<time>.csv``) unless ``--output`` names one, and the summary beside it."""
+    if not args.save_result:
+        return
+    import time
+    name = args.result_filename or f"nbkit-bench-{time.strftime('%Y%m%d-%H%M%S')}.csv"
+    if not name.endswith(".csv"):
+        name = os.path.splitext(name)[0] + ".csv"
+    if args.output is None:
+        args.output = os.path.join(args.result_dir or ".", name)
+    stem = os.path.splitext(args.output)[0]
+    if args.summary is None:
+        args.summary = stem + "-summary.csv"
+    args.summary_json = stem + "-summary.json"
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
-    b = sub.add_parser("bench", help="benchmark a URL or replicas started here: per-request CSV, summary, comparison",
+    b = sub.add_parser("bench", help="benchmark a URL or replicas started here (vllm bench serve flags): "
+                                     "per-request CSV, summary, comparison",
                        description=__doc__.splitlines()[0], epilog=__doc__.split("\n", 2)[2],
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=HelpFormatter)
     t = b.add_argument_group("target")
     where = t.add_mutually_exclusive_group(required=True)
-    where.add_argument("--url", help="an OpenAI-compatible server (vLLM, `nbkit serve`, a peer router)")
+    where.add_argument("--url", "--base-url", dest="url", help="an OpenAI-compatible server (vLLM, `nbkit serve`, a peer router)")
     where.add_argument("--cluster", help="layouts to start here: N or NxTP, comma-separated to compare (e.g. 2,1x2)")
     t.add_argument("--model", default=None, help="--cluster: the model to serve (default: the tiny model on CPU); "
                                                  "--url: the request's model (default: the server's first)")
@@ -40,7 +110,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "with --url only the label of the rows")
     t.add_argument("--via", choices=("client", "endpoint"), default="client",
                    help="--cluster: through the in-kernel RoutedClient (default) or nbkit's HTTP endpoint")
-    t.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
+    t.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"), help="--cluster: where replicas run")
     t.add_argument("--port-start", type=int, default=None, help="--cluster: first replica port")
     t.add_argument("--replica-arg", action="append", default=[], metavar="ARG",
                    help="--cluster: extra `vllm serve` argument (repeat), e.g. --replica-arg=--max-num-seqs=64")
@@ -48,21 +118,27 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="--url: a replica behind it whose /metrics to read (prefix-cache hit rate, shares); repeat")
     t.add_argument("--reset-prefix-cache", action="store_true",
                    help="POST /reset_prefix_cache to the replicas first (needs VLLM_SERVER_DEV_MODE=1 on them)")
-    t.add_argument("--api", choices=("completions", "chat"), default="completions")
+    t.add_argument("--api", "--endpoint", dest="api", type=api_arg, default="completions",
+                   help="completions or chat (or vLLM's /v1/completions, /v1/chat/completions)")
     t.add_argument("--label", default=None, help="name of the run (single run)")
 
     w = b.add_argument_group("workload")
-    w.add_argument("--workload", choices=WORKLOADS, default="synthetic")
-    w.add_argument("--dataset", default=None, help="--workload trace: the JSONL trace; sharegpt: the JSON file")
+    w.add_argument("--workload", "--dataset-name", dest="workload", type=workload_arg, default="synthetic",
+                   metavar="NAME|PATH", help=f"{', '.join(WORKLOADS)}, vllm bench's random / prefix_repetition, "
+                                             "or the path of a trace (JSONL) to replay")
+    w.add_argument("--dataset", "--dataset-path", dest="dataset", default=None,
+                   help="--workload trace: the JSONL trace; sharegpt: the JSON file")
     w.add_argument("--tokenizer", default=None,
                    help="tokenizer for building prompts (default: the served model's when local, else the tiny model)")
-    w.add_argument("--input-len", type=int, default=256, help="synthetic: prompt tokens (default 256)")
-    w.add_argument("--output-len", type=int, default=None,
+    w.add_argument("--input-len", "--random-input-len", dest="input_len", type=int, default=256,
+                   help="synthetic: prompt tokens")
+    w.add_argument("--output-len", "--random-output-len", dest="output_len", type=int, default=None,
                    help="output tokens (default 64; sharegpt: the answer's length)")
-    w.add_argument("--range-ratio", type=float, default=0.0, help="spread of the lengths around their value")
+    w.add_argument("--range-ratio", "--random-range-ratio", dest="range_ratio", type=float, default=0.0,
+                   help="spread of the lengths around their value")
     w.add_argument("--len-dist", choices=("fixed", "uniform", "normal", "lognormal"), default="uniform",
-                   help="how --range-ratio spreads lengths (default uniform)")
-    w.add_argument("--prefix-len", type=int, default=None,
+                   help="how --range-ratio spreads lengths")
+    w.add_argument("--prefix-len", "--random-prefix-len", dest="prefix_len", type=int, default=None,
                    help="shared-prefix: system prompt tokens (default 512); synthetic/multi-turn: a common prefix")
     w.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix / multi-turn: system prompts")
     w.add_argument("--question-len", type=int, default=32, help="shared-prefix: question tokens")
@@ -75,15 +151,16 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--request-rate", type=float, default=None,
                    help="requests/s, open loop (inf: all at once; default: inf, or closed loop with --concurrency, "
                         "or the trace's timestamps)")
-    a.add_argument("--arrival", choices=("poisson", "constant", "burst", "trace"), default="poisson")
+    a.add_argument("--arrival", choices=("poisson", "constant", "burst", "trace"), default="poisson",
+                   help="how requests arrive at --request-rate (trace: at the trace's times)")
     a.add_argument("--burstiness", type=float, default=1.0, help="poisson: gamma shape (1: Poisson)")
     a.add_argument("--burst-size", type=int, default=None, help="burst: requests per burst (default 8)")
-    a.add_argument("--concurrency", type=int, default=None,
+    a.add_argument("--concurrency", "--max-concurrency", dest="concurrency", type=int, default=None,
                    help="closed loop with this many workers; with --request-rate a cap on requests in flight")
-    a.add_argument("--num-prompts", type=int, default=200, help="requests to send (cap; default 200)")
+    a.add_argument("--num-prompts", type=int, default=200, help="requests to send (cap)")
     a.add_argument("--duration", type=float, default=None, help="stop sending after this many seconds")
     a.add_argument("--drain", type=float, default=None, help="cancel what still runs this long after sending stops")
-    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
 
     o = b.add_argument_group("output")
     o.add_argument("--output", "-o", default=None, help="per-request CSV")
@@ -92,7 +169,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="SLOs for goodput, e.g. --goodput ttft:500 tpot:50 e2e:10000 (ms)")
     o.add_argument("--summary", default=None, help="write the summary table (one row per run) as CSV")
     o.add_argument("--chart", default=None, help="write the TTFT CDF chart (.png, .svg or .html)")
-    o.add_argument("--no-progress", action="store_true")
+    o.add_argument("--no-progress", "--disable-tqdm", dest="no_progress", action="store_true",
+                   help="no progress bar")
+    o.add_argument("--save-result", action="store_true",
+                   help="write the per-request CSV and the summary (CSV and JSON) into --result-dir")
+    o.add_argument("--result-dir", default=None, help="--save-result: the folder (default: here)")
+    o.add_argument("--result-filename", default=None,
+                   help="--save-result: the CSV's name (default: nbkit-bench-<time>.csv)")
     return b
 
 
@@ -181,6 +264,8 @@ def main(args) -> int:
     from nbkit.bench.compare import Comparison
     from nbkit.bench.loadgen import run
 
+    resolve_workload(args)
+    result_paths(args)
     kw = run_kwargs(args)
     results: dict = {}
     instances: dict = {}
@@ -240,12 +325,15 @@ def main(args) -> int:
     if len(results) > 1:
         print()
         print(cmp)
-    for path in (args.summary, args.chart):
+    for path in (args.output, args.summary, args.chart):
         if path and os.path.dirname(path):
             os.makedirs(os.path.dirname(path), exist_ok=True)
     if args.summary:
         cmp.table().to_csv(args.summary, index_label="label")
         print(f"wrote {args.summary}")
+    if getattr(args, "summary_json", None):
+        cmp.table().to_json(args.summary_json, orient="index", indent=1)
+        print(f"wrote {args.summary_json}")
     if args.chart:
         chart = cmp.chart("ttft_s")
         chart.save(args.chart)

@@ -91,6 +91,7 @@ class StageLog:
         self.stage = "launched"
         self.last_line = ""
         self._partial = ""
+        self._new: list[str] = []
 
     def feed(self, text: str) -> str:
         """Take more log text; returns the stage now."""
@@ -102,9 +103,15 @@ class StageLog:
                 continue
             self.last_line = line
             found = stage_of(line)
-            if found is not None:
-                self.stage = later(self.stage, found)
+            if found is not None and later(self.stage, found) != self.stage:
+                self.stage = found
+                self._new.append(found)
         return self.stage
+
+    def take_new(self) -> list[str]:
+        """The stages reached since the last call, in order (a poll may read several at once)."""
+        new, self._new = self._new, []
+        return new
 
     def poll(self) -> str:
         """Read what the log gained since the last look; returns the stage now."""
@@ -331,11 +338,16 @@ async def start_replicas(plans: Sequence[LaunchPlan], idx: Sequence[int], launch
         try:
             while not health.done():
                 stage = watch.poll()
+                for passed in watch.take_new()[:-1]:
+                    progress.stage(i, passed, watch.last_line)
                 progress.stage(i, stage, watch.last_line)
                 if stage == later(stage, DEVICE_SETTLED):
                     settled[i].set()
                 await asyncio.wait([health], timeout=poll_s)
             seconds = health.result()
+            watch.poll()
+            for passed in watch.take_new():  # what the last stretch of the log said
+                progress.stage(i, passed, watch.last_line)
         except BaseException as e:
             if not health.done():
                 health.cancel()
