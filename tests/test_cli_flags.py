@@ -70,10 +70,10 @@ def test_abbreviations_are_not_taken_for_nbkit_flags():
 
 # -------------------------------------------------------------------- the seed's vllm serve flags
 def test_the_multi_instance_seed_flag_set_maps_to_specs_plans_and_the_endpoint():
-    args, vllm_args, s = setup(["m", "--num-instances", "2", "-tp", "1", "--max-model-len", "1024", "--dtype",
-                                "bfloat16", "--enforce-eager", "--cuda-devices", "2,3", "--max-batch-size", "32",
-                                "--port", "9000", "--port-start", "9100", "--enable-request-affinity",
-                                "--enable-prefix-caching"])
+    _, vllm_args, s = setup(["m", "--num-instances", "2", "-tp", "1", "--max-model-len", "1024", "--dtype",
+                             "bfloat16", "--enforce-eager", "--cuda-devices", "2,3", "--max-batch-size", "32",
+                             "--port", "9000", "--port-start", "9100", "--enable-request-affinity",
+                             "--enable-prefix-caching"])
     assert vllm_args == ["--enable-prefix-caching"]
     assert s.policy == "session" and s.endpoint_options["max_per_rank"] == 32
     ps = plans(s)
@@ -259,7 +259,7 @@ def test_bench_with_vllm_spellings_against_a_sim_replica_saves_results(tmp_path,
 # ------------------------------------------------------------------- real vLLM (the slow tier)
 @pytest.mark.vllm
 def test_serve_with_the_seed_flag_set_starts_two_vllm_replicas(tiny_model_path, tmp_path):
-    port, p0, p1 = free_ports(3, 8760)
+    port, p0 = free_ports(2, 8760)
     out_path = tmp_path / "serve.out"
     proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "--num-instances", "2",
                              "--device", "cpu", "--max-model-len", "1024", "--dtype", "bfloat16", "--enforce-eager",

@@ -193,7 +193,10 @@ def test_bars_show_each_stage_and_the_failing_replicas_last_line(tmp_path):
 def test_line_progress_prints_one_line_per_stage_even_when_one_poll_reads_several(tmp_path):
     out = io.StringIO()
     plans = gpu_plans([(0,), (0,)])
-    launch = lambda i: FakeProcess(i, tmp_path / f"r{i}.log", [])  # noqa: E731
+
+    def launch(i):
+        return FakeProcess(i, tmp_path / f"r{i}.log", [])
+
     asyncio.run(startup.start_replicas(plans, [0, 1], launch, timeout=10, progress=startup.LineProgress(out),
                                        poll_s=0.5))
     lines = out.getvalue().splitlines()

@@ -50,10 +50,10 @@ DEVICE_SETTLED = "KV cache"
 _PATTERNS: tuple[tuple[re.Pattern, str], ...] = tuple((re.compile(p), s) for p, s in (
     (r"Starting to load model|Loading safetensors checkpoint|Loading weights took|Model loading took",
      "loading weights"),
-    (r"Dynamo bytecode transform|Compiling a graph|torch\.compile took|Directly load the compiled graph"
-     r"|Capturing CUDA graphs", "compiling"),
-    (r"KV cache size:|Available KV cache memory|init engine \(profile, create kv cache"
-     r"|nbkit\.sim\.server: .* blocks of \d+", "KV cache"),
+    ((r"Dynamo bytecode transform|Compiling a graph|torch\.compile took|Directly load the compiled graph"
+      r"|Capturing CUDA graphs"), "compiling"),
+    ((r"KV cache size:|Available KV cache memory|init engine \(profile, create kv cache"
+      r"|nbkit\.sim\.server: .* blocks of \d+"), "KV cache"),
 ))
 
 
