@@ -34,7 +34,8 @@ def test_replicas_are_pinned_to_different_cores(cluster):
     assert [s.state for s in status] == ["healthy", "healthy"]
     assert len({s.pid for s in status}) == 2
     assert [s.pinning for s in status] == ["cores 0", "cores 1"]
-    # the engine's worker threads really run on the replica's core
+    # every thread of a replica (API server and the engine core that runs the model, fast_start)
+    # runs on the replica's core
     for i, core in enumerate((0, 1)):
         affinities = set()
         for proc in cluster.process(i).processes():
@@ -43,7 +44,8 @@ def test_replicas_are_pinned_to_different_cores(cluster):
                     affinities.add(tuple(sorted(os.sched_getaffinity(th.id))))
                 except OSError:
                     pass
-        assert (core,) in affinities, f"replica {i}: no thread bound to core {core}: {affinities}"
+        assert affinities == {(core,)}, f"replica {i}: threads not all bound to core {core}: {affinities}"
+        assert len(cluster.process(i).processes()) == 2  # API server + forked engine core: vLLM imported once
 
 
 def test_completions_and_chat_on_each_replica(cluster):

