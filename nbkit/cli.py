@@ -29,36 +29,23 @@ def _split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
     return argv, []
 
 
-def _port(text: str) -> int:
-    """argparse type: a TCP port a server can listen on (so a bad --port fails before anything starts)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 1 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"{value} is not a TCP port (1-65535)")
-    return value
+def _number(kind: type, ok, expected: str, what: str = "a number"):
+    """An argparse type: ``kind(text)`` that ``ok`` accepts, else an error naming the value, so a bad
+    flag fails before anything starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{value} {expected}")
+        return value
+    return parse
 
 
-def _fraction(text: str) -> float:
-    """argparse type: a fraction in (0, 1] (``--gpu-memory-utilization``)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"{value} is not a fraction in (0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be >= 1")
-    return value
+_port = _number(int, lambda v: 1 <= v <= 65535, "is not a TCP port (1-65535)", "a port number")
+_fraction = _number(float, lambda v: 0 < v <= 1, "is not a fraction in (0, 1]")   # --gpu-memory-utilization
+_positive = _number(int, lambda v: v >= 1, "must be >= 1", "a whole number")
 
 
 def _gpu_ids(text: str) -> tuple[int, ...]:
