@@ -136,6 +136,18 @@ class Cluster:
         spec = ReplicaSpec(model=model, tp_size=tp, device=device, **spec_kwargs)
         return cls([spec] * n, **ckw)
 
+    #: True for a Cluster over servers nbkit did not start (:meth:`attach`): no start/stop/restart/scale
+    attached = False
+
+    @classmethod
+    def attach(cls, urls, model: str | None = None, *, name_prefix: str = "server", start: bool = True,
+               **options) -> "Cluster":
+        """A Cluster over running OpenAI-compatible servers (``"http://a:8000/v1,http://b:8001/v1"`` or a
+        list of URLs): routing, panel, monitor and bench over them; nothing is launched or stopped.
+        See :mod:`nbkit.cluster.attach`."""
+        from nbkit.cluster.attach import attach
+        return attach(urls, model, name_prefix=name_prefix, start=start, **options)
+
     def _plan(self, specs: Sequence[ReplicaSpec], own_ports: set[int] = frozenset(),
               replay_ports: dict[int, int] | None = None) -> list[LaunchPlan]:
         def free(host: str, port: int) -> bool:

@@ -12,6 +12,13 @@
     client.policy = "prefix_affinity"                                 # switch live
     client.records_frame()                                            # one row per request
 
+Servers nbkit did not start (any OpenAI-compatible ones, e.g. ``vllm serve`` on other hosts): give
+their URLs, comma-separated or as a list, with or without ``/v1``; the model is read from the first
+server's ``/v1/models`` when not given::
+
+    client = RoutedClient("http://10.0.0.5:8000/v1,http://10.0.0.6:8000/v1", policy="least_load")
+    client = RoutedClient(["http://10.0.0.5:8000", "http://10.0.0.6:8000"], model="my-model")
+
 Where the HTTP runs. The router (its accounting, queue, scraper and health checks) lives on
 nbkit's loop thread (:mod:`nbkit.loop`) and is shared by every caller:
 
@@ -46,9 +53,11 @@ import sys
 import threading
 import weakref
 from typing import Any, AsyncIterator, Sequence
+from urllib.parse import urlsplit
 
 from nbkit import loop
 from nbkit.routing.forward import Forwarder
+from nbkit.routing.rank import Rank
 from nbkit.routing.router import Router
 from nbkit.routing.state import RequestRecord
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
@@ -60,6 +69,76 @@ class RoutedClientError(RuntimeError):
     def __init__(self, status_code: int, body: str, rank: str):
         self.status_code, self.body, self.rank = status_code, body, rank
         super().__init__(f"HTTP {status_code} from {rank}: {body[:500]}")
+
+
+def worker_urls(urls) -> list[str]:
+    """Base URLs of servers: ``"http://a:8000/v1,http://b:8001"`` or a list of such strings (each may
+    hold commas too) -> ``["http://a:8000", "http://b:8001"]``. Raises ValueError naming a bad value.
+
+    A URL is ``http(s)://host[:port]`` with nothing after it but ``/`` or ``/v1`` (a path prefix,
+    as behind a proxy, is kept: ``http://gw/team-a/v1`` -> ``http://gw/team-a``)."""
+    items = [urls] if isinstance(urls, str) else list(urls) if isinstance(urls, (list, tuple)) else None
+    if items is None:
+        raise ValueError(f"worker URLs {urls!r}: give a string of comma-separated URLs or a list of them")
+    out: list[str] = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ValueError(f"worker URL {item!r}: not a string")
+        for raw in (u.strip() for u in item.split(",")):
+            if raw:
+                out.append(_base_url(raw))
+    if not out:
+        raise ValueError(f"worker URLs {urls!r}: no URL given")
+    dup = sorted({u for u in out if out.count(u) > 1})
+    if dup:
+        raise ValueError(f"worker URL {dup[0]!r} given twice")
+    return out
+
+
+def _base_url(raw: str) -> str:
+    try:
+        parts = urlsplit(raw)
+        port = parts.port
+    except ValueError as e:
+        raise ValueError(f"worker URL {raw!r}: {e}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"worker URL {raw!r}: expected http://host:port or https://host[:port] (optionally /v1)")
+    if parts.query or parts.fragment or parts.username:
+        raise ValueError(f"worker URL {raw!r}: no user, query or fragment, just http://host:port[/v1]")
+    if port == 0:
+        raise ValueError(f"worker URL {raw!r}: port 0 is not a server's port")
+    path = parts.path.rstrip("/")
+    if path.endswith("/v1"):
+        path = path[:-3]
+    return f"{parts.scheme}://{parts.netloc}{path}"
+
+
+def ranks_from_urls(urls, name_prefix: str = "server") -> list[Rank]:
+    """One :class:`Rank` per server URL (see :func:`worker_urls`): ``server0``, ``server1``, ..."""
+    return [Rank(i, 0, u, f"{name_prefix}{i}") for i, u in enumerate(worker_urls(urls))]
+
+
+def _is_urls(target) -> bool:
+    return isinstance(target, str) or (isinstance(target, (list, tuple)) and bool(target)
+                                       and all(isinstance(t, str) for t in target))
+
+
+async def discover_model(transport: Transport, urls: Sequence[str], timeout: float = 5.0) -> str | None:
+    """The first model id listed by ``GET /v1/models`` of the first server in ``urls`` that answers
+    (``None`` if none does)."""
+    for url in dict.fromkeys(urls):
+        try:
+            r = await transport.send("GET", url + "/v1/models", timeout=timeout)
+            try:
+                status, raw = r.status_code, await r.aread()
+            finally:
+                await r.aclose()
+            data = json.loads(raw).get("data") if status == 200 else None
+        except (*transport.errors, asyncio.TimeoutError, TimeoutError, ValueError, AttributeError):
+            continue
+        if isinstance(data, list) and data and isinstance(data[0], dict) and data[0].get("id"):
+            return str(data[0]["id"])
+    return None
 
 
 def _ranks_of(target) -> list:
@@ -81,7 +160,8 @@ def _forget_dead_loops() -> None:
 
 
 class RoutedClient:
-    """Completions, chat and streaming over the replicas of ``target`` (a Cluster or a list of Ranks)."""
+    """Completions, chat and streaming over the replicas of ``target``: a Cluster, a list of Ranks, or
+    server URLs (``"http://a:8000/v1,http://b:8001/v1"`` or a list of URL strings)."""
 
     def __init__(self, target, policy="least_load", *, model: str | None = None, max_per_rank: int | None = None,
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
@@ -90,6 +170,8 @@ class RoutedClient:
                  hop: bool | None = None, migration_limit: int = 3, **router_options):
         if local and hop:
             raise ValueError("hop=True: a local=True client never leaves its own loop")
+        if _is_urls(target):
+            target = ranks_from_urls(target)  # servers nbkit did not start
         self.target = target
         self.local = bool(local)
         self.hop = hop
@@ -248,7 +330,8 @@ class RoutedClient:
     def _body(self, body: dict) -> dict:
         if "model" not in body or body["model"] is None:
             if not self.model:
-                raise ValueError("model: give model= to RoutedClient or to the call")
+                raise ValueError("model: give model= to RoutedClient or to the call (no server listed one "
+                                 "at /v1/models)")
             body["model"] = self.model
         return body
 
@@ -257,6 +340,9 @@ class RoutedClient:
         if getattr(self.target, "running", True) is False:
             raise RuntimeError("cluster not started: call cluster.start() (or `with cluster:`) before sending requests")
         fwd = await self._ensure()
+        if body.get("model") is None and not self.model:
+            transport = getattr(fwd, "transport", None) or fwd.fwd.transport  # a PDForwarder wraps one
+            self.model = await discover_model(transport, [r.url for r in _ranks_of(self.target)])
         body = self._body(body)
         hdrs = self._headers(headers)
         if session is not None:
