@@ -1,8 +1,9 @@
-"""``nbkit`` command line: ``tiny-model``, ``serve``, ``demo``, ``bench``, ``sim``.
+"""``nbkit`` command line: ``tiny-model``, ``serve``, ``route``, ``demo``, ``bench``, ``sim``.
 
     nbkit tiny-model ~/models/tiny
     nbkit serve ~/models/tiny --num-instances 2 --port-start 8100 --max-num-seqs 64
     nbkit serve meta-llama/Llama-3.1-8B -n 4 -tp 2 --max-batch-size 64 --enable-prefix-caching
+    nbkit route --worker-urls http://10.0.0.5:8000/v1 http://10.0.0.6:8000/v1 --policy least_load --port 8000
     nbkit demo --requests 300
     nbkit bench --url http://127.0.0.1:8000 --workload shared-prefix --request-rate 6 --output results.csv
     nbkit sim --cluster-config cluster.json --dataset trace.jsonl --output out.csv --request-routing-policy LOAD
@@ -151,6 +152,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
     s.add_argument("--no-progress", action="store_true",
                    help="no start-up progress (default: a bar per replica on a terminal, else a line per stage)")
+
+    r = sub.add_parser("route", help="an OpenAI-compatible endpoint over servers nbkit did not start, "
+                                     "until SIGINT/SIGTERM", description="Route requests over running "
+                       "OpenAI-compatible servers (like sglang-router / vllm-router).", epilog=ROUTE_EPILOG,
+                       formatter_class=HelpFormatter, allow_abbrev=False)
+    r.add_argument("--worker-urls", nargs="+", required=True, metavar="URL",
+                   help="the servers: http://host:port, with or without /v1; several, or comma-separated")
+    r.add_argument("--policy", default="least_load", help="routing policy: a name, or name:option=value,...")
+    r.add_argument("--port", type=_port, default=8000, metavar="PORT", help="the endpoint's port")
+    r.add_argument("--host", default="127.0.0.1", help="the endpoint's address")
+    r.add_argument("--model", default=None, help="the model of requests without one (default: from /v1/models)")
+    r.add_argument("--max-per-rank", type=_positive, default=None,
+                   help="requests in flight per server; more wait in the endpoint's FIFO queue (default: no cap)")
+    r.add_argument("--max-queue", type=int, default=None,
+                   help="requests the admission queue may hold; beyond it the endpoint answers 429 + Retry-After")
+    r.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait for admission; then 503 + Retry-After")
+    r.add_argument("--migration-limit", type=int, default=3,
+                   help="times one stream may move to another server when its own dies (0: never)")
 
     d = sub.add_parser("demo", help="replicas up, routed load, per-replica summary, clean stop",
                        formatter_class=HelpFormatter)
@@ -315,17 +335,7 @@ def _serve(args, passthrough: list[str]) -> int:
 
     setup = serve_setup(args, passthrough)
     n, policy, endpoint_options = setup.n, setup.policy, setup.endpoint_options
-    from nbkit.policies import get_policy
-    get_policy(policy)  # fail on a bad name before launching anything
-    from nbkit.routing.router import check_admission
-    check_admission(max_per_rank=endpoint_options["max_per_rank"], max_queue=args.max_queue,
-                    queue_timeout=args.queue_timeout)
-    if args.migration_limit < 0:
-        raise ValueError(f"--migration-limit {args.migration_limit}: must be >= 0")
-    if n > 1:
-        from nbkit.http.ports import port_is_free
-        if not port_is_free(args.host, args.port):
-            raise ValueError(f"port={args.port!r}: already in use on {args.host}")
+    _check_endpoint(args, policy, endpoint_options, listen=n > 1)
     cluster = Cluster.replicas(setup.model, n=n, tp=setup.tp, device=setup.device,
                                cluster_kwargs=setup.cluster_kwargs, **setup.spec_kwargs)
     if args.no_progress:
@@ -334,12 +344,6 @@ def _serve(args, passthrough: list[str]) -> int:
         progress = open_progress(True)
     else:
         progress = LineProgress(sys.stdout)  # logs and pipes: one line per stage, no bar redraws
-    stop = threading.Event()
-    endpoint = None
-
-    def on_signal(signum, _frame):
-        stop.set()
-
     def on_fault(event: str, i: int, detail: str) -> None:
         name = cluster.plans[i].name
         if event == "exited":
@@ -350,19 +354,51 @@ def _serve(args, passthrough: list[str]) -> int:
         elif event == "failed":
             print(f"nbkit: {name} stays failed: {detail}\n{cluster.logs(i)}", file=sys.stderr, flush=True)
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    t = time.perf_counter()
-    print(f"nbkit: starting {n} instance(s) of {cluster.model} (logs in {cluster.run_dir})", flush=True)
-    try:
+    def start() -> None:
+        t = time.perf_counter()
+        print(f"nbkit: starting {n} instance(s) of {cluster.model} (logs in {cluster.run_dir})", flush=True)
         cluster.start(progress=progress)
         cluster.add_fault_listener(on_fault)
         print(f"nbkit: {n} instance(s) healthy in {time.perf_counter() - t:.1f} s", flush=True)
         for st in cluster.status(probe=False):
             print(f"  {st.name}: {st.url}  {st.pinning}  pid {st.pid}", flush=True)
-        if n > 1:
-            endpoint = cluster.endpoint(port=args.port, host=args.host, policy=policy, **endpoint_options)
-            print(f"nbkit: endpoint {endpoint.url} (OpenAI-compatible, policy {policy}) over {n} instances",
+
+    endpoint_kw = dict(port=args.port, host=args.host, policy=policy, **endpoint_options) if n > 1 else None
+    return _run_until_signal(cluster, start, endpoint_kw, f"{n} instances")
+
+
+def _check_endpoint(args, policy: str, endpoint_options: dict, listen: bool = True) -> None:
+    """Raise ValueError naming the first endpoint option that cannot work (before anything starts)."""
+    from nbkit.policies import get_policy
+    get_policy(policy)  # fail on a bad name before launching anything
+    from nbkit.routing.router import check_admission
+    check_admission(max_per_rank=endpoint_options["max_per_rank"], max_queue=args.max_queue,
+                    queue_timeout=args.queue_timeout)
+    if args.migration_limit < 0:
+        raise ValueError(f"--migration-limit {args.migration_limit}: must be >= 0")
+    if listen:
+        from nbkit.http.ports import port_is_free
+        if not port_is_free(args.host, args.port):
+            raise ValueError(f"port={args.port!r}: already in use on {args.host}")
+
+
+def _run_until_signal(cluster, start, endpoint_kw: dict | None, over: str) -> int:
+    """``start()``, then (with ``endpoint_kw``) an endpoint over ``cluster``, serving until SIGINT/SIGTERM
+    or until every replica has failed for good; the endpoint and the cluster are stopped on the way out
+    (``nbkit serve`` and ``nbkit route``)."""
+    stop = threading.Event()
+    endpoint = None
+
+    def on_signal(signum, _frame):
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        start()
+        if endpoint_kw is not None:
+            endpoint = cluster.endpoint(**endpoint_kw)
+            print(f"nbkit: endpoint {endpoint.url} (OpenAI-compatible, policy {endpoint_kw['policy']}) over {over}",
                   flush=True)
         import gc
         gc.freeze()  # this process now mostly forwards: keep the long-lived objects out of GC scans
@@ -377,6 +413,44 @@ def _serve(args, passthrough: list[str]) -> int:
         cluster.stop()
         print("nbkit: stopped", flush=True)
     return 0
+
+
+ROUTE_EPILOG = """Servers are any OpenAI-compatible ones (vllm serve, SGLang, nbkit's own): nbkit starts and stops none
+of them, watches their /health (one that stops answering is out of routing until it answers again)
+and scrapes their /metrics for the load-aware policies. The model is the first one the servers list
+at /v1/models unless --model is given.
+
+  nbkit route --worker-urls http://10.0.0.5:8000 http://10.0.0.6:8000 --policy least_load --port 30000
+  nbkit route --worker-urls http://a:8000/v1,http://b:8001/v1
+"""
+
+
+def _route(args) -> int:
+    from nbkit.cluster.attach import AttachedCluster
+
+    cluster = AttachedCluster(args.worker_urls, model=args.model)  # a bad URL fails here, naming it
+    endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue,
+                            queue_timeout=args.queue_timeout, migration_limit=args.migration_limit)
+    _check_endpoint(args, args.policy, endpoint_options)
+    n = len(cluster)
+
+    def on_fault(event: str, i: int, detail: str) -> None:
+        p = cluster.plans[i]
+        if event == "down":
+            print(f"nbkit: {p.name} ({p.url}) {detail}; routing to the others", file=sys.stderr, flush=True)
+        elif event == "up":
+            print(f"nbkit: {p.name} ({p.url}) answers again; routing to it", flush=True)
+
+    def start() -> None:
+        cluster.start()
+        cluster.add_fault_listener(on_fault)
+        print(f"nbkit: routing over {n} server(s) (model {cluster.model or 'unknown: requests name their own'})",
+              flush=True)
+        for st in cluster.status(probe=False):
+            print(f"  {st.name}: {st.url}  {st.state}", flush=True)
+
+    return _run_until_signal(cluster, start, dict(port=args.port, host=args.host, policy=args.policy,
+                                                  **endpoint_options), f"{n} server(s)")
 
 
 def parse_args(argv: list[str], parser: argparse.ArgumentParser | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -408,6 +482,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.cmd == "serve":
             return _serve(args, passthrough)
+        if args.cmd == "route":
+            return _route(args)
         if args.cmd == "demo":
             from nbkit.demo import run_demo
             run_demo(n=args.instances, requests=args.requests, concurrency=args.concurrency,

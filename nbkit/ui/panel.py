@@ -14,6 +14,9 @@ rank; the last routing decisions with their reasons; a log tail per replica.
 What it controls: the routing policy (applied live to the cluster's clients and endpoints), the
 max concurrency, the number of instances and the TP size (Apply shows what will happen, Confirm
 does it), and stop/restart per replica. Long actions run on nbkit's loop; the kernel stays free.
+Over servers nbkit did not start (``Cluster.attach(urls)``, whose ``attached`` is True) the
+scale and stop/restart controls are hidden and disabled (``panel.controllable`` is False): only
+the routing knobs remain.
 
 Charts are drawn (altair -> vl-convert SVG, tens of milliseconds each) on the panel's own thread,
 never on nbkit's loop, which forwards every request of the cluster's clients and endpoints.
@@ -41,7 +44,7 @@ _COLS = [("rank", "rank"), ("state", "state"), ("pinning", "pinned"), ("port", "
          ("predicted_hit_pct", "hit % (kv_aware)"), ("reported_hit_pct", "hit % (vLLM)"), ("restarts", "restarts"),
          ("last_error", "last error")]
 _STATE_COLOR = {"healthy": "#1a7f37", "starting": "#9a6700", "unhealthy": "#cf222e", "failed": "#cf222e",
-                "restarting": "#9a6700", "stopped": "#6e7781"}
+                "restarting": "#9a6700", "stopped": "#6e7781", "detached": "#6e7781"}
 
 
 def _fmt(v) -> str:
@@ -166,10 +169,20 @@ class Panel(W.VBox):
         self.confirm.on_click(self._on_confirm)
         self.stop_btn.on_click(lambda _: self._run_action("stop", self.replica.value))
         self.restart_btn.on_click(lambda _: self._run_action("restart", self.replica.value))
+        self.scale_row = W.HBox([self.instances, self.tp, self.apply, self.confirm])
+        self.replica_row = W.HBox([self.replica, self.stop_btn, self.restart_btn])
+        #: False over servers nbkit did not start (``cluster.attached``): no scale, stop or restart controls
+        self.controllable = not getattr(cluster, "attached", False)
+        if not self.controllable:
+            for w in (self.instances, self.tp, self.apply, self.confirm, self.replica, self.stop_btn,
+                      self.restart_btn):
+                w.disabled = True
+            self.scale_row.layout.display = self.replica_row.layout.display = "none"
+            self.action_line.value = ("<i>attached servers: nbkit did not start them, so it does not stop, "
+                                      "restart or scale them</i>")
         controls = W.VBox([
             W.HBox([self.policy, self.concurrency, self.concurrency_label]),
-            W.HBox([self.instances, self.tp, self.apply, self.confirm]), self.plan_line,
-            W.HBox([self.replica, self.stop_btn, self.restart_btn]), self.action_line,
+            self.scale_row, self.plan_line, self.replica_row, self.action_line,
         ])
         tabs = W.Tab(children=[self.decisions, self.log_view])
         tabs.set_title(0, "routing decisions")
@@ -210,8 +223,9 @@ class Panel(W.VBox):
         inflight = sum(r.in_flight for r in routers)
         queued = sum(r.queued for r in routers)
         state = "running" if running else "stopped"
+        what = "attached servers" if not self.controllable else "replicas"
         self.header.value = (f'<b>nbkit</b> · <span class="nbkit-cluster-state">{state}</span> · '
-                            f"{len(self.cluster)} replicas · policy <code class='nbkit-policy'>"
+                            f"{len(self.cluster)} {what} · policy <code class='nbkit-policy'>"
                             f"{html.escape(self._current_policy() or '-')}</code> · in flight {inflight} · "
                             f"queued {queued} · step {self.monitor.step}")
         if not rows:
@@ -283,6 +297,8 @@ class Panel(W.VBox):
 
     def _run_action(self, what: str, *args) -> asyncio.Future:
         c = self.cluster
+        if not self.controllable:
+            raise RuntimeError(f"{what}: the panel's cluster is attached (servers nbkit did not start)")
         coro = {"stop": lambda i: c.astop_replica(i), "restart": lambda i: c.arestart(i),
                 "scale": lambda n, tp: c.ascale(n, None, tp)}[what](*args)
         self.action_line.value = f"{what} {args} ... (runs in the background)"
