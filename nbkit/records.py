@@ -51,8 +51,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = ["RequestResult", "CSV_COLUMNS", "TIME_COLUMNS", "METRICS", "DEFAULT_PERCENTILES", "column_names",
-           "csv_time_unit", "tpot", "write_csv", "read_csv", "percentile", "stats", "parse_slos", "summarize",
-           "format_summary"]
+           "csv_time_unit", "tpot", "write_csv", "CsvWriter", "read_csv", "percentile", "stats", "weighted_stats",
+           "parse_slos", "summarize", "Summarizer", "format_summary"]
 
 #: the CSV's columns, in order (seconds); with time_unit="ns" the ``*_s`` ones become ``*_ns``
 CSV_COLUMNS = ("request_id", "instance_id", "rank", "policy", "arrival_s", "queue_wait_s", "ttft_s", "tpot_s",
@@ -141,36 +141,71 @@ def _known(x) -> bool:
 def write_csv(rows: Iterable[RequestResult], path: str | os.PathLike, time_unit: str = "s") -> None:
     """Write ``rows`` as the CSV (see the module doc); in ``time_unit="ns"`` TPOT is computed from
     the integer E2E and TTFT, so a file read back and written again is the same file."""
-    _check_unit(time_unit)
-    ns = time_unit == "ns"
-
-    def t(x) -> str:
-        if not _known(x):
-            return ""
-        return str(int(round(x * 1e9))) if ns else repr(float(x))
-
-    def t_ns(x) -> int | None:
-        return int(round(x * 1e9)) if _known(x) else None
-
-    parent = os.path.dirname(os.fspath(path))
-    if parent:
-        os.makedirs(parent, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(column_names(time_unit))
+    with CsvWriter(path, time_unit) as w:
         for r in rows:
-            if ns:
-                itl = json.dumps([int(round(x * 1e9)) for x in r.itl_s], separators=(",", ":"))
-                e, ft = t_ns(r.e2e_s), t_ns(r.ttft_s)
-                tp = tpot(e, ft, r.output_toks)
-                tp_cell = "" if tp is None else str(int(round(tp)))
-            else:
-                itl = json.dumps([float(x) for x in r.itl_s], separators=(",", ":"))
-                tp_cell = t(r.tpot_s)
-            inst = r.instance_id
-            w.writerow([r.request_id, "" if inst is None or inst < 0 else int(inst), r.rank, r.policy,
-                        t(r.arrival_s), t(r.queue_wait_s), t(r.ttft_s), tp_cell, itl, t(r.e2e_s),
-                        int(r.input_toks), int(r.output_toks), r.outcome])
+            w.write(r)
+
+
+class CsvWriter:
+    """The CSV written one row at a time (a run that streams its rows as requests finish)::
+
+        with CsvWriter("out.csv", time_unit="s", token_detail=False) as w:
+            w.write(result)             # a RequestResult
+
+    ``token_detail=False`` leaves the ``itl`` cells empty (unknown; :func:`read_csv` reads ``[]``):
+    a row then costs nothing per token. ``rows`` counts the rows written."""
+
+    def __init__(self, path: str | os.PathLike, time_unit: str = "s", token_detail: bool = True):
+        _check_unit(time_unit)
+        self.ns = time_unit == "ns"
+        self.token_detail = token_detail
+        self.rows = 0
+        parent = os.path.dirname(os.fspath(path))
+        if parent:
+            os.makedirs(parent, exist_ok=True)
+        self._f = open(path, "w", newline="", encoding="utf-8")
+        self._w = csv.writer(self._f)
+        self._w.writerow(column_names(time_unit))
+
+    def write(self, r: RequestResult) -> None:
+        ns = self.ns
+        if ns:
+            e, ft = _t_ns(r.e2e_s), _t_ns(r.ttft_s)
+            tp = tpot(e, ft, r.output_toks)
+            tp_cell = "" if tp is None else str(int(round(tp)))
+            itl = (json.dumps([int(round(x * 1e9)) for x in r.itl_s], separators=(",", ":"))
+                   if self.token_detail else "")
+            t = _cell_ns
+        else:
+            itl = json.dumps([float(x) for x in r.itl_s], separators=(",", ":")) if self.token_detail else ""
+            tp_cell = _cell_s(r.tpot_s)
+            t = _cell_s
+        inst = r.instance_id
+        self._w.writerow([r.request_id, "" if inst is None or inst < 0 else int(inst), r.rank, r.policy,
+                          t(r.arrival_s), t(r.queue_wait_s), t(r.ttft_s), tp_cell, itl, t(r.e2e_s),
+                          int(r.input_toks), int(r.output_toks), r.outcome])
+        self.rows += 1
+
+    def close(self) -> None:
+        self._f.close()
+
+    def __enter__(self) -> "CsvWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _cell_s(x) -> str:
+    return repr(float(x)) if _known(x) else ""
+
+
+def _cell_ns(x) -> str:
+    return str(int(round(x * 1e9))) if _known(x) else ""
+
+
+def _t_ns(x) -> int | None:
+    return int(round(x * 1e9)) if _known(x) else None
 
 
 def _unit_of(columns: Sequence[str], path) -> str:
@@ -353,6 +388,179 @@ def summarize(rows: Sequence[RequestResult], duration_s: float | None = None, *,
     if qw:
         s["queue_wait_s"] = {"mean": sum(qw) / len(qw), "p99": percentile(qw, 99)}
     return s
+
+
+def _weighted_percentile(values, counts, cum, q: float) -> float:
+    """:func:`percentile` of the multiset holding ``counts[i]`` copies of ``values[i]`` (``values``
+    sorted, ``cum`` the cumulative counts): numpy's linear method, to the bit."""
+    import numpy as np
+
+    n = int(cum[-1]) if len(cum) else 0
+    if n == 0:
+        return math.nan
+    vi = np.asanyarray((n - 1) * np.true_divide(q, 100))
+    if vi >= n - 1:
+        return float(values[-1])
+    prev = np.floor(vi)
+    gamma = vi - prev
+    k = int(prev)
+    i, j = np.searchsorted(cum, [k, k + 1], side="right")
+    a, b = values[i], values[j]
+    diff = np.subtract(b, a)
+    out = b - diff * (1 - gamma) if gamma >= 0.5 else a + diff * gamma
+    return float(out)
+
+
+def weighted_stats(values, counts, percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> dict[str, float]:
+    """:func:`stats` of ``counts[i]`` copies of each ``values[i]`` without making the copies (the
+    percentiles exactly as numpy's on the copies; the mean up to rounding).
+
+        >>> weighted_stats([3.0, 1.0, 2.0], [1, 2, 1], (50, 75)) == stats([3.0, 1.0, 1.0, 2.0], (50, 75))
+        True
+    """
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    c = np.asarray(counts, dtype=np.int64)
+    keep = (c > 0) & ~np.isnan(v)
+    v, c = v[keep], c[keep]
+    order = np.argsort(v, kind="stable")
+    v, c = v[order], c[order]
+    cum = np.cumsum(c)
+    n = int(cum[-1]) if len(cum) else 0
+    out = {"mean": float(np.dot(v, c) / n) if n else math.nan, "median": _weighted_percentile(v, c, cum, 50)}
+    for q in percentiles:
+        if q != 50:
+            out[f"p{q:g}"] = _weighted_percentile(v, c, cum, q)
+    return out
+
+
+class Summarizer:
+    """:func:`summarize` of rows seen one at a time, keeping a few numbers per request and none per
+    token: a run that streams its rows (to a :class:`CsvWriter`) still gets its summary::
+
+        >>> rows = [RequestResult(str(k), arrival_s=k * 0.1, ttft_s=0.2 + k / 100, itl_s=[0.01] * 3,
+        ...                       e2e_s=0.3 + k / 50, output_toks=4) for k in range(5)]
+        >>> acc = Summarizer()
+        >>> for r in reversed(rows):               # any order: as requests finish
+        ...     acc.add(r)
+        >>> acc.summary() == summarize(rows)
+        True
+
+    ``add(r, itl=False)`` leaves ``r.itl_s`` out; :meth:`add_itl` takes inter-token gaps as
+    ``(values, counts)`` instead (the simulator's gaps between engine steps, each shared by every
+    request that got a token in both steps). The figures equal :func:`summarize`'s on the same
+    rows (sorted by arrival, as the simulator's records are); the ITL mean from counted gaps is
+    equal up to rounding."""
+
+    def __init__(self, *, slos=None, percentiles: Sequence[float] = DEFAULT_PERCENTILES):
+        from array import array
+
+        self.slo = parse_slos(slos)
+        self.percentiles = tuple(percentiles)
+        self.requests = 0
+        self.completed = 0
+        self.good = 0
+        self.input_toks = 0
+        self.output_toks = 0
+        self.first_arrival = math.inf
+        self.last_end: float | None = None
+        # per completed row: arrival (to restore arrival order), ttft, tpot, e2e (NaN: unknown)
+        self._ok = [array("d") for _ in range(4)]
+        self._qw = (array("d"), array("d"))         # arrival, queue wait of rows that know it
+        self._itl = array("d")                       # gaps given one by one, in row order
+        self._itl_rows = (array("d"), array("q"))    # arrival and gap count of each row that gave gaps
+        self._counted: list[tuple[Any, Any]] = []    # (values, counts) from add_itl
+
+    def add(self, r: RequestResult, itl: bool = True) -> None:
+        """Count one row (in any order)."""
+        self.requests += 1
+        a = r.arrival_s
+        if a < self.first_arrival:
+            self.first_arrival = a
+        if r.e2e_s is not None:
+            end = a + r.e2e_s
+            if self.last_end is None or end > self.last_end:
+                self.last_end = end
+        if _known(r.queue_wait_s):
+            self._qw[0].append(a)
+            self._qw[1].append(r.queue_wait_s)
+        if r.outcome != "ok":
+            return
+        self.completed += 1
+        self.input_toks += r.input_toks
+        self.output_toks += r.output_toks
+        if self.slo and _within(r, self.slo):
+            self.good += 1
+        arr, ttft, tp, e2e = self._ok
+        nan = math.nan
+        arr.append(a)
+        ttft.append(nan if r.ttft_s is None else r.ttft_s)
+        t = r.tpot_s
+        tp.append(nan if t is None else t)
+        e2e.append(nan if r.e2e_s is None else r.e2e_s)
+        if itl and r.itl_s:
+            self._itl.extend(r.itl_s)
+            self._itl_rows[0].append(a)
+            self._itl_rows[1].append(len(r.itl_s))
+
+    def add_itl(self, values, counts=None) -> None:
+        """Inter-token gaps of completed rows: ``counts[i]`` copies of ``values[i]`` (all 1 if None)."""
+        import numpy as np
+
+        v = np.asarray(values, dtype=float)
+        c = np.ones(len(v), dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
+        if len(v):
+            self._counted.append((v, c))
+
+    def summary(self, duration_s: float | None = None) -> dict[str, Any]:
+        """The figures of :func:`summarize` for the rows added so far."""
+        import numpy as np
+
+        if duration_s is None:
+            duration_s = self.last_end - self.first_arrival if self.last_end is not None else 0.0
+        dur = float(duration_s) if duration_s and duration_s > 0 else math.nan
+        n_ok, in_toks, out_toks = self.completed, self.input_toks, self.output_toks
+        s: dict[str, Any] = {
+            "requests": self.requests, "completed": n_ok, "failed": self.requests - n_ok,
+            "duration_s": float(duration_s), "input_toks": in_toks, "output_toks": out_toks,
+            "request_throughput": n_ok / dur, "output_throughput": out_toks / dur,
+            "total_token_throughput": (in_toks + out_toks) / dur,
+        }
+        if self.slo:
+            s["good_requests"] = self.good
+            s["goodput"] = self.good / dur
+        arr, ttft, tp, e2e = (np.frombuffer(x, dtype=float) if len(x) else np.zeros(0) for x in self._ok)
+        order = np.argsort(arr, kind="stable")
+        pct = self.percentiles
+        s["ttft_s"] = stats(ttft[order], pct)
+        s["tpot_s"] = stats(tp[order], pct)
+        s["itl_s"] = self._itl_stats()
+        s["e2e_s"] = stats(e2e[order], pct)
+        qa, qv = self._qw
+        if len(qv):
+            o = np.argsort(np.frombuffer(qa, dtype=float), kind="stable")
+            qw = np.frombuffer(qv, dtype=float)[o].tolist()
+            s["queue_wait_s"] = {"mean": sum(qw) / len(qw), "p99": percentile(qw, 99)}
+        return s
+
+    def _itl_stats(self) -> dict[str, float]:
+        import numpy as np
+
+        raw = np.frombuffer(self._itl, dtype=float) if len(self._itl) else np.zeros(0)
+        if not self._counted:       # every gap one by one: pooled in arrival order, as summarize does
+            if len(raw):
+                ra = np.frombuffer(self._itl_rows[0], dtype=float)
+                rn = np.frombuffer(self._itl_rows[1], dtype=np.int64)
+                starts = np.cumsum(rn) - rn
+                o = np.argsort(ra, kind="stable")
+                lo = rn[o]
+                idx = np.repeat(starts[o] - (np.cumsum(lo) - lo), lo) + np.arange(int(lo.sum()))
+                raw = raw[idx]
+            return stats(raw, self.percentiles)
+        vals = [raw] + [v for v, _ in self._counted]
+        cnts = [np.ones(len(raw), dtype=np.int64)] + [c for _, c in self._counted]
+        return weighted_stats(np.concatenate(vals), np.concatenate(cnts), self.percentiles)
 
 
 _TITLES = (("ttft", "Time to First Token"), ("tpot", "Time per Output Token (excl. 1st token)"),

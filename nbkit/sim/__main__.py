@@ -8,6 +8,9 @@ live simulated replica.
     python -m nbkit.sim calibration-trace --output calib.jsonl          # a trace that calibrates well
     python -m nbkit.sim serve --port 8100 --model-spec tiny --hardware cpu   # = python -m nbkit.sim.server
 
+The per-request CSV is written as requests finish (finish order, constant memory); its ``itl``
+column stays empty unless ``--token-detail`` (nothing per token is kept otherwise).
+
 ``--request-routing-policy`` takes any name of :mod:`nbkit.policies` (``LOAD``, ``RR``, ``RAND``,
 ``least_outstanding``, ``power_of_two``, ``prefix_affinity``, ``session``) or ``CUSTOM`` with
 ``--custom-policy module:function`` (or ``path/to/file.py:function``), a function
@@ -78,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--output", default=None, help="per-request CSV to write")
     ap.add_argument("--time-unit", choices=["s", "ns"], default="s",
                     help="CSV time columns in seconds (*_s, the benchmark's) or integer nanoseconds (*_ns)")
+    ap.add_argument("--token-detail", action="store_true",
+                    help="write each request's inter-token list in the CSV's itl column (default: empty; "
+                         "the summary's ITL figures are the same either way)")
     ap.add_argument("--request-routing-policy", default="LOAD",
                     help="routing policy name (LOAD, RR, RAND, CUSTOM, or any nbkit.policies name)")
     ap.add_argument("--custom-policy", default=None, metavar="MODULE:FUNCTION",
@@ -159,16 +165,23 @@ def _run(argv: list[str]) -> int:
         policy = name
     sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
                     hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval)
-    res = sim.run(trace)
-    if args.output:
-        res.write_csv(args.output, time_unit=args.time_unit)
+    writer = None
+    if args.output:             # rows stream to the file as requests finish
+        from nbkit.records import CsvWriter
+        writer = CsvWriter(args.output, time_unit=args.time_unit, token_detail=args.token_detail)
+    try:
+        res = sim.run(trace, rows=writer.write if writer else None, token_detail=args.token_detail,
+                      keep_records=False)
+    finally:
+        if writer is not None:
+            writer.close()
     summary = res.summary()
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")
     if not args.quiet:
         print(res.format_summary())
         if args.output:
-            print(f"wrote {len(res.records)} rows to {args.output}")
+            print(f"wrote {writer.rows} rows to {args.output}")
     return 0
 
 

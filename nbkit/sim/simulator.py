@@ -49,15 +49,16 @@ from __future__ import annotations
 
 import copy
 import heapq
+from array import array
 import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from nbkit.policies.kv_index import KVIndex
 from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
-from nbkit.records import RequestResult, format_summary, summarize, write_csv
+from nbkit.records import RequestResult, Summarizer, format_summary, summarize, write_csv
 from nbkit.traces import TraceRequest, TraceSession
 from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
 from nbkit.sim.engine import Engine
@@ -112,20 +113,26 @@ class SimResult:
     sim_time_s: float
     policy: str
     log_lines: list[str] = field(default_factory=list)
+    #: the run's figures gathered as requests finished (a run that streamed its rows or kept no
+    #: inter-token lists); None: computed from ``records``
+    summarizer: Summarizer | None = None
+    #: completed requests per instance key, where ``records`` were not kept
+    per_instance: dict[str, int] | None = None
 
     def summary(self) -> dict:
         """:func:`~nbkit.records.summarize` of the records, plus the policy, the prefix-cache hit
         rate, preemptions, completed requests per instance (``per_instance``), per-instance
         counters (``instances``) and the simulation's wall time (``wall_s``)."""
-        s = summarize(self.records)
+        s = self.summarizer.summary() if self.summarizer is not None else summarize(self.records)
         s["policy"] = self.policy
         q = sum(i["prefix_queries"] for i in self.instances)
         s["prefix_hit_rate"] = sum(i["prefix_hits"] for i in self.instances) / q if q else None
         s["preemptions"] = sum(i["preemptions"] for i in self.instances)
-        per: dict[str, int] = {}
-        for r in self.records:
-            if r.ok:
-                per[r.rank] = per.get(r.rank, 0) + 1
+        per: dict[str, int] = dict(self.per_instance or {})
+        if self.per_instance is None:
+            for r in self.records:
+                if r.ok:
+                    per[r.rank] = per.get(r.rank, 0) + 1
         s["per_instance"] = dict(sorted(per.items()))
         s["instances"] = self.instances
         s["wall_s"] = self.wall_s
@@ -225,9 +232,25 @@ class Simulator:
         return "".join(f"{hash((sid, j)) & 0xFFFF:04x}" for j in range(tokens))
 
     # -- the run -----------------------------------------------------------------------------------
-    def run(self, trace: Iterable[TraceRequest | TraceSession]) -> SimResult:
-        """Simulate ``trace`` to completion (every request finishes or is rejected)."""
+    def run(self, trace: Iterable[TraceRequest | TraceSession], *,
+            rows: Callable[[RequestResult], Any] | None = None, token_detail: bool = True,
+            keep_records: bool | None = None) -> SimResult:
+        """Simulate ``trace`` to completion (every request finishes or is rejected).
+
+        ``rows``: called with each request's record as it finishes (e.g. a
+        :class:`~nbkit.records.CsvWriter`'s ``write``: rows stream to the file in finish order).
+        ``keep_records`` (default: True without ``rows``) keeps them in ``result.records`` too,
+        sorted by arrival. ``token_detail=False`` gives every record an empty ``itl_s``: nothing
+        per token is made, and the summary's ITL figures come from the engines' step gaps, each
+        counted once per request that got a token in both steps (the same percentiles; the mean
+        equal up to rounding)."""
         wall0 = time.perf_counter()
+        keep = rows is None if keep_records is None else keep_records
+        acc = None if keep and token_detail else Summarizer()
+        acc_add = acc.add if acc is not None else None
+        per_inst: dict[str, int] = {}
+        counted = [array("q") for _ in self.setups]   # per engine: +1/-1 where a run of counted gaps starts/ends
+        raw_gaps = array("d")                         # gaps that are no step gap (preemption jumps, late first)
         engines = [Engine(s, StepModel(s)) for s in self.setups]
         self.engines = engines
         for e in engines:
@@ -308,36 +331,80 @@ class Simulator:
             ent = job.entry
             qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
             if outcome != "ok" or r is None or e is None:
-                records.append(RequestResult(
+                done(RequestResult(
                     str(job.rid), None if e is None else e.index, "" if e is None else e.key, pname,
                     job.arrival - t0, qw, input_toks=job.prompt, output_toks=job.output, outcome=outcome,
                     session_id=job.session or "", turn=job.turn, prefill_instance=job.prefill_inst))
                 return
             ends = e.step_ends
             segs = r.segs
-            if len(segs) == 1:
-                a, b = segs[0]
-                times = ends[a:b]
+            late = e.setup.hw.decode_overhead_s if job.output > 1 else 0.0
+            if token_detail:
+                if len(segs) == 1:
+                    a, b = segs[0]
+                    times = ends[a:b]
+                else:
+                    times = []
+                    for a, b in segs:
+                        times.extend(ends[a:b])
+                itl = [y - x for x, y in zip(times, times[1:])]
+                if late > 0 and itl:   # tokens 2..n reach the client that much later (see HardwareProfile)
+                    itl[0] += late
             else:
-                times = []
-                for a, b in segs:
-                    times.extend(ends[a:b])
-            itl = [y - x for x, y in zip(times, times[1:])]
+                itl = []
+                count_gaps(counted[e.index], ends, segs, late)
             if finals is not None:
                 finals[str(job.rid)] = (e, r)
             ttft = r.first_token - job.arrival
             e2e = r.finish_time - job.arrival
-            late = e.setup.hw.decode_overhead_s if job.output > 1 else 0.0
-            if late > 0:        # tokens 2..n reach the client that much later (see HardwareProfile)
+            if late > 0:
                 e2e += late
-                if itl:
-                    itl[0] += late
-            records.append(RequestResult(
+            done(RequestResult(
                 str(job.rid), e.index, e.key, pname, job.arrival - t0, qw, ttft, itl, e2e,
                 job.prompt, job.output, "ok", session_id=job.session or "", turn=job.turn,
                 prefill_instance=job.prefill_inst,
                 cached_tokens=(ent.cached_tokens if ent is not None else 0) + (r.cached_tokens if r is not ent else 0),
                 preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0)))
+
+        def done(rr: RequestResult) -> None:
+            if keep:
+                records.append(rr)
+            if acc_add is not None:
+                acc_add(rr, token_detail)
+                if rr.outcome == "ok":
+                    per_inst[rr.rank] = per_inst.get(rr.rank, 0) + 1
+            if rows is not None:
+                rows(rr)
+
+        def count_gaps(wd: array, ends, segs, late: float) -> None:
+            """The request's inter-token gaps without a list: a gap between steps j-1 and j is
+            counted in ``wd`` (a difference array over j); the others go to ``raw_gaps``."""
+            need = segs[-1][1] + 1
+            if len(wd) < need:
+                wd.frombytes(bytes(8 * (need - len(wd) + 4096)))
+            first = late > 0          # the first gap still lacks the late offset
+            prev_b = -1
+            for a, b in segs:
+                if prev_b < 0:
+                    lo = a + 1
+                elif a == prev_b:
+                    lo = a
+                else:                 # preempted in between: one gap over the pause
+                    x = ends[a] - ends[prev_b - 1]
+                    if first:
+                        x += late
+                        first = False
+                    raw_gaps.append(x)
+                    lo = a + 1
+                if lo < b:
+                    if first:
+                        first = False
+                        raw_gaps.append((ends[lo] - ends[lo - 1]) + late)
+                        lo += 1
+                    if lo < b:
+                        wd[lo] += 1
+                        wd[b] -= 1
+                prev_b = b
 
         def dispatch(job: _Job, t: float) -> None:
             prefix = None
@@ -503,7 +570,18 @@ class Simulator:
                           "prefix_queries": e.prefix_queries, "prefix_hits": e.prefix_hits,
                           "preemptions": e.preemptions, "num_blocks": e.num_blocks, "block_size": e.bs})
         records.sort(key=lambda r: r.arrival_s)
-        return SimResult(records, stats, time.perf_counter() - wall0, now - t0, pname, log_lines)
+        if acc is not None and not token_detail:
+            import numpy as np
+            for e, wd in zip(engines, counted):
+                n = len(e.step_ends)
+                if n < 2 or not len(wd):
+                    continue
+                ends = np.frombuffer(e.step_ends, dtype=float)
+                w = np.cumsum(np.frombuffer(wd, dtype=np.int64))[1:n]
+                acc.add_itl(ends[1:len(w) + 1] - ends[:len(w)], w)
+            acc.add_itl(np.frombuffer(raw_gaps, dtype=float) if raw_gaps else [])
+        return SimResult(records, stats, time.perf_counter() - wall0, now - t0, pname, log_lines,
+                         summarizer=acc, per_instance=None if acc is None else per_inst)
 
 
 def simulate(config, trace, **kwargs) -> SimResult:
