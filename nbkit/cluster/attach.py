@@ -133,7 +133,7 @@ class HealthWatch:
         while True:
             await asyncio.sleep(self.interval)
             c = self.cluster
-            now = await c.acheck_health.on_loop(c, timeout=min(2.0, self.interval * 2))
+            now = await c.acheck_health.on_loop(c, timeout=max(2.0, self.interval))  # a slow answer is not a down
             for i, ok in now.items():
                 was = self._seen.get(i)
                 self._seen[i] = ok
