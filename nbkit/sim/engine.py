@@ -109,6 +109,14 @@ class Engine:
         self._step_D = 0
         self._t_start = 0.0
         self.busy = False               # a step is in progress (set by the driver)
+        self.dirty = True               # routing-visible state changed since the driver last read it
+        #: plan runs of decode-only steps ahead (set by the cluster simulator; see :meth:`sync`)
+        self.macro = False
+        self.plan_end: float | None = None   # end of the planned run the last schedule() made
+        self._plan: tuple[list, list, list] | None = None
+        self._p_i = 0
+        self._p_last = 0
+        self.ev = -1                    # the driver's id of this engine's pending step event
         self.unit = None                # the lockstep DP group, if any (set by the simulator)
         self.collect = False            # keep last_batch (the live server streams from it)
         self.record_steps = False       # keep (start, T, S, L, P, R) per step (calibration)
@@ -164,6 +172,7 @@ class Engine:
                 req.hashes = []
         self.waiting.append(req)
         self.in_flight += 1
+        self.dirty = True
         if req.first_token is None and req.generated == 0:
             self.pend_prefill += req.prompt
         self.pend_dec_other += req.output - req.generated
@@ -195,6 +204,7 @@ class Engine:
             self.pend_prefill -= req.prompt
         req.state = ABORTED
         self.in_flight -= 1
+        self.dirty = True
 
     # -- KV blocks --------------------------------------------------------------------------------
     def _alloc(self, k: int) -> None:
@@ -280,6 +290,7 @@ class Engine:
         """A prefill-only engine: the decode side has the KV now; free the blocks."""
         if self.handoff.pop(req, 0) is None:
             self._release(req)
+            self.dirty = True
 
     # -- decode aggregates -----------------------------------------------------------------------
     def _enter_decode(self, req: Req, g0: int) -> None:
@@ -339,6 +350,8 @@ class Engine:
         return dt
 
     def _schedule(self, now: float) -> float | None:
+        self.dirty = True
+        self.plan_end = None
         bs = self.bs
         g = self.g
         budget = self.budget
@@ -474,11 +487,95 @@ class Engine:
             self.last_batch = [r for r in self.running if r.state == DECODE] + [c[0] for c in chunks]
         if self.record_steps:
             self.step_log.append((now, T, D + len(chunks), L, P, R))
-        return self.model.step_time(T, D + len(chunks), L, P, R)
+        dt = self.model.step_time(T, D + len(chunks), L, P, R)
+        if self.macro and not chunks and not preempted and not self.waiting and not self.prefilling \
+                and not self._new_dec and not self.record_steps and not self.collect:
+            self._make_plan(now, dt)
+        return dt
+
+    # -- runs of decode-only steps ------------------------------------------------------------------
+    PLAN_STEPS = 512
+
+    def _make_plan(self, now: float, dt: float) -> None:
+        """Decodes only, nobody waiting: the next steps are known until a request finishes or a
+        block would have to be evicted. Plan them (times and block allocations, computed exactly as
+        step-by-step scheduling would) so the driver needs one event for the run; :meth:`sync`
+        applies the steps that have ended, :meth:`truncate` stops the run when a request arrives."""
+        D, B, bs, g = self.D, self.B, self.bs, self.g
+        fin = self.fin
+        k_max = min(fin[0][0] - g + 1, self.PLAN_STEPS) if fin else self.PLAN_STEPS
+        if k_max < 2:
+            return
+        bucket, step_time = self.bucket, self.model.step_time
+        free = self.free_plain
+        t = now + dt
+        starts, ends, allocs = [now], [t], [0]
+        gi = g + 1
+        while len(ends) < k_max:
+            need = bucket[(-gi) % bs]
+            if need > free:
+                break
+            free -= need
+            P = B + D * gi + D
+            starts.append(t)
+            t = t + step_time(D, D, D, P, P)
+            ends.append(t)
+            allocs.append(need)
+            gi += 1
+        if len(ends) < 2:
+            return
+        self._plan = (starts, ends, allocs)
+        self._p_i = 0
+        self._p_last = len(ends) - 1
+        self.plan_end = t
+
+    def sync(self, now: float) -> None:
+        """Apply the planned steps that ended by ``now`` (and start the next), as if each had been
+        driven on its own: the state read at ``now`` is the step-by-step state."""
+        plan = self._plan
+        if plan is None:
+            return
+        starts, ends, allocs = plan
+        i, last = self._p_i, self._p_last
+        if i >= last or ends[i] > now:
+            return
+        D = self.D
+        step_ends = self.step_ends
+        busy = self.busy_time
+        while i < last and ends[i] <= now:
+            t = ends[i]
+            step_ends.append(t)
+            busy += t - starts[i]
+            i += 1
+            self.free_plain -= allocs[i]
+        n = i - self._p_i
+        self.g += n
+        self.steps += n
+        self.gen_tokens += D * n
+        self.busy_time = busy
+        self._t_start = starts[i]
+        self._p_i = i
+        self.dirty = True
+
+    def truncate(self, now: float) -> float | None:
+        """A request arrives at ``now``: the planned run ends with the step in progress. Its end
+        time if that moved the run's end (the driver's event), else None."""
+        if self._plan is None:
+            return None
+        self.sync(now)
+        i = self._p_i
+        if i == self._p_last:
+            return None
+        self._p_last = i
+        return self._plan[1][i]
 
     def finish_step(self, now: float) -> list[Req]:
         """End the step scheduled last at time ``now``: emit tokens; returns finished requests."""
+        if self._plan is not None:  # the last step of a planned run: the ones before it first
+            self.sync(now)
+            self._plan = None
         g = self.g
+        self.dirty = True
         self.step_ends.append(now)
         self.g = g + 1
         self.steps += 1

@@ -228,6 +228,30 @@ class Simulator:
                 for e in engines]
 
     @staticmethod
+    def _load_view(engines: Sequence[Engine]) -> Callable[[], list[RankLoad]]:
+        """``loads(engines)`` kept up to date in place: only engines whose state changed since the
+        last call are read again (at 64 instances most are unchanged between two arrivals)."""
+        view = [RankLoad(e.key, e.index, stale=False) for e in engines]
+        pairs = list(zip(engines, view))
+        for e in engines:
+            e.dirty = True
+
+        def refresh(now: float) -> list[RankLoad]:
+            for e, r in pairs:
+                if e._plan is not None:
+                    e.sync(now)
+                if e.dirty:
+                    e.dirty = False
+                    r.in_flight = e.in_flight
+                    r.pending_prefill_tokens = e.pend_prefill
+                    r.pending_decode_tokens = e.pend_dec_other + e.A - e.D * e.g
+                    r.running = len(e.running)
+                    r.waiting = len(e.waiting)
+                    r.kv_cache_usage = (e.num_blocks - e.free_plain - len(e.evictable)) / e.num_blocks
+            return view
+        return refresh
+
+    @staticmethod
     def _session_prefix(sid: str, tokens: int) -> str:
         return "".join(f"{hash((sid, j)) & 0xFFFF:04x}" for j in range(tokens))
 
@@ -293,6 +317,23 @@ class Simulator:
         push = heapq.heappush
         link_bw, link_lat = self.link_bw, self.link_latency
         loads = self._loads
+        # a custom function may keep the candidates it is given: fresh ones for it; policy objects
+        # get the same RankLoads, refreshed in place, at every decision
+        def fresh(group):
+            def view(now):
+                for e in group:
+                    if e._plan is not None:
+                        e.sync(now)
+                return loads(group)
+            return view
+        entry_loads = self._load_view(entry) if not isinstance(policy, CustomPolicy) else fresh(entry)
+        decode_loads = (self._load_view(decode) if decode and not isinstance(dpolicy, CustomPolicy)
+                        else fresh(decode))
+        # runs of decode-only steps take one event (Engine.sync applies them when read); not with
+        # per-step logs (calibration), interval lines or lockstep DP ranks
+        for e in engines:
+            e.macro = e.unit is None and not self.instrument and self.log_interval is None
+            e.ev = -1
 
         items = sorted(trace, key=lambda r: r.arrival_time_ns)
         arrivals = [(it.arrival_time_ns * 1e-9, it) for it in items]
@@ -307,7 +348,8 @@ class Simulator:
                 if dt is not None:
                     e.busy = True
                     counter[0] += 1
-                    push(heap, (t + dt, counter[0], _STEP, e))
+                    e.ev = counter[0]
+                    push(heap, (t + dt if e.plan_end is None else e.plan_end, counter[0], _STEP, e))
             elif not u.busy:
                 start_unit(u, t)
 
@@ -416,7 +458,7 @@ class Simulator:
             info = RequestInfo(job.prompt, job.output, prefix, job.session,
                                token_ids=job.ids if need_ids else None)
             job.info = info
-            choice = policy.select(loads(entry), info)
+            choice = policy.select(entry_loads(t), info)
             policy.on_dispatch(choice, info)
             job.choice = choice
             e = engines[choice.index]
@@ -432,7 +474,17 @@ class Simulator:
                 return
             admit(e, r, t)
 
+        def cut(e: Engine, t: float) -> None:
+            """A request reaches ``e`` at ``t``: its planned run ends with the step in progress."""
+            end = e.truncate(t)
+            if end is not None:
+                counter[0] += 1
+                e.ev = counter[0]
+                push(heap, (end, counter[0], _STEP, e))
+
         def admit(e: Engine, r: Req, t: float) -> None:
+            if e._plan is not None:
+                cut(e, t)
             if not e.add(r, t):
                 job = r.data
                 record(job, e, None, "http_400")
@@ -473,11 +525,13 @@ class Simulator:
             e.release_handoff(r)
             kick(e, t)
             info = job.info
-            choice = dpolicy.select(loads(decode), info)
+            choice = dpolicy.select(decode_loads(t), info)
             dpolicy.on_dispatch(choice, info)
             d = engines[choice.index]
             r2 = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session,
                      computed=job.prompt - 1, data=job)
+            if d._plan is not None:
+                cut(d, t)
             if not d.add(r2, t):
                 record(job, d, None, "http_400")
                 session_next(job, t, failed=True)
@@ -533,7 +587,10 @@ class Simulator:
         while True:
             ta = arrivals[i][0] if i < n else INF
             if heap and heap[0][0] <= ta:
-                now, _, kind, x = pop(heap)
+                ev = pop(heap)
+                if ev[2] == _STEP and type(ev[3]) is Engine and ev[3].ev != ev[1]:
+                    continue        # a planned run's end that moved earlier
+                now, _, kind, x = ev
                 if kind == _STEP:
                     step_end(x, now)
                 elif kind == _SUB:
