@@ -47,6 +47,8 @@ from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, bloc
 
 __all__ = ["Engine"]
 
+_INF = float("inf")
+
 
 class Engine:
     """One instance's scheduler, KV block pool and counters (see the module doc)."""
@@ -117,6 +119,8 @@ class Engine:
         self._p_i = 0
         self._p_last = 0
         self.ev = -1                    # the driver's id of this engine's pending step event
+        self._plan_cap = 16
+        self.next_sync = _INF           # when the planned run's step in progress ends (sync due)
         self.unit = None                # the lockstep DP group, if any (set by the simulator)
         self.collect = False            # keep last_batch (the live server streams from it)
         self.record_steps = False       # keep (start, T, S, L, P, R) per step (calibration)
@@ -503,31 +507,55 @@ class Engine:
         applies the steps that have ended, :meth:`truncate` stops the run when a request arrives."""
         D, B, bs, g = self.D, self.B, self.bs, self.g
         fin = self.fin
-        k_max = min(fin[0][0] - g + 1, self.PLAN_STEPS) if fin else self.PLAN_STEPS
+        # as long as the next request to finish, and no longer than runs lately lasted before a
+        # request cut them (a cut run's remaining steps were planned for nothing)
+        k_max = min(fin[0][0] - g + 1, self._plan_cap) if fin else self._plan_cap
         if k_max < 2:
             return
-        bucket, step_time = self.bucket, self.model.step_time
+        bucket = self.bucket
         free = self.free_plain
         t = now + dt
         starts, ends, allocs = [now], [t], [0]
         gi = g + 1
-        while len(ends) < k_max:
-            need = bucket[(-gi) % bs]
-            if need > free:
-                break
-            free -= need
-            P = B + D * gi + D
-            starts.append(t)
-            t = t + step_time(D, D, D, P, P)
-            ends.append(t)
-            allocs.append(need)
-            gi += 1
+        m = self.model
+        if type(m) is StepModel:
+            # StepModel.step_time(D, D, D, P, P) term by term, in its order (the same floats)
+            a = m.c_tok * D + m.c_logit * D
+            head = m.o_step + m.o_seq * D
+            c_pair, m_const, m_kv, ar_const, ar = m.c_pair, m.m_const, m.m_kv, m.ar_const, m.ar_tok * D
+            while len(ends) < k_max:
+                need = bucket[(-gi) % bs]
+                if need > free:
+                    break
+                free -= need
+                P = B + D * gi + D
+                comp = a + c_pair * P
+                mem = m_const + m_kv * (P + D)
+                starts.append(t)
+                t = t + (head + (comp if comp > mem else mem) + ar_const + ar)
+                ends.append(t)
+                allocs.append(need)
+                gi += 1
+        else:
+            step_time = m.step_time
+            while len(ends) < k_max:
+                need = bucket[(-gi) % bs]
+                if need > free:
+                    break
+                free -= need
+                P = B + D * gi + D
+                starts.append(t)
+                t = t + step_time(D, D, D, P, P)
+                ends.append(t)
+                allocs.append(need)
+                gi += 1
         if len(ends) < 2:
             return
         self._plan = (starts, ends, allocs)
         self._p_i = 0
         self._p_last = len(ends) - 1
         self.plan_end = t
+        self.next_sync = ends[0]
 
     def sync(self, now: float) -> None:
         """Apply the planned steps that ended by ``now`` (and start the next), as if each had been
@@ -555,6 +583,7 @@ class Engine:
         self.busy_time = busy
         self._t_start = starts[i]
         self._p_i = i
+        self.next_sync = ends[i] if i < last else _INF
         self.dirty = True
 
     def truncate(self, now: float) -> float | None:
@@ -566,14 +595,19 @@ class Engine:
         i = self._p_i
         if i == self._p_last:
             return None
+        self._plan_cap = max(8, (i + 1) * 2)
         self._p_last = i
+        self.next_sync = _INF
         return self._plan[1][i]
 
     def finish_step(self, now: float) -> list[Req]:
         """End the step scheduled last at time ``now``: emit tokens; returns finished requests."""
         if self._plan is not None:  # the last step of a planned run: the ones before it first
             self.sync(now)
+            if self._p_last == len(self._plan[1]) - 1:     # not cut: plan longer runs
+                self._plan_cap = min(self._plan_cap * 2, self.PLAN_STEPS)
             self._plan = None
+            self.next_sync = _INF
         g = self.g
         self.dirty = True
         self.step_ends.append(now)

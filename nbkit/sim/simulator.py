@@ -238,7 +238,7 @@ class Simulator:
 
         def refresh(now: float) -> list[RankLoad]:
             for e, r in pairs:
-                if e._plan is not None:
+                if e.next_sync <= now:
                     e.sync(now)
                 if e.dirty:
                     e.dirty = False
@@ -322,7 +322,7 @@ class Simulator:
         def fresh(group):
             def view(now):
                 for e in group:
-                    if e._plan is not None:
+                    if e.next_sync <= now:
                         e.sync(now)
                 return loads(group)
             return view
