@@ -7,8 +7,9 @@
 
 or ``python -m nbkit.sim --cluster-config cluster.json --dataset trace.jsonl --output out.csv``.
 Modules: config (seed JSON), models (shapes), hardware (profiles), perf (step time), request (a
-request inside an engine), engine (one replica's scheduler), simulator (the cluster; its records,
-CSV and summary are :mod:`nbkit.records`'), fidelity (calibration traces, real vs simulated
+request inside an engine), engine (one replica's scheduler), runs (its decode-only runs planned
+ahead), simulator (the cluster; its records, CSV and summary are :mod:`nbkit.records`'), results
+(what a run returns, inter-token gaps counted per step), fidelity (calibration traces, real vs simulated
 figures), calibrate (fitting a profile), replica (a live simulated replica's engines and metrics),
 server (its HTTP app and command line), __main__ (the CLI).
 """

@@ -143,16 +143,31 @@ def _profiles(paths):
     return out
 
 
+def _stream_trace(path: str):
+    """The trace file's items one by one (as :func:`nbkit.traces.read_trace` parses them)."""
+    from nbkit.traces import TraceError, parse_line
+
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{n}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
+            yield parse_line(obj, where)
+
+
 def _run(argv: list[str]) -> int:
     from nbkit.traces import read_trace
     from nbkit.sim.config import load_cluster_config
-    from nbkit.sim.simulator import Simulator
+    from nbkit.sim.simulator import Simulator, TraceOrderError
 
     args = build_parser().parse_args(argv)
     if args.log_interval is not None and args.log_interval <= 0:
         raise ValueError(f"--log-interval {args.log_interval}: must be > 0")
     cfg = load_cluster_config(args.cluster_config)
-    trace = read_trace(args.dataset)
     name = args.request_routing_policy
     options = dict(args.policy_option)
     if name.strip().lower() == "custom" or args.custom_policy:
@@ -163,18 +178,26 @@ def _run(argv: list[str]) -> int:
         from nbkit.policies import get_policy
         get_policy(name, **options)  # a bad name or option fails before the run
         policy = name
-    sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
-                    hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval)
+    from nbkit.records import CsvWriter
+
+    def run(trace):
+        nonlocal writer
+        sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
+                        hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval)
+        writer = None
+        if args.output:             # rows stream to the file as requests finish
+            writer = CsvWriter(args.output, time_unit=args.time_unit, token_detail=args.token_detail)
+        try:
+            return sim.run(trace, rows=writer.write if writer else None, token_detail=args.token_detail,
+                           keep_records=False)
+        finally:
+            if writer is not None:
+                writer.close()
     writer = None
-    if args.output:             # rows stream to the file as requests finish
-        from nbkit.records import CsvWriter
-        writer = CsvWriter(args.output, time_unit=args.time_unit, token_detail=args.token_detail)
-    try:
-        res = sim.run(trace, rows=writer.write if writer else None, token_detail=args.token_detail,
-                      keep_records=False)
-    finally:
-        if writer is not None:
-            writer.close()
+    try:                            # the trace read as the run goes (a file in arrival order, the usual case)
+        res = run(_stream_trace(args.dataset))
+    except TraceOrderError:         # not in order: load and sort it, and run again
+        res = run(read_trace(args.dataset))
     summary = res.summary()
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps(summary, indent=2, default=str) + "\n")

@@ -44,13 +44,12 @@ from collections import OrderedDict, deque
 
 from nbkit.sim.perf import StepModel
 from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes
+from nbkit.sim.runs import INF as _INF, PlannedRuns
 
 __all__ = ["Engine"]
 
-_INF = float("inf")
 
-
-class Engine:
+class Engine(PlannedRuns):
     """One instance's scheduler, KV block pool and counters (see the module doc)."""
 
     def __init__(self, setup, model: StepModel | None = None, *, prefill_only: bool | None = None,
@@ -112,15 +111,7 @@ class Engine:
         self._t_start = 0.0
         self.busy = False               # a step is in progress (set by the driver)
         self.dirty = True               # routing-visible state changed since the driver last read it
-        #: plan runs of decode-only steps ahead (set by the cluster simulator; see :meth:`sync`)
-        self.macro = False
-        self.plan_end: float | None = None   # end of the planned run the last schedule() made
-        self._plan: tuple[list, list, list] | None = None
-        self._p_i = 0
-        self._p_last = 0
-        self.ev = -1                    # the driver's id of this engine's pending step event
-        self._plan_cap = 16
-        self.next_sync = _INF           # when the planned run's step in progress ends (sync due)
+        self._init_runs()
         self.unit = None                # the lockstep DP group, if any (set by the simulator)
         self.collect = False            # keep last_batch (the live server streams from it)
         self.record_steps = False       # keep (start, T, S, L, P, R) per step (calibration)
@@ -496,109 +487,6 @@ class Engine:
                 and not self._new_dec and not self.record_steps and not self.collect:
             self._make_plan(now, dt)
         return dt
-
-    # -- runs of decode-only steps ------------------------------------------------------------------
-    PLAN_STEPS = 512
-
-    def _make_plan(self, now: float, dt: float) -> None:
-        """Decodes only, nobody waiting: the next steps are known until a request finishes or a
-        block would have to be evicted. Plan them (times and block allocations, computed exactly as
-        step-by-step scheduling would) so the driver needs one event for the run; :meth:`sync`
-        applies the steps that have ended, :meth:`truncate` stops the run when a request arrives."""
-        D, B, bs, g = self.D, self.B, self.bs, self.g
-        fin = self.fin
-        # as long as the next request to finish, and no longer than runs lately lasted before a
-        # request cut them (a cut run's remaining steps were planned for nothing)
-        k_max = min(fin[0][0] - g + 1, self._plan_cap) if fin else self._plan_cap
-        if k_max < 2:
-            return
-        bucket = self.bucket
-        free = self.free_plain
-        t = now + dt
-        starts, ends, allocs = [now], [t], [0]
-        gi = g + 1
-        m = self.model
-        if type(m) is StepModel:
-            # StepModel.step_time(D, D, D, P, P) term by term, in its order (the same floats)
-            a = m.c_tok * D + m.c_logit * D
-            head = m.o_step + m.o_seq * D
-            c_pair, m_const, m_kv, ar_const, ar = m.c_pair, m.m_const, m.m_kv, m.ar_const, m.ar_tok * D
-            while len(ends) < k_max:
-                need = bucket[(-gi) % bs]
-                if need > free:
-                    break
-                free -= need
-                P = B + D * gi + D
-                comp = a + c_pair * P
-                mem = m_const + m_kv * (P + D)
-                starts.append(t)
-                t = t + (head + (comp if comp > mem else mem) + ar_const + ar)
-                ends.append(t)
-                allocs.append(need)
-                gi += 1
-        else:
-            step_time = m.step_time
-            while len(ends) < k_max:
-                need = bucket[(-gi) % bs]
-                if need > free:
-                    break
-                free -= need
-                P = B + D * gi + D
-                starts.append(t)
-                t = t + step_time(D, D, D, P, P)
-                ends.append(t)
-                allocs.append(need)
-                gi += 1
-        if len(ends) < 2:
-            return
-        self._plan = (starts, ends, allocs)
-        self._p_i = 0
-        self._p_last = len(ends) - 1
-        self.plan_end = t
-        self.next_sync = ends[0]
-
-    def sync(self, now: float) -> None:
-        """Apply the planned steps that ended by ``now`` (and start the next), as if each had been
-        driven on its own: the state read at ``now`` is the step-by-step state."""
-        plan = self._plan
-        if plan is None:
-            return
-        starts, ends, allocs = plan
-        i, last = self._p_i, self._p_last
-        if i >= last or ends[i] > now:
-            return
-        D = self.D
-        step_ends = self.step_ends
-        busy = self.busy_time
-        while i < last and ends[i] <= now:
-            t = ends[i]
-            step_ends.append(t)
-            busy += t - starts[i]
-            i += 1
-            self.free_plain -= allocs[i]
-        n = i - self._p_i
-        self.g += n
-        self.steps += n
-        self.gen_tokens += D * n
-        self.busy_time = busy
-        self._t_start = starts[i]
-        self._p_i = i
-        self.next_sync = ends[i] if i < last else _INF
-        self.dirty = True
-
-    def truncate(self, now: float) -> float | None:
-        """A request arrives at ``now``: the planned run ends with the step in progress. Its end
-        time if that moved the run's end (the driver's event), else None."""
-        if self._plan is None:
-            return None
-        self.sync(now)
-        i = self._p_i
-        if i == self._p_last:
-            return None
-        self._plan_cap = max(8, (i + 1) * 2)
-        self._p_last = i
-        self.next_sync = _INF
-        return self._plan[1][i]
 
     def finish_step(self, now: float) -> list[Req]:
         """End the step scheduled last at time ``now``: emit tokens; returns finished requests."""

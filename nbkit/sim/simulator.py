@@ -53,20 +53,20 @@ from array import array
 import math
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
 from nbkit.policies.kv_index import KVIndex
 from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
-from nbkit.records import RequestResult, Summarizer, format_summary, summarize, write_csv
+from nbkit.records import RequestResult, Summarizer
 from nbkit.traces import TraceRequest, TraceSession
 from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
 from nbkit.sim.engine import Engine
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
 from nbkit.sim.request import Req
+from nbkit.sim.results import SimResult, TraceOrderError, add_counted_gaps, count_gaps, fmt_rate, in_order
 
-__all__ = ["Simulator", "SimResult", "simulate"]
+__all__ = ["Simulator", "SimResult", "simulate", "TraceOrderError"]
 
 _STEP, _SUB, _XFER, _LOG, _ADMIT = 0, 1, 2, 3, 4
 
@@ -101,70 +101,6 @@ class _Session:
 
     def __init__(self, sid: str, subs):
         self.sid, self.subs, self.k, self.context = sid, subs, 0, 0
-
-
-@dataclass
-class SimResult:
-    """What :meth:`Simulator.run` returns."""
-
-    records: list[RequestResult]
-    instances: list[dict]
-    wall_s: float
-    sim_time_s: float
-    policy: str
-    log_lines: list[str] = field(default_factory=list)
-    #: the run's figures gathered as requests finished (a run that streamed its rows or kept no
-    #: inter-token lists); None: computed from ``records``
-    summarizer: Summarizer | None = None
-    #: completed requests per instance key, where ``records`` were not kept
-    per_instance: dict[str, int] | None = None
-
-    def summary(self) -> dict:
-        """:func:`~nbkit.records.summarize` of the records, plus the policy, the prefix-cache hit
-        rate, preemptions, completed requests per instance (``per_instance``), per-instance
-        counters (``instances``) and the simulation's wall time (``wall_s``)."""
-        s = self.summarizer.summary() if self.summarizer is not None else summarize(self.records)
-        s["policy"] = self.policy
-        q = sum(i["prefix_queries"] for i in self.instances)
-        s["prefix_hit_rate"] = sum(i["prefix_hits"] for i in self.instances) / q if q else None
-        s["preemptions"] = sum(i["preemptions"] for i in self.instances)
-        per: dict[str, int] = dict(self.per_instance or {})
-        if self.per_instance is None:
-            for r in self.records:
-                if r.ok:
-                    per[r.rank] = per.get(r.rank, 0) + 1
-        s["per_instance"] = dict(sorted(per.items()))
-        s["instances"] = self.instances
-        s["wall_s"] = self.wall_s
-        return s
-
-    def format_summary(self) -> str:
-        """:func:`~nbkit.records.format_summary` (the live benchmark's layout), a line of requests
-        per instance and the simulation's wall time."""
-        s = self.summary()
-        lines = [format_summary(s, "nbkit sim")]
-        per = s["per_instance"]
-        if per:
-            total = sum(per.values())
-            lines.append("Per instance: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in per.items()))
-        lines.append(f"Simulated {s['duration_s']:.2f} s in {s['wall_s']:.2f} s of wall time")
-        return "\n".join(lines)
-
-    def write_csv(self, path, time_unit: str = "s") -> None:
-        write_csv(self.records, path, time_unit=time_unit)
-
-    def frame(self):
-        """The records as a pandas DataFrame (one row per request; no ITL lists)."""
-        import pandas as pd
-        return pd.DataFrame([{k: getattr(r, k) for k in (
-            "request_id", "instance_id", "rank", "policy", "arrival_s", "queue_wait_s", "ttft_s", "tpot_s",
-            "e2e_s", "input_toks", "output_toks", "outcome", "session_id", "turn", "prefill_instance",
-            "cached_tokens", "preemptions")} for r in self.records])
-
-
-def fmt_rate(x: float) -> str:
-    """2400 -> '2.4k', 820 -> '820' (as the live monitor's lines)."""
-    return f"{x / 1000:.1f}k" if x >= 1000 else f"{x:.0f}"
 
 
 def _clone_policy(spec, seed):
@@ -259,7 +195,9 @@ class Simulator:
     def run(self, trace: Iterable[TraceRequest | TraceSession], *,
             rows: Callable[[RequestResult], Any] | None = None, token_detail: bool = True,
             keep_records: bool | None = None) -> SimResult:
-        """Simulate ``trace`` to completion (every request finishes or is rejected).
+        """Simulate ``trace`` to completion (every request finishes or is rejected). A list (any
+        sequence) is sorted by arrival first; an iterator is read as the run goes (constant
+        memory) and must come in arrival order (ValueError otherwise).
 
         ``rows``: called with each request's record as it finishes (e.g. a
         :class:`~nbkit.records.CsvWriter`'s ``write``: rows stream to the file in finish order).
@@ -335,9 +273,14 @@ class Simulator:
             e.macro = e.unit is None and not self.instrument and self.log_interval is None
             e.ev = -1
 
-        items = sorted(trace, key=lambda r: r.arrival_time_ns)
-        arrivals = [(it.arrival_time_ns * 1e-9, it) for it in items]
-        t0 = arrivals[0][0] if arrivals else 0.0
+        INF = math.inf
+        if iter(trace) is trace:        # a stream (e.g. lines of a file): taken as it comes
+            src = in_order(trace)
+        else:
+            src = iter(sorted(trace, key=lambda r: r.arrival_time_ns))
+        nxt = next(src, None)
+        t0 = nxt.arrival_time_ns * 1e-9 if nxt is not None else 0.0
+        ta = t0 if nxt is not None else INF
 
         def kick(e: Engine, t: float) -> None:
             u = e.unit
@@ -394,7 +337,7 @@ class Simulator:
                     itl[0] += late
             else:
                 itl = []
-                count_gaps(counted[e.index], ends, segs, late)
+                count_gaps(counted[e.index], raw_gaps, ends, segs, late)
             if finals is not None:
                 finals[str(job.rid)] = (e, r)
             ttft = r.first_token - job.arrival
@@ -417,36 +360,6 @@ class Simulator:
                     per_inst[rr.rank] = per_inst.get(rr.rank, 0) + 1
             if rows is not None:
                 rows(rr)
-
-        def count_gaps(wd: array, ends, segs, late: float) -> None:
-            """The request's inter-token gaps without a list: a gap between steps j-1 and j is
-            counted in ``wd`` (a difference array over j); the others go to ``raw_gaps``."""
-            need = segs[-1][1] + 1
-            if len(wd) < need:
-                wd.frombytes(bytes(8 * (need - len(wd) + 4096)))
-            first = late > 0          # the first gap still lacks the late offset
-            prev_b = -1
-            for a, b in segs:
-                if prev_b < 0:
-                    lo = a + 1
-                elif a == prev_b:
-                    lo = a
-                else:                 # preempted in between: one gap over the pause
-                    x = ends[a] - ends[prev_b - 1]
-                    if first:
-                        x += late
-                        first = False
-                    raw_gaps.append(x)
-                    lo = a + 1
-                if lo < b:
-                    if first:
-                        first = False
-                        raw_gaps.append((ends[lo] - ends[lo - 1]) + late)
-                        lo += 1
-                    if lo < b:
-                        wd[lo] += 1
-                        wd[b] -= 1
-                prev_b = b
 
         def dispatch(job: _Job, t: float) -> None:
             prefix = None
@@ -574,18 +487,15 @@ class Simulator:
             log_lines.append(line)
             print(line, file=out, flush=True)
 
-        if interval is not None and arrivals:
+        if interval is not None and nxt is not None:
             counter[0] += 1
             push(heap, (t0 + interval, counter[0], _LOG, None))
 
         # the loop
-        i, n = 0, len(arrivals)
         now = t0
         pop = heapq.heappop
-        INF = math.inf
         seq_id = 0
         while True:
-            ta = arrivals[i][0] if i < n else INF
             if heap and heap[0][0] <= ta:
                 ev = pop(heap)
                 if ev[2] == _STEP and type(ev[3]) is Engine and ev[3].ev != ev[1]:
@@ -601,13 +511,14 @@ class Simulator:
                     on_xfer(x[0], x[1], now)
                 else:
                     log_tick(now)
-                    if i < n or len(heap) > 0 or any(e.has_work() for e in engines):
+                    if nxt is not None or len(heap) > 0 or any(e.has_work() for e in engines):
                         counter[0] += 1
                         push(heap, (now + interval, counter[0], _LOG, None))
-            elif i < n:
+            elif nxt is not None:
                 now = ta
-                it = arrivals[i][1]
-                i += 1
+                it = nxt
+                nxt = next(src, None)
+                ta = nxt.arrival_time_ns * 1e-9 if nxt is not None else INF
                 if isinstance(it, TraceSession):
                     s = _Session(it.session_id, it.sub_requests)
                     start_sub(s, now)
@@ -628,15 +539,7 @@ class Simulator:
                           "preemptions": e.preemptions, "num_blocks": e.num_blocks, "block_size": e.bs})
         records.sort(key=lambda r: r.arrival_s)
         if acc is not None and not token_detail:
-            import numpy as np
-            for e, wd in zip(engines, counted):
-                n = len(e.step_ends)
-                if n < 2 or not len(wd):
-                    continue
-                ends = np.frombuffer(e.step_ends, dtype=float)
-                w = np.cumsum(np.frombuffer(wd, dtype=np.int64))[1:n]
-                acc.add_itl(ends[1:len(w) + 1] - ends[:len(w)], w)
-            acc.add_itl(np.frombuffer(raw_gaps, dtype=float) if raw_gaps else [])
+            add_counted_gaps(acc, [e.step_ends for e in engines], counted, raw_gaps)
         return SimResult(records, stats, time.perf_counter() - wall0, now - t0, pname, log_lines,
                          summarizer=acc, per_instance=None if acc is None else per_inst)
 
