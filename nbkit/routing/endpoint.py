@@ -39,6 +39,7 @@ from nbkit.policies import NoCandidateError
 from nbkit.routing.forward import HOP_BY_HOP, Forwarder
 from nbkit.routing.prom import EndpointMetrics
 from nbkit.routing.router import Router
+from nbkit.routing.tracing import make_tracing
 from nbkit.http.http1 import ConnectTimeout, ReadTimeout
 from nbkit.http.transport import ALL_ERRORS, DEFAULT_TRANSPORT, check_transport, make_transport
 
@@ -78,7 +79,7 @@ class Endpoint:
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
                  log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
                  max_connections: int | None = None, kv_index=None, tokenizer=None, max_queue: int | None = None,
-                 queue_timeout: float | None = None, migration_limit: int = 3):
+                 queue_timeout: float | None = None, migration_limit: int = 3, tracing=None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
@@ -90,6 +91,7 @@ class Endpoint:
         if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
             raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
         self.migration_limit = migration_limit
+        self.tracing = make_tracing(tracing)  # OpenTelemetry spans per request (nbkit.routing.tracing)
         self.host, self.port, self.retries, self.log_level = host, port, retries, log_level
         from nbkit.routing.pd_forward import pd_connector
         self.pd_connector = pd_connector(target) if pd is not False else None
@@ -289,7 +291,8 @@ class Endpoint:
         if adopt is not None:
             adopt(self.router)  # the cluster tells it about faults and scaling (again, after a stop)
         self._http = make_transport(self._transport_spec, timeout=self.timeout, max_connections=self.max_connections)
-        self._fwd = Forwarder(self.router, self._http, retries=self.retries, migration_limit=self.migration_limit)
+        self._fwd = Forwarder(self.router, self._http, retries=self.retries, migration_limit=self.migration_limit,
+                              tracing=self.tracing)
         if self.pd_connector:
             from nbkit.routing.pd_forward import PDForwarder
             self._fwd = PDForwarder(self._fwd, self.pd_connector)

@@ -187,16 +187,19 @@ class Forwarder:
     that continue on another rank when theirs dies (see the module docstring)."""
 
     def __init__(self, router: Router, transport: "Transport | str" = DEFAULT_TRANSPORT, *, retries: int = 2,
-                 migration_limit: int = 3):
+                 migration_limit: int = 3, tracing=None):
         """``transport``: a :class:`~nbkit.http.transport.Transport`, ``"http1"`` (default), ``"aiohttp"``, ``"httpx"`` or an
         httpx.AsyncClient (see :func:`nbkit.http.transport.make_transport`). ``migration_limit``:
-        how often one stream may move to another rank (0: never; then streams pass untouched)."""
+        how often one stream may move to another rank (0: never; then streams pass untouched).
+        ``tracing``: a :class:`~nbkit.routing.tracing.Tracing` that gets a span per request and
+        per attempt (the attempt's ``traceparent`` goes to the replica)."""
         if retries < 0:
             raise ValueError(f"retries={retries!r}: must be >= 0")
         if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
             raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
         self.router, self.transport, self.retries = router, make_transport(transport), retries
         self.migration_limit = migration_limit
+        self.tracing = tracing
 
     async def open(self, method: str, path: str, *, content: bytes | None = None,
                    headers: Mapping[str, str] | None = None, info: RequestInfo | None = None, rank=None,
@@ -207,6 +210,8 @@ class Forwarder:
         over all attempts (also the longest silence of the replica)."""
         info = info or RequestInfo(prompt_tokens=0, max_tokens=0)
         record = self.router.new_record(path, info)
+        if self.tracing is not None:
+            self.tracing.begin(self.router, record, headers)
         state = None
         if stream and body is not None and self.migration_limit and rank is None and method == "POST":
             prepared = migrate.prepare(path.split("?", 1)[0], body)
@@ -239,6 +244,10 @@ class Forwarder:
                 record.attempts += 1
             hdrs = dict(passed)
             hdrs.update(lease.rank.headers)  # (name, value) pairs, e.g. X-data-parallel-rank
+            span = None
+            if self.tracing is not None:  # this attempt's traceparent: vLLM's spans join under it
+                span, carrier = self.tracing.attempt(record, lease.rank.name, lease.rank.url + path)
+                hdrs.update(carrier)
             pool = [st for st in self.router.states if roles is None or getattr(st.rank, "role", "both") in roles]
             elsewhere = rank is None and len(tried) + 1 < len(pool)  # another rank is left to try
             left = None if deadline is None else deadline - time.monotonic()
@@ -256,6 +265,8 @@ class Forwarder:
                     if can_retry or keep_open:
                         raise _Retry(f"HTTP {resp.status_code}: {(await resp.aread())[:300]!r}")
                     self.router.report_failure(lease.state)
+                if span is not None:
+                    self.tracing.attempt_done(span, status=resp.status_code)
                 up = Upstream(lease, resp, stream, _errors=self.transport.errors)
                 if stream and resp.status_code < 400:
                     up._it = resp.aiter_bytes()  # decoded: the content-encoding header is not passed on
@@ -270,6 +281,8 @@ class Forwarder:
                     up.finish()
                 return up
             except (*self.transport.errors, _Retry) as e:
+                if span is not None and span.is_recording():
+                    self.tracing.attempt_done(span, error=e)
                 if resp is not None:
                     await resp.aclose()  # closes the connection unless the body was read: the replica aborts
                 self.router.report_failure(lease.state)
@@ -287,6 +300,8 @@ class Forwarder:
                     await asyncio.sleep(0.05 * (attempt + 1))  # same rank again: give it a moment
                 attempt += 1
             except BaseException as e:
+                if span is not None and span.is_recording():
+                    self.tracing.attempt_done(span, error=e)
                 if resp is not None:
                     await resp.aclose()
                 lease.release("retry" if keep_open else "cancelled" if isinstance(e, asyncio.CancelledError)
