@@ -390,9 +390,9 @@ def summarize(rows: Sequence[RequestResult], duration_s: float | None = None, *,
     return s
 
 
-def _weighted_percentile(values, counts, cum, q: float) -> float:
-    """:func:`percentile` of the multiset holding ``counts[i]`` copies of ``values[i]`` (``values``
-    sorted, ``cum`` the cumulative counts): numpy's linear method, to the bit."""
+def _weighted_percentile(values, cum, q: float) -> float:
+    """:func:`percentile` of the multiset holding ``cum[i] - cum[i-1]`` copies of ``values[i]``
+    (``values`` sorted, ``cum`` the cumulative counts): numpy's linear method, to the bit."""
     import numpy as np
 
     n = int(cum[-1]) if len(cum) else 0
@@ -422,16 +422,20 @@ def weighted_stats(values, counts, percentiles: Sequence[float] = DEFAULT_PERCEN
 
     v = np.asarray(values, dtype=float)
     c = np.asarray(counts, dtype=np.int64)
-    keep = (c > 0) & ~np.isnan(v)
-    v, c = v[keep], c[keep]
+    if len(c) and (c.min() <= 0 or np.isnan(v).any()):
+        keep = (c > 0) & ~np.isnan(v)
+        v, c = v[keep], c[keep]
     order = np.argsort(v, kind="stable")
-    v, c = v[order], c[order]
-    cum = np.cumsum(c)
-    n = int(cum[-1]) if len(cum) else 0
-    out = {"mean": float(np.dot(v, c) / n) if n else math.nan, "median": _weighted_percentile(v, c, cum, 50)}
+    v = v[order]
+    c = c[order]
+    del order
+    n = int(c.sum())
+    mean = float(np.dot(v, c) / n) if n else math.nan
+    cum = np.cumsum(c, out=c)       # c is a copy: its room is reused
+    out = {"mean": mean, "median": _weighted_percentile(v, cum, 50)}
     for q in percentiles:
         if q != 50:
-            out[f"p{q:g}"] = _weighted_percentile(v, c, cum, q)
+            out[f"p{q:g}"] = _weighted_percentile(v, cum, q)
     return out
 
 
@@ -471,6 +475,7 @@ class Summarizer:
         self._itl = array("d")                       # gaps given one by one, in row order
         self._itl_rows = (array("d"), array("q"))    # arrival and gap count of each row that gave gaps
         self._counted: list[tuple[Any, Any]] = []    # (values, counts) from add_itl
+        self._itl_cache: dict[str, float] | None = None
 
     def add(self, r: RequestResult, itl: bool = True) -> None:
         """Count one row (in any order)."""
@@ -500,6 +505,7 @@ class Summarizer:
         tp.append(nan if t is None else t)
         e2e.append(nan if r.e2e_s is None else r.e2e_s)
         if itl and r.itl_s:
+            self._itl_cache = None
             self._itl.extend(r.itl_s)
             self._itl_rows[0].append(a)
             self._itl_rows[1].append(len(r.itl_s))
@@ -512,6 +518,7 @@ class Summarizer:
         c = np.ones(len(v), dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
         if len(v):
             self._counted.append((v, c))
+            self._itl_cache = None
 
     def summary(self, duration_s: float | None = None) -> dict[str, Any]:
         """The figures of :func:`summarize` for the rows added so far."""
@@ -545,6 +552,11 @@ class Summarizer:
         return s
 
     def _itl_stats(self) -> dict[str, float]:
+        if self._itl_cache is None:
+            self._itl_cache = self._compute_itl_stats()
+        return dict(self._itl_cache)
+
+    def _compute_itl_stats(self) -> dict[str, float]:
         import numpy as np
 
         raw = np.frombuffer(self._itl, dtype=float) if len(self._itl) else np.zeros(0)

@@ -128,7 +128,9 @@ def add_counted_gaps(acc: Summarizer, step_ends: Sequence[array], counted: Seque
             continue
         ends = np.frombuffer(se, dtype=float)
         w = np.cumsum(np.frombuffer(wd, dtype=np.int64))[1:n]
-        acc.add_itl(ends[1:len(w) + 1] - ends[:len(w)], w)
+        gaps = ends[1:len(w) + 1] - ends[:len(w)]
+        used = w > 0
+        acc.add_itl(gaps[used], w[used])
     acc.add_itl(np.frombuffer(raw, dtype=float) if raw else [])
 
 
