@@ -193,7 +193,7 @@ class CsvWriter:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        self._f.close()
 
 
 def _cell_s(x) -> str:
@@ -426,8 +426,7 @@ def weighted_stats(values, counts, percentiles: Sequence[float] = DEFAULT_PERCEN
         keep = (c > 0) & ~np.isnan(v)
         v, c = v[keep], c[keep]
     order = np.argsort(v, kind="stable")
-    v = v[order]
-    c = c[order]
+    v, c = v[order], c[order]
     del order
     n = int(c.sum())
     mean = float(np.dot(v, c) / n) if n else math.nan
@@ -451,22 +450,17 @@ class Summarizer:
         >>> acc.summary() == summarize(rows)
         True
 
-    ``add(r, itl=False)`` leaves ``r.itl_s`` out; :meth:`add_itl` takes inter-token gaps as
-    ``(values, counts)`` instead (the simulator's gaps between engine steps, each shared by every
-    request that got a token in both steps). The figures equal :func:`summarize`'s on the same
-    rows (sorted by arrival, as the simulator's records are); the ITL mean from counted gaps is
-    equal up to rounding."""
+    ``add(r, itl=False)`` leaves ``r.itl_s`` out; :meth:`add_itl` takes gaps as ``(values, counts)``
+    instead (the simulator's step gaps, each shared by the requests with a token in both steps).
+    The figures are :func:`summarize`'s on the rows sorted by arrival (the ITL mean from counted
+    gaps up to rounding)."""
 
     def __init__(self, *, slos=None, percentiles: Sequence[float] = DEFAULT_PERCENTILES):
         from array import array
 
         self.slo = parse_slos(slos)
         self.percentiles = tuple(percentiles)
-        self.requests = 0
-        self.completed = 0
-        self.good = 0
-        self.input_toks = 0
-        self.output_toks = 0
+        self.requests = self.completed = self.good = self.input_toks = self.output_toks = 0
         self.first_arrival = math.inf
         self.last_end: float | None = None
         # per completed row: arrival (to restore arrival order), ttft, tpot, e2e (NaN: unknown)
@@ -513,7 +507,6 @@ class Summarizer:
     def add_itl(self, values, counts=None) -> None:
         """Inter-token gaps of completed rows: ``counts[i]`` copies of ``values[i]`` (all 1 if None)."""
         import numpy as np
-
         v = np.asarray(values, dtype=float)
         c = np.ones(len(v), dtype=np.int64) if counts is None else np.asarray(counts, dtype=np.int64)
         if len(v):
@@ -523,7 +516,6 @@ class Summarizer:
     def summary(self, duration_s: float | None = None) -> dict[str, Any]:
         """The figures of :func:`summarize` for the rows added so far."""
         import numpy as np
-
         if duration_s is None:
             duration_s = self.last_end - self.first_arrival if self.last_end is not None else 0.0
         dur = float(duration_s) if duration_s and duration_s > 0 else math.nan
@@ -542,7 +534,9 @@ class Summarizer:
         pct = self.percentiles
         s["ttft_s"] = stats(ttft[order], pct)
         s["tpot_s"] = stats(tp[order], pct)
-        s["itl_s"] = self._itl_stats()
+        if self._itl_cache is None:     # summary() is often asked twice (figures, then text)
+            self._itl_cache = self._itl_stats()
+        s["itl_s"] = dict(self._itl_cache)
         s["e2e_s"] = stats(e2e[order], pct)
         qa, qv = self._qw
         if len(qv):
@@ -552,13 +546,7 @@ class Summarizer:
         return s
 
     def _itl_stats(self) -> dict[str, float]:
-        if self._itl_cache is None:
-            self._itl_cache = self._compute_itl_stats()
-        return dict(self._itl_cache)
-
-    def _compute_itl_stats(self) -> dict[str, float]:
         import numpy as np
-
         raw = np.frombuffer(self._itl, dtype=float) if len(self._itl) else np.zeros(0)
         if not self._counted:       # every gap one by one: pooled in arrival order, as summarize does
             if len(raw):
