@@ -32,7 +32,7 @@ demo: model
 	$(BIN)/nbkit demo --instances 2 --requests 300
 
 test-fast: venv
-	$(PYTEST) -m "not vllm" tests
+	$(PYTEST) -m "not vllm and not processes" tests
 
 test-vllm: model
 	$(PYTEST) -m vllm tests

@@ -23,6 +23,9 @@ from nbkit.routing.client import worker_urls
 from nbkit.routing.metrics import parse_metrics
 
 
+pytestmark = pytest.mark.processes  # simulated replicas / kernels: `make test`, not `make test-fast`
+
+
 def start_server(port: int) -> subprocess.Popen:
     """One simulated OpenAI-compatible server, by hand (nbkit does not know it)."""
     p = subprocess.Popen([sys.executable, "-m", "nbkit.sim.server", "serve", "tiny", "--host", "127.0.0.1",

@@ -42,6 +42,7 @@ def test_unknown_device_is_refused_by_argparse():
     assert r.returncode == 2 and "tpu" in r.stderr
 
 
+@pytest.mark.processes
 def test_tiny_model_command_builds_once(tmp_path):
     target = tmp_path / "tiny"
     r = subprocess.run([sys.executable, "-m", "nbkit", "tiny-model", str(target)], capture_output=True, text=True)

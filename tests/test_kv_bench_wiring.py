@@ -21,6 +21,9 @@ import pytest
 
 from conftest import free_ports
 
+pytestmark = pytest.mark.processes  # simulated replicas / kernels: `make test`, not `make test-fast`
+
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))

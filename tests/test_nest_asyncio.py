@@ -11,6 +11,9 @@ from pathlib import Path
 import pytest
 from conftest import free_port
 
+pytestmark = pytest.mark.processes  # simulated replicas / kernels: `make test`, not `make test-fast`
+
+
 NOTEBOOK = Path(__file__).parent / "notebooks_extra" / "nest_asyncio_check.ipynb"
 
 

@@ -20,6 +20,9 @@ from nbkit import Cluster
 from nbkit.routing.client import RoutedClientError
 
 
+pytestmark = pytest.mark.processes  # simulated replicas / kernels: `make test`, not `make test-fast`
+
+
 def sim_cluster(tmp_path, **kw) -> Cluster:
     """Two simulated replicas of the tiny model on the cpu profile (about 50 tokens/s a stream)."""
     kw.setdefault("stop_grace", 2.0)
