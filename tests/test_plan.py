@@ -66,6 +66,12 @@ def test_one_rank_cpu_replica_starts_fast_pinned_by_openmp():
         assert (x.env["OMP_PLACES"], x.env["OMP_PROC_BIND"], x.env["OMP_NUM_THREADS"]) == (places, "true", "2")
 
 
+def test_each_node_of_a_multi_node_dp_group_starts_fast():
+    head, headless = plan(data_parallel_specs("m", dp_size=2, nodes=2, address="127.0.0.1", device="cpu"), cpu_inv(2))
+    for x in (head, headless):  # one local rank each: the engine core forked, the model inside it
+        assert has_seq(x.argv, ["--distributed-executor-backend", "uni"]) and x.env["NBKIT_FORK_ENGINE"] == "1"
+
+
 @pytest.mark.parametrize("spec", [
     dict(tp_size=2), dict(dp_size=2), dict(fast_start=False),
     dict(extra_args=("--distributed-executor-backend", "mp")), dict(engine="sim", model="tiny"),

@@ -98,8 +98,9 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
 
 
 def _fast_start(spec: ReplicaSpec) -> bool:
-    """A one-rank CPU replica whose model runs in the engine-core process (see :func:`cpu_env`)."""
-    return spec.fast_start and spec.engine == "vllm" and spec.workers == 1 and spec.dp_size == 1 \
+    """A CPU process with one local rank (TP 1; a replica or one node of a DP group) whose model runs
+    in its engine-core process (see :func:`cpu_env`)."""
+    return spec.fast_start and spec.engine == "vllm" and spec.workers == 1 \
         and not _flag_given(spec.extra_args, "--distributed-executor-backend")
 
 
