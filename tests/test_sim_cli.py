@@ -323,3 +323,16 @@ def test_calibration_trace_can_spread_the_lone_requests_between_the_bursts():
     assert min(gaps) >= 1.0
     assert sum(1 for g in gaps if g >= 10.0) == 5
     assert len(times) == 9 + 6 and times[0] == 0
+
+
+def test_calibrate_shows_its_progress(tmp_path):
+    import io
+    cfg = single_instance_config("tiny", "cpu", max_num_seqs=64)
+    res = Simulator(cfg, policy="RR").run(calibration_trace((1, 8), repeats=1, gap_s=5.0, seed=2))
+    path = tmp_path / "real.csv"
+    res.write_csv(path)
+    out = io.StringIO()
+    fit = calibrate(read_csv(path), cfg, policy="RR", params=("compute_eff",), max_evals=4, polish_evals=4,
+                    progress=out)
+    text = out.getvalue()
+    assert "calibrate" in text and "sim" in text and f"-> {fit.loss:.3g}" in text, text

@@ -114,6 +114,8 @@ def build_calibrate_parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-held", action="store_true",
                     help="compare requests whose first tokens arrived in one burst too (default: left out "
                          "of the means, their TTFT is a stall on the measuring side)")
+    ap.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="a bar of the simulations run and the best loss so far (default: on a terminal)")
     return ap
 
 
@@ -216,7 +218,8 @@ def _calibrate(argv: list[str]) -> int:
     params = [p.strip() for p in args.params.split(",") if p.strip()]
     fit = calibrate(read_csv(args.csv), args.cluster_config, trace=args.dataset, params=params, dtype=args.dtype,
                     block_size=args.block_size, hardware=_profiles(args.hardware_profile), method=args.method,
-                    max_evals=args.max_evals, name=args.name, drop_held=not args.keep_held)
+                    max_evals=args.max_evals, name=args.name, drop_held=not args.keep_held,
+                    progress=sys.stderr.isatty() if args.progress is None else args.progress)
     fit.save(args.output)
     print(fit.report())
     print(f"wrote {args.output}")

@@ -164,13 +164,23 @@ def _profile_of(base: HardwareProfile, theta: Sequence[float], names: Sequence[s
     return base.replace(**vals)
 
 
+def _progress_bar(progress, total: int):
+    """A tqdm bar of the simulations (``progress``: False, True or a file), or None."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="calibrate", unit="sim", file=None if progress is True else progress,
+                dynamic_ncols=True, leave=True)
+
+
 def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | str, *,
               trace: Sequence[TraceRequest | TraceSession] | str | None = None,
               params: Sequence[str] = DEFAULT_FIT, dtype: str = "float16", block_size: int | None = None,
               hardware: dict[str, HardwareProfile] | None = None, start: HardwareProfile | None = None,
               method: str = "auto", max_evals: int = 40, ridge: float = 1e-4, n_bins: int = 4,
               polish_evals: int | None = None, replay_routing: bool = True, policy: Any = "least_load",
-              name: str | None = None, load_groups: bool = True, drop_held: bool = True) -> CalibrationResult:
+              name: str | None = None, load_groups: bool = True, drop_held: bool = True,
+              progress=False) -> CalibrationResult:
     """Fit ``params`` of the (single) hardware profile used by ``config`` to ``records``.
 
     ``trace``: what was sent, when the CSV alone cannot say (sessions); by default a flat trace
@@ -186,7 +196,8 @@ def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | s
     30 per parameter is sensible); ``polish_evals`` more go to a short Nelder-Mead search from
     the linear result when that does not already match (default: 60, or 30 per parameter where
     more parameters are fitted). The fitted profile keeps the hardware's name (or ``name``),
-    so ``--hardware-profile`` applies it to instances of that hardware.
+    so ``--hardware-profile`` applies it to instances of that hardware. ``progress``: True (a tqdm
+    bar: simulations run, best loss so far) or a file object the bar writes to.
     """
     bad = [p for p in params if p not in FITTABLE]
     if bad or not params:
@@ -241,10 +252,14 @@ def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | s
             return min(candidates, key=lambda c: c.pending_prefill_tokens + c.pending_decode_tokens)
         return replay
 
+    bar = _progress_bar(progress, max_evals + (polish_evals or max(60, 30 * len(params))) + 2)
+
     def simulate(prof: HardwareProfile, instrument: bool = False) -> Simulator:
         sim = Simulator(config, policy=make_policy(), setups=[dataclasses.replace(s, hw=prof) for s in setups])
         sim.instrument = instrument
         sim.result = sim.run(trace)
+        if bar is not None:
+            bar.update(1)
         return sim
 
     # real requests paired with simulated ids
@@ -351,6 +366,9 @@ def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | s
                 method = "linear+nelder-mead"
     else:
         best_prof, best_loss, best_recs, evals = search(base, 0.4, max(max_evals, 10 * len(x0) + 1))
+    if bar is not None:
+        bar.set_postfix_str(f"loss {loss_start:.3g} -> {best_loss:.3g}")
+        bar.close()
     if name:
         best_prof = best_prof.replace(name=name)
     notes = base.notes if "calibrated" in base.notes else (base.notes + " | calibrated").strip(" |")
