@@ -60,6 +60,17 @@ def _gpu_ids(text: str) -> tuple[int, ...]:
     return ids
 
 
+def _endpoint_options(p: argparse.ArgumentParser, upstream: str, *, tracing_help: str) -> None:
+    """The endpoint's admission, migration and tracing options (``nbkit serve`` and ``nbkit route``)."""
+    p.add_argument("--max-queue", type=int, default=None,
+                   help="requests the admission queue may hold; beyond it the endpoint answers 429 + Retry-After")
+    p.add_argument("--queue-timeout", type=float, default=None,
+                   help="seconds a request may wait for admission; then 503 + Retry-After")
+    p.add_argument("--migration-limit", type=int, default=3,
+                   help=f"times one stream may move to another {upstream} when its own dies (0: never)")
+    p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL", help=tracing_help)
+
+
 def version() -> str:
     """``nbkit X (vllm Y)``: nbkit's version and the vLLM distribution installed, if any."""
     import importlib.metadata as md
@@ -142,15 +153,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-per-rank", type=_positive, default=None,
                    help="the endpoint admits at most this many requests per rank; more wait in its FIFO queue "
                         "(default: --max-batch-size, else no cap)")
-    s.add_argument("--max-queue", type=int, default=None,
-                   help="requests the admission queue may hold; beyond it the endpoint answers 429 + Retry-After")
-    s.add_argument("--queue-timeout", type=float, default=None,
-                   help="seconds a request may wait for admission; then 503 + Retry-After")
-    s.add_argument("--migration-limit", type=int, default=3,
-                   help="times one stream may move to another replica when its own dies (0: never)")
-    s.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
-                   help="OTLP collector (e.g. http://127.0.0.1:4317): the endpoint's spans per request, and each "
-                        "replica's own (vLLM's flag, passed on), in one trace")
+    _endpoint_options(s, "replica", tracing_help="OTLP collector (e.g. http://127.0.0.1:4317): the endpoint's "
+                      "spans per request, and each replica's own (vLLM's flag, passed on), in one trace")
     s.add_argument("--log-interval", type=float, default=None,
                    help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
     s.add_argument("--no-progress", action="store_true",
@@ -168,15 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--model", default=None, help="the model of requests without one (default: from /v1/models)")
     r.add_argument("--max-per-rank", type=_positive, default=None,
                    help="requests in flight per server; more wait in the endpoint's FIFO queue (default: no cap)")
-    r.add_argument("--max-queue", type=int, default=None,
-                   help="requests the admission queue may hold; beyond it the endpoint answers 429 + Retry-After")
-    r.add_argument("--queue-timeout", type=float, default=None,
-                   help="seconds a request may wait for admission; then 503 + Retry-After")
-    r.add_argument("--migration-limit", type=int, default=3,
-                   help="times one stream may move to another server when its own dies (0: never)")
-    r.add_argument("--otlp-traces-endpoint", default=None, metavar="URL",
-                   help="OTLP collector (e.g. http://127.0.0.1:4317) for a span per request; the traceparent "
-                        "sent to each server is the span's, so servers that trace join the same trace")
+    _endpoint_options(r, "server", tracing_help="OTLP collector (e.g. http://127.0.0.1:4317) for a span per "
+                      "request; the traceparent sent to each server is the span's, so servers that trace join "
+                      "the same trace")
 
     d = sub.add_parser("demo", help="replicas up, routed load, per-replica summary, clean stop",
                        formatter_class=HelpFormatter)

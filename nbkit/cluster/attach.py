@@ -29,6 +29,7 @@ from typing import Callable
 
 from nbkit import loop
 from nbkit.cluster.cluster import Cluster, ReplicaStatus
+from nbkit.cluster.supervisor import notify
 from nbkit.routing.client import discover_model, worker_urls
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import ProbeError
@@ -106,11 +107,7 @@ class HealthWatch:
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     def _event(self, event: str, i: int, detail: str) -> None:
-        for fn in list(self._listeners):
-            try:
-                fn(event, i, detail)
-            except Exception:  # noqa: BLE001 - a listener must not stop the watch
-                log.exception("attach: a fault listener raised (ignored)")
+        notify(self._listeners, event, i, detail)
 
     def start(self) -> None:
         if not self.running:

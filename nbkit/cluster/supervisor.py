@@ -53,6 +53,16 @@ def check_options(restart: str, max_restarts: int, restart_window: float, unresp
         raise SpecError("unresponsive_after", unresponsive_after, "must be > 0 seconds (or None: never)")
 
 
+def notify(listeners: list, event: str, i: int, detail: str) -> None:
+    """Call each fault listener ``fn(event, index, detail)``; one that raises is logged and skipped
+    (a listener must not stop supervision or a health watch)."""
+    for fn in list(listeners):
+        try:
+            fn(event, i, detail)
+        except Exception:  # noqa: BLE001
+            log.exception("a fault listener raised on %s of replica %d (ignored)", event, i)
+
+
 class Supervisor:
     """Watches one Cluster's replicas and restarts the dead ones (see the module docstring)."""
 
@@ -103,11 +113,7 @@ class Supervisor:
         return lambda: self._listeners.remove(fn) if fn in self._listeners else None
 
     def _event(self, event: str, i: int, detail: str) -> None:
-        for fn in list(self._listeners):
-            try:
-                fn(event, i, detail)
-            except Exception:  # noqa: BLE001 - a listener must not stop supervision
-                log.exception("supervisor: a listener raised (ignored)")
+        notify(self._listeners, event, i, detail)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
