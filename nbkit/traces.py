@@ -23,9 +23,9 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
-__all__ = ["TraceRequest", "SubRequest", "TraceSession", "TraceError", "read_trace", "write_trace", "parse_line",
+__all__ = ["TraceRequest", "SubRequest", "TraceSession", "TraceError", "iter_trace", "read_trace", "write_trace", "parse_line",
            "poisson_trace"]
 
 
@@ -112,9 +112,9 @@ def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
     return TraceRequest(n_in, _int(obj, "output_toks", where, minimum=1), _int(obj, "arrival_time_ns", where), ids)
 
 
-def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:
-    """Read a JSONL trace, sorted by arrival time (stable). Blank lines are skipped."""
-    items: list[TraceRequest | TraceSession] = []
+def iter_trace(path: str | os.PathLike) -> Iterator[TraceRequest | TraceSession]:
+    """The items of a JSONL trace one by one, in file order (blank lines skipped): for a trace too
+    large to hold, already sorted by arrival time. :func:`read_trace` reads it whole and sorts."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -124,7 +124,12 @@ def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
-            items.append(parse_line(obj, where))
+            yield parse_line(obj, where)
+
+
+def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:
+    """Read a JSONL trace, sorted by arrival time (stable). Blank lines are skipped."""
+    items = list(iter_trace(path))
     items.sort(key=lambda r: r.arrival_time_ns)
     return items
 

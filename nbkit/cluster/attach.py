@@ -25,11 +25,10 @@ import asyncio
 import logging
 import weakref
 from dataclasses import dataclass
-from typing import Callable
 
 from nbkit import loop
 from nbkit.cluster.cluster import Cluster, ReplicaStatus
-from nbkit.cluster.supervisor import notify
+from nbkit.cluster.supervisor import Watcher
 from nbkit.routing.client import discover_model, worker_urls
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import ProbeError
@@ -80,34 +79,17 @@ class AttachedPlan:
         return parts.port or (443 if parts.scheme == "https" else 80)
 
 
-class HealthWatch:
+class HealthWatch(Watcher):
     """The supervisor of an attached cluster: marks servers down and up by ``/health``, restarts nothing.
     Speaks the :class:`~nbkit.cluster.supervisor.Supervisor` interface the Cluster uses."""
 
     def __init__(self, cluster: "AttachedCluster", interval: float = HEALTH_S):
+        super().__init__()
         self.cluster, self.interval = cluster, interval
-        self._task: asyncio.Task | None = None
-        self._listeners: list[Callable[[str, int, str], None]] = []
         self._seen: dict[int, bool] = {}  # what the routers were last told, per server
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     def state(self, i: int) -> str | None:
         return None
-
-    restarts = 0
-
-    def restarts_of(self, i: int) -> int:
-        return 0
-
-    def add_listener(self, fn: Callable[[str, int, str], None]) -> Callable[[], None]:
-        self._listeners.append(fn)
-        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
-
-    def _event(self, event: str, i: int, detail: str) -> None:
-        notify(self._listeners, event, i, detail)
 
     def start(self) -> None:
         if not self.running:
@@ -162,17 +144,11 @@ class AttachedCluster(Cluster):
         if not health_interval > 0:
             raise ValueError(f"health_interval={health_interval!r}: must be > 0 seconds")
         self._given_model = model
-        self.plans = [AttachedPlan(i, f"{name_prefix}{i}", u, model) for i, u in enumerate(worker_urls(urls))]
         self._specs = []
-        self._procs = [None] * len(self.plans)
-        self._health: dict[int, bool] = {}
-        self._lock = None
-        self._routers = weakref.WeakSet()
+        self._init_state([AttachedPlan(i, f"{name_prefix}{i}", u, model) for i, u in enumerate(worker_urls(urls))],
+                         None)
         self._users = weakref.WeakSet()  # clients and endpoints made here: closed by stop()
-        self._probe = None
-        self._monitor = None
         self.kv = None
-        self.log_interval = None
         self.timeout = timeout
         self._attached = False
         self._discovered = False

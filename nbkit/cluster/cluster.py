@@ -97,16 +97,20 @@ class Cluster:
             time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{id(self) % 10000:04d}")
         # vLLM's KV-cache events of every replica, into this process's index (kv_aware routing)
         self.kv = ClusterKV(self._specs[0].model, kv_events_port) if kv_events and self._specs else None
-        self.plans: list[LaunchPlan] = self._plan(self._specs)  # validates before anything starts
-        self._procs: list[ReplicaProcess | None] = [None] * len(self.plans)
+        self._init_state(self._plan(self._specs), log_interval)  # validates before anything starts
+        self.supervisor = Supervisor(self, restart=restart, max_restarts=max_restarts, restart_window=restart_window,
+                                     unresponsive_after=unresponsive_after)
+
+    def _init_state(self, plans: list, log_interval: float | None) -> None:
+        """The state every cluster keeps, started or attached: its plans and what runs them."""
+        self.plans: list[LaunchPlan] = plans
+        self._procs: list[ReplicaProcess | None] = [None] * len(plans)
         self._health: dict[int, bool] = {}
         self._lock: asyncio.Lock | None = None
         self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
         self._probe: Probe | None = None  # /health and /metrics, on nbkit's loop
         self._monitor = None
         self.log_interval = log_interval
-        self.supervisor = Supervisor(self, restart=restart, max_restarts=max_restarts, restart_window=restart_window,
-                                     unresponsive_after=unresponsive_after)
 
     # -- construction ------------------------------------------------------------------------
     @classmethod

@@ -63,16 +63,47 @@ def notify(listeners: list, event: str, i: int, detail: str) -> None:
             log.exception("a fault listener raised on %s of replica %d (ignored)", event, i)
 
 
-class Supervisor:
+class Watcher:
+    """What a Cluster asks of the task that watches its replicas: running, restart counts, fault
+    listeners. :class:`Supervisor` (restarts the dead) and the attach health watch are the two."""
+
+    def __init__(self):
+        self._task: asyncio.Task | None = None
+        self._listeners: list[Callable[[str, int, str], None]] = []
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    @property
+    def restarts(self) -> int:
+        """Restarts made so far, all replicas."""
+        return 0
+
+    def restarts_of(self, i: int) -> int:
+        return 0
+
+    def add_listener(self, fn: Callable[[str, int, str], None]) -> Callable[[], None]:
+        """Call ``fn(event, index, detail)`` on nbkit's loop thread: ``exited`` (detail: why),
+        ``restarted`` (the new pid), ``failed`` (gave up; why); an attached cluster's watch says
+        ``down`` and ``up``. Returns a remover."""
+        self._listeners.append(fn)
+        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
+
+    def _event(self, event: str, i: int, detail: str) -> None:
+        notify(self._listeners, event, i, detail)
+
+
+class Supervisor(Watcher):
     """Watches one Cluster's replicas and restarts the dead ones (see the module docstring)."""
 
     def __init__(self, cluster, *, restart: str = "on-failure", max_restarts: int = 5, restart_window: float = 600.0,
                  unresponsive_after: float | None = 60.0):
         check_options(restart, max_restarts, restart_window, unresponsive_after)
+        super().__init__()
         self.cluster = cluster
         self.policy, self.max_restarts = restart, max_restarts
         self.restart_window, self.unresponsive_after = float(restart_window), unresponsive_after
-        self._task: asyncio.Task | None = None
         self._times: dict[int, list[float]] = {}      # monotonic times of recent restarts, per replica
         self._counts: dict[int, int] = {}
         self._restarting: dict[int, asyncio.Task] = {}
@@ -80,13 +111,8 @@ class Supervisor:
         self._last_ok: dict[int, float] = {}          # last good /health, per replica (monotonic)
         self._up_since: dict[int, float] = {}         # when it last came up (monotonic)
         self._streak: dict[int, int] = {}             # deaths in a row within STABLE_S of coming up
-        self._listeners: list[Callable[[str, int, str], None]] = []
 
     # -- views -------------------------------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
-
     def state(self, i: int) -> str | None:
         """``"failed"`` (given up), ``"restarting"`` (dead, a restart pending or under way), else None."""
         if i in self._given_up:
@@ -105,15 +131,6 @@ class Supervisor:
 
     def restarts_of(self, i: int) -> int:
         return self._counts.get(i, 0)
-
-    def add_listener(self, fn: Callable[[str, int, str], None]) -> Callable[[], None]:
-        """Call ``fn(event, index, detail)`` on nbkit's loop thread: ``exited`` (detail: why),
-        ``restarted`` (the new pid), ``failed`` (gave up; why). Returns a remover."""
-        self._listeners.append(fn)
-        return lambda: self._listeners.remove(fn) if fn in self._listeners else None
-
-    def _event(self, event: str, i: int, detail: str) -> None:
-        notify(self._listeners, event, i, detail)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:

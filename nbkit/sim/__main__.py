@@ -145,24 +145,8 @@ def _profiles(paths):
     return out
 
 
-def _stream_trace(path: str):
-    """The trace file's items one by one (as :func:`nbkit.traces.read_trace` parses them)."""
-    from nbkit.traces import TraceError, parse_line
-
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{n}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
-            yield parse_line(obj, where)
-
-
 def _run(argv: list[str]) -> int:
-    from nbkit.traces import read_trace
+    from nbkit.traces import iter_trace, read_trace
     from nbkit.sim.config import load_cluster_config
     from nbkit.sim.simulator import Simulator, TraceOrderError
 
@@ -197,7 +181,7 @@ def _run(argv: list[str]) -> int:
                 writer.close()
     writer = None
     try:                            # the trace read as the run goes (a file in arrival order, the usual case)
-        res = run(_stream_trace(args.dataset))
+        res = run(iter_trace(args.dataset))
     except TraceOrderError:         # not in order: load and sort it, and run again
         res = run(read_trace(args.dataset))
     summary = res.summary()

@@ -58,32 +58,26 @@ class PlannedRuns:
             a = m.c_tok * D + m.c_logit * D
             head = m.o_step + m.o_seq * D
             c_pair, m_const, m_kv, ar_const, ar = m.c_pair, m.m_const, m.m_kv, m.ar_const, m.ar_tok * D
-            while len(ends) < k_max:
-                need = bucket[(-gi) % bs]
-                if need > free:
-                    break
-                free -= need
-                P = B + D * gi + D
+
+            def step(P):
                 comp = a + c_pair * P
                 mem = m_const + m_kv * (P + D)
-                starts.append(t)
-                t = t + (head + (comp if comp > mem else mem) + ar_const + ar)
-                ends.append(t)
-                allocs.append(need)
-                gi += 1
+                return head + (comp if comp > mem else mem) + ar_const + ar
         else:
             step_time = m.step_time
-            while len(ends) < k_max:
-                need = bucket[(-gi) % bs]
-                if need > free:
-                    break
-                free -= need
-                P = B + D * gi + D
-                starts.append(t)
-                t = t + step_time(D, D, D, P, P)
-                ends.append(t)
-                allocs.append(need)
-                gi += 1
+
+            def step(P):
+                return step_time(D, D, D, P, P)
+        while len(ends) < k_max:
+            need = bucket[(-gi) % bs]
+            if need > free:
+                break
+            free -= need
+            starts.append(t)
+            t = t + step(B + D * gi + D)
+            ends.append(t)
+            allocs.append(need)
+            gi += 1
         if len(ends) < 2:
             return
         self._plan = (starts, ends, allocs)
