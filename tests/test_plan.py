@@ -70,6 +70,15 @@ def test_each_node_of_a_multi_node_dp_group_starts_fast():
     head, headless = plan(data_parallel_specs("m", dp_size=2, nodes=2, address="127.0.0.1", device="cpu"), cpu_inv(2))
     for x in (head, headless):  # one local rank each: the engine core forked, the model inside it
         assert has_seq(x.argv, ["--distributed-executor-backend", "uni"]) and x.env["NBKIT_FORK_ENGINE"] == "1"
+    # the head serves HTTP for both ranks from one API server (vLLM's default starts one per rank)
+    assert has_seq(head.argv, ["--api-server-count", "1"]) and "--api-server-count" not in headless.argv
+
+
+def test_a_dp_group_keeps_an_api_server_count_it_was_given():
+    (p,) = plan([ReplicaSpec(model="m", device="cpu", dp_size=2, extra_args=("--api-server-count", "2"))], cpu_inv(2))
+    assert p.argv.count("--api-server-count") == 1 and has_seq(p.argv, ["--api-server-count", "2"])
+    (p,) = plan([ReplicaSpec(model="m", device="cpu", dp_size=2, fast_start=False)], cpu_inv(2))
+    assert "--api-server-count" not in p.argv
 
 
 @pytest.mark.parametrize("spec", [dict(tp_size=2), dict(dp_size=2), dict(extra_args=("--distributed-executor-backend", "mp"))])

@@ -90,6 +90,8 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
             argv += ["--enforce-eager"]
         if _runs_in_engine_core(spec):
             argv += ["--distributed-executor-backend", "uni"]
+        if _forks(spec) and spec.dp_size > 1 and not spec.headless and not _flag_given(extra, "--api-server-count"):
+            argv += ["--api-server-count", "1"]  # vLLM's default: one per DP rank, each importing vLLM again
     if gpu_memory_utilization is not None and not _flag_given(extra, "--gpu-memory-utilization"):
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
     if kv_events is not None:
