@@ -20,6 +20,9 @@ import pytest
 
 SHARED = "shared_cluster"
 
+# run by test_nest_asyncio.py through nbclient (with each event loop), not collected by nbmake on its own
+collect_ignore = ["notebooks_extra"]
+
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "shared_last(n): a test that changes the shared cluster; runs after "
@@ -38,6 +41,9 @@ def _order(it) -> tuple:
 
 
 def pytest_collection_modifyitems(config, items):
+    for it in items:
+        if it.path.suffix == ".ipynb":  # the tutorials start real replicas: `-m vllm` selects them too
+            it.add_marker(pytest.mark.vllm)
     items.sort(key=_order)
 
 
