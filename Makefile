@@ -43,11 +43,11 @@ test-vllm: model
 test-notebooks: model
 	$(PYTEST) --nbmake --nbmake-timeout=$(NB_TIMEOUT) notebooks
 
-# Two stages: the tests without real replicas on both cores (pytest-xdist), then the real-vLLM
-# tests and the notebooks one at a time (they pin replicas to the cores themselves)
+# Two stages: the unit tests on both cores (pytest-xdist), then the tests that run real or simulated
+# replicas and the notebooks one at a time (they pin replicas to the cores themselves)
 test: model chromium
-	$(PYTEST) -n 2 --timeout=1800 --durations=15 -m "not vllm" tests
-	$(PYTEST) --timeout=1800 --durations=15 --nbmake --nbmake-timeout=$(NB_TIMEOUT) -m vllm tests notebooks
+	$(PYTEST) -n 2 --timeout=1800 --durations=15 -m "not vllm and not processes" tests
+	$(PYTEST) --timeout=1800 --durations=15 --nbmake --nbmake-timeout=$(NB_TIMEOUT) -m "vllm or processes" tests notebooks
 
 # Benchmarks print figures and write benchmarks/results/ (not part of `make test`).
 bench: model bench-venv

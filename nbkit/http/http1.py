@@ -204,6 +204,8 @@ class _Connection(asyncio.Protocol):
 
     # -- exchange --------------------------------------------------------------------------------
     def start(self, data: bytes, head_only: bool, timeout: float | None) -> asyncio.Future:
+        if self.transport.is_closing():  # the server closed it while it sat in the pool (a killed replica)
+            raise ServerDisconnected("the server closed the connection before the request was sent")
         loop = self.pool._loop
         self._head = loop.create_future()
         self._raw_headers, self._resp, self._head_only, self._interim = [], None, head_only, False
@@ -404,7 +406,7 @@ class Http1Pool:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            if not conn.closed and now - conn.idle_since < self.keepalive_s:
+            if not conn.closed and not conn.transport.is_closing() and now - conn.idle_since < self.keepalive_s:
                 return conn
             conn.drop()
         return None
