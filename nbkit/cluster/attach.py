@@ -88,19 +88,10 @@ class HealthWatch(Watcher):
         self.cluster, self.interval = cluster, interval
         self._seen: dict[int, bool] = {}  # what the routers were last told, per server
 
-    def state(self, i: int) -> str | None:
-        return None
-
     def start(self) -> None:
         if not self.running:
             self._seen = dict(self.cluster._health)
             self._task = asyncio.ensure_future(self._watch())
-
-    def reset(self) -> None:
-        pass
-
-    async def hands_off(self, i: int) -> None:
-        pass
 
     async def stop(self) -> None:
         t, self._task = self._task, None

@@ -93,6 +93,16 @@ class Watcher:
     def _event(self, event: str, i: int, detail: str) -> None:
         notify(self._listeners, event, i, detail)
 
+    def state(self, i: int) -> str | None:
+        """What the watch says of replica ``i`` beyond its health (None: nothing)."""
+        return None
+
+    def reset(self) -> None:
+        """Forget what was seen (the cluster starts again)."""
+
+    async def hands_off(self, i: int) -> None:
+        """The user takes replica ``i`` in hand: drop what was planned for it."""
+
 
 class Supervisor(Watcher):
     """Watches one Cluster's replicas and restarts the dead ones (see the module docstring)."""
