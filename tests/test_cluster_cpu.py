@@ -48,6 +48,22 @@ def test_replicas_are_pinned_to_different_cores(cluster):
         assert len(cluster.process(i).processes()) == 2  # API server + forked engine core: vLLM imported once
 
 
+def test_replicas_are_forked_from_the_fork_server(cluster):
+    """fast_start: each replica is a fork of the kernel's fork server (vLLM imported once per kernel),
+    in its own session, showing its vllm command line, its exit status heard through the server."""
+    import psutil
+    from nbkit.cluster import forkserver
+
+    srv = forkserver.current()
+    assert srv is not None and all(p.preload for p in cluster.plans)
+    for i, plan in enumerate(cluster.plans):
+        proc = psutil.Process(cluster.process(i).pid)
+        assert proc.ppid() == srv.proc.pid
+        assert os.getsid(proc.pid) == proc.pid  # its own session: stop() and the watchdog signal its group
+        assert f"--port {plan.port}" in " ".join(proc.cmdline())
+        assert cluster.process(i).returncode is None
+
+
 def test_completions_and_chat_on_each_replica(cluster):
     for rank in cluster.ranks:
         body = complete(rank, cluster.model, max_tokens=8)

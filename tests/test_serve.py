@@ -97,9 +97,9 @@ def test_serve_two_instances_behind_one_endpoint(serve2):
 
 def _replica_pid(serve_pid: int, port: int) -> int:
     """The `vllm serve` process (its process group's leader) of the replica on ``port``."""
-    for p in psutil.Process(serve_pid).children():
-        cmd = p.cmdline()
-        if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port):
+    for p in psutil.Process(serve_pid).children(recursive=True):  # forked from nbkit's fork server, if any
+        cmd = " ".join(p.cmdline()).split()  # a forked replica's command line is its process title
+        if "--port" in cmd and cmd[cmd.index("--port") + 1] == str(port) and os.getpgid(p.pid) == p.pid:
             return p.pid
     raise AssertionError(f"no replica on port {port} under {serve_pid}")
 

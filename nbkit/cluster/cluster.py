@@ -40,7 +40,7 @@ from typing import Sequence
 
 from nbkit import loop
 from nbkit.routing.rank import Rank
-from nbkit.cluster.process import ReplicaProcess
+from nbkit.cluster.process import ReplicaProcess, preload
 from nbkit.cluster import startup
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
@@ -299,6 +299,7 @@ class Cluster:
                 self.kv.listen()  # the KV-event socket is bound before the plans name its port
             self.plans = self._plan(self._specs)  # re-check ports etc. right before launching
             self._procs = [None] * len(self.plans)
+            await asyncio.to_thread(preload, self.plans)  # vLLM imported once, off the loop
             try:
                 await self._start_some(range(len(self.plans)), timeout or self.startup_timeout,
                                        startup.open_progress(progress))

@@ -230,6 +230,7 @@ def plan_replicas(
             dp_ranks=tuple(range(s.dp_start_rank, s.dp_start_rank + s.ranks_local)), headless=s.headless,
             role=s.role, devices=assigned[i] if kind == "gpu" else (),
             cores=assigned[i] if kind == "cpu" else (), gpu_memory_utilization=mem_util.get(i), spec=s,
+            preload=kind == "cpu" and _forks(s),
         ))
     return plans
 

@@ -1,6 +1,8 @@
 """Processes: start one vLLM server from a :class:`~nbkit.cluster.spec.LaunchPlan`, wait for it, stop it.
 
-Each replica runs in a new session (its own process group), writes one log file, and is
+A ``preload`` plan (CPU vLLM with ``fast_start``) is forked from the fork server, which imported
+vLLM once (:mod:`nbkit.cluster.forkserver`); any other is spawned. Either way each replica runs in
+a new session (its own process group), writes one log file, and is
 registered with the parent-death watchdog (:mod:`nbkit.cluster.watchdog`). Stopping sends SIGTERM to
 the group, then SIGKILL after a grace period, and only ever touches that group and the
 replica's own descendants.
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import psutil
 
+from nbkit.cluster import forkserver
 from nbkit.cluster.spec import LaunchPlan
 from nbkit.cluster.watchdog import group_alive, guard
 from nbkit.routing.probes import Probe
@@ -57,13 +60,23 @@ def tail(path: Path, n: int = LOG_TAIL_LINES) -> str:
 _live: "weakref.WeakSet[ReplicaProcess]" = weakref.WeakSet()
 
 
+def preload(plans) -> bool:
+    """Blocking: get the fork server ready for ``plans`` that fork from it (``preload``), so that
+    their :meth:`ReplicaProcess.spawn` does not wait for it. Call it off the event loop. Returns
+    whether one is ready."""
+    for p in plans:
+        if p.preload and forkserver.forkable(p.argv):
+            return forkserver.server_for({**os.environ, **p.env}) is not None
+    return False
+
+
 class ReplicaProcess:
     """One vLLM process of a plan. Not restartable: make a new one to restart."""
 
     def __init__(self, plan: LaunchPlan, log_path: Path):
         self.plan = plan
         self.log_path = Path(log_path)
-        self.proc: subprocess.Popen | None = None
+        self.proc: subprocess.Popen | forkserver.Forked | None = None
         self.started_at: float | None = None
         self.stopped = False
         self.stopping = False  # a stop is under way (its exit is wanted, not a crash)
@@ -79,13 +92,28 @@ class ReplicaProcess:
             log.write(f"=== nbkit {time.strftime('%Y-%m-%d %H:%M:%S')} start {self.plan.name}: "
                       f"{' '.join(self.plan.argv)}\n".encode())
             log.flush()
-            self.proc = subprocess.Popen(
-                list(self.plan.argv), env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
-            )
+            self.proc = self._fork(env)
+            if self.proc is None:
+                self.proc = subprocess.Popen(
+                    list(self.plan.argv), env=env, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, start_new_session=True, close_fds=True,
+                )
         self.started_at = time.time()
         guard().register(self.proc.pid)
         _live.add(self)
+
+    def _fork(self, env: dict[str, str]) -> "forkserver.Forked | None":
+        """A ``preload`` plan is forked from the fork server (vLLM imported already); None: spawn it."""
+        if not self.plan.preload or not forkserver.forkable(self.plan.argv):
+            return None
+        srv = forkserver.server_for(env)
+        if srv is None:
+            return None
+        try:
+            return srv.spawn(self.plan.argv, env, self.log_path)
+        except OSError as e:
+            log.warning("process: %s could not be forked (%s); spawning it", self.plan.name, e)
+            return None
 
     @property
     def pid(self) -> int | None:

@@ -231,6 +231,7 @@ class LaunchPlan:
     gpu_memory_utilization: float | None = None
     kv_topic: str | None = None           # KV-cache events: this replica's topic (None: not published)
     kv_replay_port: int | None = None     # ... and its replay endpoint on 127.0.0.1 (+ DP rank)
+    preload: bool = False                 # forked from the fork server that imported vLLM once (fast_start, CPU)
     spec: ReplicaSpec | None = field(default=None, compare=False, repr=False)
 
     @property

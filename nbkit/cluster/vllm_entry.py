@@ -87,6 +87,17 @@ def omp_cores(env) -> list[int]:
     return sorted(cores)
 
 
+def pin_to_omp_cores(env) -> list[int]:
+    """Pin this (forked) process's main thread to the cores its OpenMP variables name, and size
+    torch's thread pool to them: the OpenMP threads it starts later inherit both. Returns the cores
+    ([] when the variables name none: nothing changes)."""
+    if cores := omp_cores(env):
+        os.sched_setaffinity(0, cores)
+        import torch
+        torch.set_num_threads(len(cores))
+    return cores
+
+
 def _pin_forked_workers() -> None:
     """A forked worker inherits the OpenMP runtime its parent loaded, so the variables vLLM sets to
     pin it are read too late: pin its main thread (the OpenMP threads it starts inherit that) and
@@ -96,10 +107,7 @@ def _pin_forked_workers() -> None:
     main = mpx.WorkerProc.worker_main
 
     def pinned_main(*args, **kwargs):
-        if cores := omp_cores(os.environ):
-            os.sched_setaffinity(0, cores)
-            import torch
-            torch.set_num_threads(len(cores))
+        pin_to_omp_cores(os.environ)
         return main(*args, **kwargs)
 
     mpx.WorkerProc.worker_main = staticmethod(pinned_main)
