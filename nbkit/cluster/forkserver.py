@@ -206,10 +206,15 @@ def server_for(env: Mapping[str, str], wait: bool = True) -> ForkServer | None:
 
 
 @atexit.register
-def _close_at_exit() -> None:
-    if _server is not None and _server._owner == os.getpid():
-        _server.close()
-        _server.log_path.unlink(missing_ok=True)
+def shutdown() -> None:
+    """Stop this process's fork server, if it runs (the next preload replica starts a new one).
+    Replicas forked from it keep running; their exit status is then read from the process table."""
+    global _server
+    with _server_lock:
+        srv, _server = _server, None
+    if srv is not None and srv._owner == os.getpid():
+        srv.close()
+        srv.log_path.unlink(missing_ok=True)
 
 
 def current() -> ForkServer | None:

@@ -160,8 +160,9 @@ class ReplicaSpec(BaseModel):
     kv_events: bool = Field(True, description="publish vLLM's KV-cache events to the cluster's router (kv_aware)")
     engine: Literal["vllm", "sim"] = Field("vllm", description="vllm, or sim: nbkit.sim.server (no vLLM, no device)")
     sim_hardware: str = Field("cpu", description="engine='sim': the hardware profile it imitates (cpu, H100, ...)")
-    fast_start: bool = Field(True, description="CPU: vLLM's engine cores and workers are forked, not spawned (pinned "
-                                               "all the same), and one rank runs inside the engine core; half the start time")
+    fast_start: bool = Field(True, description="CPU: the replica is forked from a fork server that imported vLLM "
+                                               "once, its engine cores and workers are forked, not spawned (pinned all "
+                                               "the same), and one rank runs inside the engine core; a third of the start time")
 
     @field_validator("model")
     @classmethod
