@@ -54,7 +54,6 @@ from nbkit.cluster.supervisor import Supervisor, check_options as check_supervis
 log = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ReplicaStatus:
     index: int
@@ -109,7 +108,7 @@ class Cluster:
         self._lock: asyncio.Lock | None = None
         self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
         self._probe: Probe | None = None  # /health and /metrics, on nbkit's loop
-        self._monitor = None
+        self._monitor = self.autoscaler = None  # the panel's monitor; autoscale()'s control loop
         self.log_interval = log_interval
 
     # -- construction ------------------------------------------------------------------------
@@ -181,14 +180,9 @@ class Cluster:
     @property
     def ranks(self) -> list[Rank]:
         """Every routable engine; a DP group contributes one Rank per DP rank (pinned by header)."""
-        out = []
-        for p in self.plans:
-            for r in p.http_ranks:
-                if p.dp_size > 1:
-                    out.append(Rank(p.index, r, p.url, f"{p.name}/dp{r}", (("X-data-parallel-rank", str(r)),), p.role))
-                else:
-                    out.append(Rank(p.index, r, p.url, p.name, role=p.role))
-        return out
+        return [Rank(p.index, r, p.url, f"{p.name}/dp{r}", (("X-data-parallel-rank", str(r)),), p.role)
+                if p.dp_size > 1 else Rank(p.index, r, p.url, p.name, role=p.role)
+                for p in self.plans for r in p.http_ranks]
 
     @property
     def model(self) -> str:
@@ -327,6 +321,8 @@ class Cluster:
         """Stop every replica (SIGTERM, SIGKILL after ``stop_grace``). Safe to call twice."""
         if self._monitor is not None:
             self._monitor.stop_logging()
+        if self.autoscaler is not None:
+            await self.autoscaler.aclose()  # no scaling under a stop
         await self.supervisor.stop()
         async with self._alock():
             await self._stop_some(range(len(self._procs)))
@@ -476,6 +472,12 @@ class Cluster:
             return actions
 
     scale = loop.blocking(ascale)
+
+    def autoscale(self, spec=None, **options):
+        """Hold an SLO by adding and draining replicas (:mod:`nbkit.cluster.autoscaler`): ``self.autoscaler``."""
+        from nbkit.cluster.autoscaler import ClusterAutoscaler
+        self.autoscaler = ClusterAutoscaler.start(self, spec, **options)
+        return self.autoscaler
 
     @loop.on_loop
     async def acheck_health(self, timeout: float = 2.0) -> dict[int, bool]:

@@ -34,6 +34,10 @@ METRICS = {
     "nbkit_migrations": ("counter", (), "Streams continued on another rank after theirs broke"),
     "nbkit_shed": ("counter", (), "Requests the admission queue shed (429/503)"),
     "nbkit_restarts": ("counter", (), "Replica restarts by the cluster's supervisor"),
+    "nbkit_scale_events": ("counter", ("direction",), "Replicas added (up) or drained and stopped (down) by the "
+                           "cluster's autoscaler, one per decision"),
+    "nbkit_replicas_desired": ("gauge", (), "Replicas the autoscaler's last decision wants (the cluster's size "
+                               "without one)"),
     "nbkit_kv_fallbacks": ("counter", (), "Decisions a policy made by its fallback"),
     "nbkit_kv_events": ("counter", ("rank",), "KV-cache events applied to the router's index"),
     "nbkit_kv_sequence_gaps": ("counter", ("rank",), "KV-event batches missed (sequence gaps)"),
@@ -119,6 +123,13 @@ class EndpointMetrics:
         for name, key in _COUNTERS.items():
             fam[name].add_metric([], counters.get(key, 0))
         fam["nbkit_restarts"].add_metric([], getattr(self.cluster, "restarts", 0) or 0)
+        scaler = getattr(self.cluster, "autoscaler", None)
+        history = scaler.decisions if scaler is not None else []
+        for direction in ("up", "down"):
+            fam["nbkit_scale_events"].add_metric([direction], sum(1 for d in history if d.direction == direction))
+        if self.cluster is not None:
+            last = scaler.last if scaler is not None else None
+            fam["nbkit_replicas_desired"].add_metric([], last.desired if last is not None else len(self.cluster))
         fam["nbkit_kv_fallbacks"].add_metric([], fallbacks)
         for key, picks, in_flight, prefill, decode, up in states:
             fam["nbkit_picks"].add_metric([key], picks)

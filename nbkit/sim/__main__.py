@@ -93,9 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the policy's random choices")
     ap.add_argument("--log-interval", type=float, default=None,
                     help="print an [INFO] line every this many simulated seconds")
+    ap.add_argument("--autoscale", type=_autoscale, default=None, metavar="min=1,max=16,ttft_p90_ms=500",
+                    help="copy the config's one instance up to max times and let nbkit's SLO autoscaler decide "
+                         "how many serve (any AutoscaleSpec field, e.g. cold_start_s=60, window_s=30)")
     ap.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no summary on stdout")
     return ap
+
+
+def _autoscale(text: str):
+    from nbkit.policies.autoscale import AutoscaleSpec, AutoscaleSpecError
+    try:
+        return AutoscaleSpec.parse(text)
+    except AutoscaleSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
@@ -169,7 +180,8 @@ def _run(argv: list[str]) -> int:
     def run(trace):
         nonlocal writer
         sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
-                        hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval)
+                        hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval,
+                        autoscale=args.autoscale)
         writer = None
         if args.output:             # rows stream to the file as requests finish
             writer = CsvWriter(args.output, time_unit=args.time_unit, token_detail=args.token_detail)

@@ -89,19 +89,15 @@ class Engine(PlannedRuns):
         #: hash, ``BlockRemoved`` when it is evicted): ``kv_events(list of event maps)``; None: off
         self.kv_events = None
         # accounting for routing
-        self.in_flight = 0
-        self.pend_prefill = 0
-        self.pend_dec_other = 0
+        self.in_flight = self.pend_prefill = self.pend_dec_other = 0
         # counters
         self.prompt_tokens = 0          # prefill tokens computed (recomputation included)
         self.gen_tokens = 0
         self.prefix_queries = 0
         self.prefix_hits = 0
         self.preemptions = 0
-        self.finished = 0
-        self.rejected = 0
+        self.finished = self.rejected = self.steps = 0
         self.busy_time = 0.0
-        self.steps = 0
         # step in progress
         self._in_step = False
         self._dec_alloc = False
@@ -215,6 +211,15 @@ class Engine(PlannedRuns):
             del cached[h]
         if self.kv_events is not None and gone:
             self.kv_events([{"type": "BlockRemoved", "block_hashes": gone, "medium": "GPU"}])
+
+    def clear_cache(self) -> None:
+        """Drop every unreferenced cached block: an idle engine restarts cold (autoscaling)."""
+        for h in self.evictable:
+            del self.cached[h]
+        self.free_plain += len(self.evictable)
+        self.evictable.clear()
+        if self.kv_events is not None:
+            self.kv_events([{"type": "AllBlocksCleared"}])
 
     def _session_hashes(self, req: Req, n: int) -> None:
         hs = req.hashes

@@ -36,6 +36,9 @@ class SimResult:
     summarizer: Summarizer | None = None
     #: completed requests per instance key, where ``records`` were not kept
     per_instance: dict[str, int] | None = None
+    #: autoscaled runs (:meth:`nbkit.sim.scaling.Fleet.report`): each up/down with its reason, the
+    #: replicas over time, replica-seconds and the peak; None without autoscaling
+    scaling: dict | None = None
 
     def summary(self) -> dict:
         """:func:`~nbkit.records.summarize` of the records, plus the policy, the prefix-cache hit
@@ -54,6 +57,8 @@ class SimResult:
         s["per_instance"] = dict(sorted(per.items()))
         s["instances"] = self.instances
         s["wall_s"] = self.wall_s
+        if self.scaling is not None:
+            s["scaling"] = self.scaling
         return s
 
     def format_summary(self) -> str:
@@ -65,6 +70,12 @@ class SimResult:
         if per:
             total = sum(per.values())
             lines.append("Per instance: " + ", ".join(f"{k} {v} ({v / total:.0%})" for k, v in per.items()))
+        if sc := s.get("scaling"):
+            ups = sum(1 for e in sc["events"] if e["direction"] == "up")
+            lines.append(f"Autoscaling: {ups} up, {len(sc['events']) - ups} down, peak {sc['peak_replicas']} "
+                         f"replicas, {sc['replica_seconds'] / 3600:.2f} replica-hours")
+            lines += [f"  {e['t_s']:8.1f} s  {e['direction']:4} "
+                      f"{e['current']} -> {e['desired']}: {e['reason']}" for e in sc["events"][:20]]
         lines.append(f"Simulated {s['duration_s']:.2f} s in {s['wall_s']:.2f} s of wall time")
         return "\n".join(lines)
 

@@ -73,11 +73,13 @@ from nbkit.sim.engine import Engine
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
 from nbkit.sim.request import Req
+from nbkit.policies.autoscale import AutoscaleSpec
+from nbkit.sim.scaling import Fleet, scaled_setups
 from nbkit.sim.results import SimResult, TraceOrderError, add_counted_gaps, count_gaps, fmt_rate, in_order
 
 __all__ = ["Simulator", "SimResult", "simulate", "TraceOrderError"]
 
-_STEP, _SUB, _XFER, _LOG, _ADMIT = 0, 1, 2, 3, 4
+_STEP, _SUB, _XFER, _LOG, _ADMIT, _SCALE, _READY = 0, 1, 2, 3, 4, 5, 6
 
 
 class _Unit:
@@ -129,18 +131,24 @@ class Simulator:
     ``policy_options`` go to ``get_policy`` with ``seed``. ``hardware`` maps names to profiles
     replacing the shipped ones (calibrated profiles). ``log_interval`` (simulated seconds) prints
     one line per interval to ``log_file`` (default stdout) in the live monitor's format.
+    ``autoscale`` (an :class:`~nbkit.policies.autoscale.AutoscaleSpec` or its text,
+    ``"min=1,max=8,ttft_p90_ms=500"``): the config's one instance is copied ``max_replicas`` times
+    and the live autoscaler decides how many serve (:mod:`nbkit.sim.scaling`; ``result.scaling``).
     """
 
     def __init__(self, config: ClusterConfig | dict | str, *, policy: Any = "least_load",
                  policy_options: dict | None = None, dtype: str = "float16", block_size: int | None = None,
                  hardware: dict[str, HardwareProfile] | None = None, seed: int = 0,
                  log_interval: float | None = None, log_file: TextIO | None = None,
-                 setups: Sequence[InstanceSetup] | None = None):
+                 setups: Sequence[InstanceSetup] | None = None, autoscale: AutoscaleSpec | str | None = None):
         if not isinstance(config, ClusterConfig):
             config = load_cluster_config(config)
         self.config = config
         self.setups = list(setups) if setups is not None else resolve_instances(
             config, dtype=dtype, block_size=block_size, hardware=hardware)
+        self.autoscale = AutoscaleSpec.parse(autoscale) if isinstance(autoscale, str) else autoscale
+        if self.autoscale is not None:
+            self.setups = scaled_setups(self.setups, self.autoscale)
         self.link_bw = config.link_bw * 1e9
         self.link_latency = config.link_latency * 1e-9
         self.seed = seed
@@ -290,6 +298,13 @@ class Simulator:
         nxt = next(src, None)
         t0 = nxt.arrival_time_ns * 1e-9 if nxt is not None else 0.0
         ta = t0 if nxt is not None else INF
+        fleet = Fleet(entry, self.autoscale, t0) if self.autoscale is not None else None
+        if fleet is not None:   # only serving replicas are candidates
+            all_loads = entry_loads
+            entry_loads = lambda t: [r for r in all_loads(t) if fleet.serving(r.index)]  # noqa: E731
+            policy.on_ranks_changed(fleet.keys())
+            counter[0] += 1
+            push(heap, (t0 + self.autoscale.interval_s, counter[0], _SCALE, None))
 
         def kick(e: Engine, t: float) -> None:
             u = e.unit
@@ -361,6 +376,8 @@ class Simulator:
                 preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0)))
 
         def done(rr: RequestResult) -> None:
+            if fleet is not None and rr.ttft_s is not None:
+                fleet.observe(t0 + rr.arrival_s + (rr.e2e_s or rr.ttft_s), rr.ttft_s)
             if keep:
                 records.append(rr)
             if acc_add is not None:
@@ -500,8 +517,13 @@ class Simulator:
             counter[0] += 1
             push(heap, (t0 + interval, counter[0], _LOG, None))
 
+        def pending() -> bool:
+            """Work left besides the periodic ticks (log lines, autoscaling)."""
+            return (nxt is not None or any(ev[2] != _LOG and ev[2] != _SCALE for ev in heap)
+                    or any(e.has_work() for e in engines))
+
         # the loop
-        now = t0
+        now = end = t0
         pop = heapq.heappop
         seq_id = 0
         while True:
@@ -518,9 +540,24 @@ class Simulator:
                     admit(x[0], x[1], now)
                 elif kind == _XFER:
                     on_xfer(x[0], x[1], now)
-                else:
+                if kind < _LOG or kind == _ADMIT:
+                    end = now   # ticks are no work: with autoscaling the run ends with its last request's
+                if kind == _SCALE:
+                    started, changed = fleet.tick(now)
+                    for k in started:
+                        counter[0] += 1
+                        push(heap, (now + self.autoscale.cold_start_s, counter[0], _READY, k))
+                    if changed:
+                        policy.on_ranks_changed(fleet.keys())
+                    if pending() or fleet.busy():
+                        counter[0] += 1
+                        push(heap, (now + self.autoscale.interval_s, counter[0], _SCALE, None))
+                if kind == _READY:
+                    fleet.ready(x, now)
+                    policy.on_ranks_changed(fleet.keys())
+                if kind == _LOG:
                     log_tick(now)
-                    if nxt is not None or len(heap) > 0 or any(e.has_work() for e in engines):
+                    if pending():
                         counter[0] += 1
                         push(heap, (now + interval, counter[0], _LOG, None))
             elif nxt is not None:
@@ -535,6 +572,7 @@ class Simulator:
                     job = _Job(seq_id, now, it.input_toks, it.output_toks, ids=it.input_tok_ids)
                     dispatch(job, now)
                 seq_id += 1
+                end = now
             else:
                 break
 
@@ -549,8 +587,9 @@ class Simulator:
         records.sort(key=lambda r: r.arrival_s)
         if acc is not None and not token_detail:
             add_counted_gaps(acc, [e.step_ends for e in engines], counted, raw_gaps)
-        return SimResult(records, stats, time.perf_counter() - wall0, now - t0, pname, log_lines,
-                         summarizer=acc, per_instance=None if acc is None else per_inst)
+        return SimResult(records, stats, time.perf_counter() - wall0, (end if fleet is not None else now) - t0, pname, log_lines,
+                         summarizer=acc, per_instance=None if acc is None else per_inst,
+                         scaling=fleet.report(end) if fleet is not None else None)
 
 
 def simulate(config, trace, **kwargs) -> SimResult:
