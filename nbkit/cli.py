@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --max-batch-size, else no cap)")
     _endpoint_options(s, "replica", tracing_help="OTLP collector (e.g. http://127.0.0.1:4317): the endpoint's "
                       "spans per request, and each replica's own (vLLM's flag, passed on), in one trace")
+    s.add_argument("--autoscale", type=_autoscale, default=None, metavar="min=1,max=4,ttft_p90_ms=500",
+                   help="hold a TTFT SLO: add replicas (copies) when it is at risk, drain and stop them when "
+                        "load allows (any AutoscaleSpec field; the endpoint serves on --port even with -n 1)")
     s.add_argument("--log-interval", type=float, default=None,
                    help="print a load line per interval, e.g. '[INFO] step=20 inst0_batch=6 ... decode_t=820 tok/s'")
     s.add_argument("--no-progress", action="store_true",
@@ -189,6 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sim", add_help=False, help="the simulator: run | calibrate | calibration-trace | serve "
                                                "(`nbkit sim --help`; same as python -m nbkit.sim)")
     return ap
+
+
+def _autoscale(text: str):
+    from nbkit.policies.autoscale import AutoscaleSpec, AutoscaleSpecError
+    try:
+        return AutoscaleSpec.parse(text)
+    except AutoscaleSpecError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def serve_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -308,7 +319,11 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
         spec_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.engine == "sim":
         spec_kwargs["engine"] = "sim"
-    if args.num_instances == 1:
+    scale = getattr(args, "autoscale", None)
+    if scale is not None and not scale.min_replicas <= args.num_instances <= scale.max_replicas:
+        raise ValueError(f"--autoscale: -n {args.num_instances} is outside min={scale.min_replicas}.."
+                         f"max={scale.max_replicas}")
+    if args.num_instances == 1 and scale is None:
         spec_kwargs["port"] = args.port
     port_start = args.port_start if args.port_start is not None else args.port + 1
     cluster_kwargs: dict = dict(port_start=port_start, startup_timeout=args.startup_timeout,
@@ -341,9 +356,15 @@ def _serve(args, passthrough: list[str]) -> int:
 
     setup = serve_setup(args, passthrough)
     n, policy, endpoint_options = setup.n, setup.policy, setup.endpoint_options
-    _check_endpoint(args, policy, endpoint_options, listen=n > 1)
+    routed = n > 1 or args.autoscale is not None
+    _check_endpoint(args, policy, endpoint_options, listen=routed)
     cluster = Cluster.replicas(setup.model, n=n, tp=setup.tp, device=setup.device,
                                cluster_kwargs=setup.cluster_kwargs, **setup.spec_kwargs)
+    if args.autoscale is not None and n == 1 and cluster.plans[0].device == "cpu":
+        per = len(cluster.plans[0].cores) // args.autoscale.max_replicas  # room for the copies beside it
+        if per >= 1:
+            cluster = Cluster.replicas(setup.model, n=1, tp=setup.tp, device=setup.device, cores=tuple(
+                cluster.plans[0].cores[:per]), cluster_kwargs=setup.cluster_kwargs, **setup.spec_kwargs)
     if args.no_progress:
         progress = open_progress(False)
     elif sys.stderr.isatty():
@@ -368,8 +389,12 @@ def _serve(args, passthrough: list[str]) -> int:
         print(f"nbkit: {n} instance(s) healthy in {time.perf_counter() - t:.1f} s", flush=True)
         for st in cluster.status(probe=False):
             print(f"  {st.name}: {st.url}  {st.pinning}  pid {st.pid}", flush=True)
+        if args.autoscale is not None:
+            cluster.autoscale(args.autoscale)
+            print(f"nbkit: autoscaling {args.autoscale.min_replicas}..{args.autoscale.max_replicas} replicas "
+                  f"for ttft p{args.autoscale.percentile:g} <= {args.autoscale.ttft_p90_ms:g} ms", flush=True)
 
-    endpoint_kw = dict(port=args.port, host=args.host, policy=policy, **endpoint_options) if n > 1 else None
+    endpoint_kw = dict(port=args.port, host=args.host, policy=policy, **endpoint_options) if routed else None
     return _run_until_signal(cluster, start, endpoint_kw, f"{n} instances")
 
 

@@ -134,8 +134,16 @@ def test_conflicting_flags_are_refused_naming_them(argv, needle):
         setup(argv)
 
 
+def test_autoscale_routes_on_port_even_with_one_instance_and_checks_its_range():
+    _, _, s = setup(["m", "--port", "8123", "--autoscale", "min=1,max=2,ttft_p90_ms=300"], inventory=CPU2)
+    (p,) = plans(s)
+    assert p.port != 8123                      # the endpoint takes --port: replicas come and go behind it
+    with pytest.raises(ValueError, match=re.escape("--autoscale: -n 3 is outside min=1..max=2")):
+        setup(["m", "-n", "3", "--autoscale", "max=2"])
+
+
 @pytest.mark.parametrize("argv", [["--gpu-memory-utilization", "1.5"], ["--cuda-devices", "a,b"],
-                                  ["--max-batch-size", "0"], ["--port", "70000"]])
+                                  ["--max-batch-size", "0"], ["--port", "70000"], ["--autoscale", "max=2,speed=1"]])
 def test_bad_values_fail_in_argparse(argv, capsys):
     with pytest.raises(SystemExit) as e:
         cli.parse_args(["serve", "m", *argv])
