@@ -143,3 +143,25 @@ def test_cli_autoscale_prints_and_writes_the_decisions(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--cluster-config", str(cfg), "--dataset", str(tr), "--autoscale", "max=4,speed=2"])
     assert e.value.code == 2 and "autoscale option 'speed'" in capsys.readouterr().err
+
+
+def test_with_a_capacity_reading_it_adds_what_the_load_needs_even_while_replicas_start():
+    s = Autoscaler(AutoscaleSpec(max_replicas=16, max_step=8, min_samples=5, window_s=10, up_cooldown_s=0))
+    feed(s, 0.0, 2.0, n=100, span=10)          # one replica finished 10/s while requests waited
+    d = s.decide(10.0, ready=1, waiting=100)
+    assert s.capacity == pytest.approx(10.0) and d.direction == "up"
+    # 2 starting; the need is ~10/s finished + 100 waiting cleared in 10 s = 20/s -> 3 replicas at 0.8 x 10/s
+    d = s.decide(15.0, ready=1, starting=d.desired - 1, waiting=100)
+    assert d.direction in ("hold", "up") and d.desired <= 4
+    feed(s, 15.0, 2.0, n=100, span=5)
+    d = s.decide(20.0, ready=1, starting=2, waiting=400)   # far more waits now: more, despite the starting ones
+    assert d.direction == "up" and d.desired > 3 and "req/s to serve" in d.reason
+
+
+def test_no_scale_down_while_the_finish_rate_rises():
+    s = Autoscaler(AutoscaleSpec(min_samples=5, window_s=10, down_cooldown_s=0))
+    feed(s, 0.0, 0.02, n=20, span=10)
+    assert s.decide(10.0, ready=3, waiting=0).direction == "down"   # 2/s, calm
+    feed(s, 10.0, 0.02, n=60, span=10)                              # 6/s: rising
+    d = s.decide(20.0, ready=2, waiting=0)
+    assert d.direction == "hold" and "rising" in d.reason

@@ -18,16 +18,19 @@ Rules (all thresholds are fields of :class:`AutoscaleSpec`):
 
 - **up** when the SLO is at risk: the TTFT percentile over the last ``window_s`` seconds is
   at or above ``up_at`` x the target (with at least ``min_samples`` requests), or requests wait
-  and their number grew by ``queue_growth`` per second or more since the last decision. By one,
-  or by as many as it takes to absorb the queue's growth at the rate each replica finished requests
-  over the window (at most ``max_step``). Not while
-  a replica is still starting (its capacity is on the way: no overshoot), not within
+  and their number grew by ``queue_growth`` per second or more since the last decision. By as many
+  replicas as it takes to serve what comes in (requests finished per second, plus the queue's
+  growth, plus the backlog cleared within a window) at ``up_at`` of a replica's *capacity* (the
+  most requests per second one finished while requests waited; before any such reading, what
+  each finishes now), at least one, at most ``max_step``. Replicas still starting count as there
+  (no overshoot); without a capacity reading nothing is added while one starts. Not within
   ``up_cooldown_s`` of the last scale-up, never above ``max_replicas``.
-- **down** by one when load allows: nothing waits and the percentile is below ``down_at`` x the
-  target (or no request finished in the window), the window's finish rate fits in one replica less
-  at ``up_at`` of the capacity a replica showed while requests waited, for ``down_cooldown_s`` since the last change of
-  either kind (hysteresis: ``down_at`` < ``up_at``), never below ``min_replicas``. The owner drains
-  the replica (no new requests; in-flight ones finish) before stopping it.
+- **down** by one when load allows: nothing waits, the percentile is below ``down_at`` x the
+  target (or no request finished in the window), the finish rate is not rising (5 %) since the
+  last decision, and it fits in one replica less at ``scale_in_util`` of the capacity; for
+  ``down_cooldown_s`` since the last change of either kind (hysteresis: ``down_at`` < ``up_at``),
+  never below ``min_replicas``. The owner drains the replica (no new requests; in-flight ones
+  finish) before stopping it.
 - otherwise **hold**. Every decision carries its reason; ``history`` keeps the ups and downs.
 """
 
@@ -63,6 +66,7 @@ class AutoscaleSpec:
     queue_growth: float = 1.0     # waiting requests per second of growth that is at risk by itself
     min_samples: int = 10
     max_step: int = 4             # replicas added at once at most (the step follows the queue's growth)
+    scale_in_util: float = 0.6    # scale down only if the others then run below this share of capacity
     up_cooldown_s: float = 30.0
     down_cooldown_s: float = 120.0
     cold_start_s: float = 60.0    # simulator: a new replica serves this long after it is started
@@ -88,6 +92,8 @@ class AutoscaleSpec:
             raise bad("min_samples", "must be >= 1")
         if self.max_step < 1:
             raise bad("max_step", "must be >= 1")
+        if not 0 < self.scale_in_util < self.up_at:
+            raise bad("scale_in_util", f"must be > 0 and below up_at ({self.up_at})")
 
     @classmethod
     def parse(cls, text: str) -> "AutoscaleSpec":
@@ -149,6 +155,7 @@ class Autoscaler:
         self._last_change = -math.inf
         self._last_t: float | None = None
         self._last_waiting = 0
+        self._last_rate: float | None = None
         self.capacity: float | None = None   # requests/s one replica finished while requests waited
 
     def observe(self, t: float, ttft_s: float) -> None:
@@ -198,20 +205,24 @@ class Autoscaler:
                 why += f"; {waiting} waiting"
             if cur >= s.max_replicas:
                 return out("hold", cur, f"{why}; at max_replicas {s.max_replicas}")
-            if starting:
+            # what comes in (finishing + piling up, the backlog cleared within a window) over what a
+            # replica does at up_at of its capacity: the replicas it takes, those starting counted
+            need = rate + max(growth, 0.0) + waiting / s.window_s
+            per = self.capacity or rate / max(ready, 1)
+            want = math.ceil(need / (s.up_at * per)) if per > 0 else cur + 1
+            if starting and (self.capacity is None or want <= cur):
                 return out("hold", cur, f"{why}; {starting} replica(s) still starting")
             if t - self._last_up < s.up_cooldown_s:
                 return out("hold", cur, f"{why}; scale-up cooldown ({t - self._last_up:.0f} of {s.up_cooldown_s:g} s)")
-            step = 1
-            per_replica = self.capacity or rate / max(ready, 1)   # requests finished per second each
-            if growth > 0 and per_replica > 0:
-                step = max(1, min(s.max_step, math.ceil(growth / per_replica)))
-                if step > 1:
-                    why += f"; +{step}: {growth:.1f}/s more than {per_replica:.1f}/s a replica finishes"
+            step = max(1, min(s.max_step, want - cur))
+            if step > 1:
+                why += f"; +{step}: {need:.1f} req/s to serve at {per:.1f}/s a replica"
             self._last_up = self._last_change = t
             return out("up", min(s.max_replicas, cur + step), why)
-        fits = self.capacity is None or rate <= s.up_at * self.capacity * (ready - 1)
-        calm = waiting == 0 and (p is None or p < s.down_at * s.target_s) and fits
+        rising = self._last_rate is not None and rate > 1.05 * self._last_rate
+        self._last_rate = rate
+        fits = self.capacity is None or rate <= s.scale_in_util * self.capacity * (ready - 1)
+        calm = waiting == 0 and (p is None or p < s.down_at * s.target_s) and fits and not rising
         if calm and cur > s.min_replicas and not starting:
             why = (f"{seen} < {ms(s.down_at * s.target_s)} ({s.down_at:g} x the SLO) {where}, nothing waiting"
                    if p is not None else f"{seen} {where}, nothing waiting")
@@ -219,6 +230,8 @@ class Autoscaler:
                 return out("hold", cur, f"{why}; cooldown ({t - self._last_change:.0f} of {s.down_cooldown_s:g} s)")
             self._last_change = t
             return out("down", cur - 1, why)
+        if waiting == 0 and rising and cur > s.min_replicas:
+            return out("hold", cur, f"{seen} {where}, load rising ({self._last_rate:.1f} req/s finished): no scale-down")
         if waiting == 0 and not fits and cur > s.min_replicas:
             return out("hold", cur, f"{seen} {where}, {rate:.1f} req/s would not fit in {ready - 1} replica(s) "
                                     f"at {self.capacity:.1f} req/s each")

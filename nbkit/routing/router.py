@@ -521,7 +521,7 @@ class Router:
     def _scrape_failed(self, states: list[RankState], error: BaseException) -> None:
         why = re.sub(r"\?\S*", "", str(error))  # not the long series filter of the URL
         for s in states:
-            if not s.scrape_error and s.scraped is not None:  # log once per outage, not every 250 ms
+            if not s.scrape_error and s.scraped is not None and not s.down:  # once per outage; not when known down
                 log.warning("router: scraping %s failed: %s", s.key, why)
             s.scrape_error = why
 
