@@ -5,6 +5,7 @@ object against simulated replicas with a cold start (nbkit.sim.scaling, ``python
 from __future__ import annotations
 
 import doctest
+import html
 import json
 import random
 
@@ -165,3 +166,18 @@ def test_no_scale_down_while_the_finish_rate_rises():
     feed(s, 10.0, 0.02, n=60, span=10)                              # 6/s: rising
     d = s.decide(20.0, ready=2, waiting=0)
     assert d.direction == "hold" and "rising" in d.reason
+
+
+def test_the_panel_shows_the_last_decision_and_the_ups_and_downs():
+    from types import SimpleNamespace
+
+    from nbkit.ui.panel import scaling_html
+    s = Autoscaler(AutoscaleSpec(max_replicas=3))
+    feed(s, 100.0, 0.9)
+    up = s.decide(105.0, ready=1, waiting=2)
+    hold = s.decide(106.0, ready=1, starting=1, waiting=2)
+    view = SimpleNamespace(last=hold, decisions=s.history, started_at=100.0)
+    text = scaling_html(view)
+    assert hold.direction == "hold" and "still starting" in text           # the last decision, a hold too
+    assert html.escape(up.reason) in text and "<td>5</td><td>up</td>" in text   # the up, 5 s in
+    assert "no autoscaler" in scaling_html(None)

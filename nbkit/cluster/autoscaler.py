@@ -47,6 +47,7 @@ class ClusterAutoscaler:
         self.cluster, self.spec = cluster, spec
         self.scaler = Autoscaler(spec)
         self.last: ScaleDecision | None = None
+        self.started_at = time.monotonic()   # the clock of the decisions' ``t``
         self.starting = 0
         self.draining: str | None = None
         self._listening: dict[int, Any] = {}

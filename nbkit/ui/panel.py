@@ -9,7 +9,8 @@ What it shows, refreshed about once a second by a task on nbkit's loop (updates 
 no cell runs): one row per rank (state, pinning, port, running, waiting, KV cache %, prompt and
 generation tok/s, requests served/routed, TTFT p50, memory, last error); a chart of generation
 throughput per rank and in total over the last two minutes, and one of queue depth (waiting) per
-rank; the last routing decisions with their reasons; a log tail per replica.
+rank; the last routing decisions with their reasons; a log tail per replica; the autoscaler's
+decisions with theirs.
 
 What it controls: the routing policy (applied live to the cluster's clients and endpoints), the
 max concurrency, the number of instances and the TP size (Apply shows what will happen, Confirm
@@ -101,6 +102,22 @@ def decisions_html(records, n: int = 8) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
+def scaling_html(scaler, n: int = 8) -> str:
+    """The autoscaler's last decision (a hold too) and its latest ups and downs, newest first."""
+    if scaler is None:
+        return "<i>no autoscaler: cluster.autoscale(min_replicas=..., max_replicas=..., ttft_p90_ms=...)</i>"
+    last = scaler.last
+    head = ("<i>no decision yet</i>" if last is None else
+            f'<div class="nbkit-scale-last"><b>{html.escape(last.direction)}</b> {last.current} -&gt; {last.desired}: '
+            f"{html.escape(last.reason)}</div>")
+    t0 = scaler.started_at
+    rows = "".join(
+        f"<tr><td>{d.t - t0:.0f}</td><td>{html.escape(d.direction)}</td><td>{d.current} -&gt; {d.desired}</td>"
+        f"<td>{html.escape(d.reason)}</td></tr>" for d in scaler.decisions[-n:][::-1])
+    return (f"{head}<table class='nbkit-scaling' style='font-size:12px'><thead><tr><th>s</th><th>action</th>"
+            f"<th>replicas</th><th>reason</th></tr></thead><tbody>{rows}</tbody></table>")
+
+
 def charts(history_df):
     """Altair charts: generation tok/s per rank and total (dashed); queue depth (waiting) per rank. One
     legend (the rank colours, shared by both) under the charts."""
@@ -184,9 +201,11 @@ class Panel(W.VBox):
             W.HBox([self.policy, self.concurrency, self.concurrency_label]),
             self.scale_row, self.plan_line, self.replica_row, self.action_line,
         ])
-        tabs = W.Tab(children=[self.decisions, self.log_view])
+        self.scaling = W.HTML()
+        tabs = W.Tab(children=[self.decisions, self.log_view, self.scaling])
         tabs.set_title(0, "routing decisions")
         tabs.set_title(1, "log tail")
+        tabs.set_title(2, "autoscaling")
         super().__init__([self.header, self.table, self.chart, controls, tabs])
         self.add_class("nbkit-panel")
         self._render()
@@ -236,6 +255,7 @@ class Panel(W.VBox):
                     for r in self.cluster.ranks]
         self.table.value = rows_html(rows)
         self.decisions.value = decisions_html(self.monitor.records(), self.n_decisions)
+        self.scaling.value = scaling_html(getattr(self.cluster, "autoscaler", None), self.n_decisions)
         i = self.replica.value if self.replica.value is not None else 0
         if i < len(self.cluster):
             self.log_view.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
