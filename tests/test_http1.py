@@ -177,6 +177,28 @@ def test_idle_connection_closed_by_the_server_is_not_reused():
     run(main())
 
 
+def test_a_pooled_connection_already_closing_is_never_taken_or_written_to():
+    """The race behind a fresh-clone flake: a killed replica's connection sits in the pool with its
+    transport closing but its connection_lost not yet delivered. It must not be handed out, and a
+    request started on one fails as a transport error (retried elsewhere), not uvloop's RuntimeError."""
+    async def main():
+        async with Scripted(answer) as s:
+            pool = Http1Pool()
+            r = await pool.request("GET", s.url + "/a")
+            await r.aread()
+            (key, idle), = pool._idle.items()   # the one parked connection (white-box: the race's window)
+            conn = idle[-1]
+            conn.transport.close()              # closing now; connection_lost comes on a later loop turn
+            assert conn.transport.is_closing() and not conn.closed
+            with pytest.raises(ServerDisconnected):
+                conn.start(b"GET /b HTTP/1.1\r\nhost: x\r\n\r\n", False, None)
+            assert pool._take(key) is None     # skipped, not handed out
+            r = await pool.request("GET", s.url + "/b")    # a new connection serves the next request
+            assert await r.aread() == b'{"ok": true}' and s.connections == 2
+            await pool.aclose()
+    run(main())
+
+
 def test_connections_idle_longer_than_keepalive_are_not_reused():
     async def main():
         async with Scripted(answer) as s:
