@@ -7,7 +7,7 @@ reads the queue (requests the routers hold back, plus vLLM's ``num_requests_wait
 scrapes) and the replicas' states, and acts on the decision:
 
 - **up**: copies of the last replica's spec are started (:meth:`Cluster.ascale`); the routers route
-  to each once it is healthy. While they start, the autoscaler counts them as on their way.
+  to each once it is healthy. Until they are, it decides nothing more (``ascale`` returns then).
 - **down**: the last replica is drained (out of routing; its in-flight requests finish), then
   stopped. Nothing in flight is lost.
 
@@ -48,7 +48,6 @@ class ClusterAutoscaler:
         self.scaler = Autoscaler(spec)
         self.last: ScaleDecision | None = None
         self.started_at = time.monotonic()   # the clock of the decisions' ``t``
-        self.starting = 0
         self.draining: str | None = None
         self._listening: dict[int, Any] = {}
         self._task: asyncio.Task | None = None
@@ -113,17 +112,17 @@ class ClusterAutoscaler:
             except Exception:  # noqa: BLE001 - the loop must keep running
                 log.exception("autoscale: a decision failed (ignored)")
 
-    def tick(self) -> ScaleDecision:
-        """One decision now (the loop calls it every ``interval_s``; on the loop thread)."""
+    def tick(self) -> ScaleDecision | None:
+        """One decision now (the loop calls it every ``interval_s``; on the loop thread). While a
+        scale-up or a drain is under way it decides nothing and returns the last decision."""
         self._listen()
-        busy = self._action is not None and not self._action.done()
+        if self._action is not None and not self._action.done():
+            return self.last  # a change is under way: no decision it could not act on (history stays true)
         ready = sum(1 for i in range(len(self.cluster))
                     if self.cluster.state(i) == "healthy" and self.cluster.plans[i].name != self.draining)
-        d = self.scaler.decide(time.monotonic(), ready, self.starting, self.waiting())
+        d = self.scaler.decide(time.monotonic(), ready, 0, self.waiting())
         self.last = d
-        if d.direction != "hold" and busy:
-            log.info("autoscale: %s to %d waits for the change under way", d.direction, d.desired)
-        elif d.direction == "up":
+        if d.direction == "up":
             self._action = asyncio.ensure_future(self._up(len(self.cluster) + d.desired - d.current, d))
         elif d.direction == "down":
             self._action = asyncio.ensure_future(self._down(d))
@@ -131,11 +130,7 @@ class ClusterAutoscaler:
 
     async def _up(self, n: int, d: ScaleDecision) -> None:
         log.warning("autoscale: up to %d replicas (%s)", n, d.reason)
-        self.starting = n - len(self.cluster)
-        try:
-            await self.cluster.ascale(n)
-        finally:
-            self.starting = 0
+        await self.cluster.ascale(n)
 
     async def _down(self, d: ScaleDecision) -> None:
         i = len(self.cluster) - 1
@@ -152,9 +147,9 @@ class ClusterAutoscaler:
             self.draining = None
 
     def in_flight(self, replica: int) -> int:
-        """Requests the cluster's routers have in flight on ``replica``."""
-        return sum(v.in_flight for r in self.cluster.routers() for v in r.loads()
-                   if getattr(r.states[v.index].rank, "replica", None) == replica)
+        """Requests the cluster's routers have in flight on ``replica`` (each of its ranks)."""
+        keys = {rank.name for rank in self.cluster.ranks if rank.replica == replica}
+        return sum(v.in_flight for r in self.cluster.routers() for v in r.loads() if v.key in keys)
 
     @property
     def decisions(self) -> list[ScaleDecision]:
