@@ -111,6 +111,25 @@ KV_BLOCKS_MIXED = 48     # --kv-blocks auto without a prefix workload (as the fu
 
 
 # -- routers ---------------------------------------------------------------------------------------
+def process_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) of a router process and its children so far, or None if gone."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        procs = [p, *p.children(recursive=True)]
+    except psutil.Error:
+        return None
+    total = 0.0
+    for q in procs:
+        try:
+            t = q.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
+
+
 def uses_kv_index(policy: str) -> bool:
     from nbkit.policies import get_policy
     return bool(get_policy(policy).uses_kv_index)
@@ -334,9 +353,13 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
                              timeout_s=args.request_timeout)
         kv_before = await endpoint_kv_stats(url) if reads_kv else None
         csv = args.csv_dir / f"{wname}-{kind}-{policy.replace(':', '_')}-r{rnd}.csv"
+        cpu0 = process_cpu_s(proc.pid)
         res = await bench.arun(url, work, **load, seed=args.seed, model=cluster.model, policy=policy,
                                label=label, replicas=cluster.urls, output=csv, progress=not args.no_progress,
                                timeout_s=args.request_timeout)
+        cpu1 = process_cpu_s(proc.pid)
+        if cpu0 is not None and cpu1 is not None and res.requests:
+            row["router_cpu_ms_per_request"] = (cpu1 - cpu0) * 1e3 / len(res.requests)
         if reads_kv:
             row["kv_index"] = kv_delta(kv_before, await endpoint_kv_stats(url))
             banner = [ln for ln in children.log_tail(proc, 4000).splitlines() if ln.startswith("nbkit endpoint on")]
@@ -414,7 +437,9 @@ async def run_all(args, children: Children) -> dict:
                     else:
                         print(f"    TTFT p50 {row['ttft_p50_ms']:.0f} ms, p99 {row['ttft_p99_ms']:.0f} ms, "
                               f"E2E p99 {row['e2e_p99_ms']:.0f} ms, {row['output_throughput']:.0f} tok/s, "
-                              f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}", flush=True)
+                              f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}"
+                              + (f", router CPU {row['router_cpu_ms_per_request']:.1f} ms/request"
+                                 if "router_cpu_ms_per_request" in row else ""), flush=True)
                         if "kv_index" in row:
                             print(f"    {kv_line(row)}", flush=True)
                     rows.append(row)

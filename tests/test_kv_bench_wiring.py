@@ -320,3 +320,21 @@ def test_kv_goals_say_when_cache_aware_was_not_measured():
     assert goals and not any(g["pass"] for g in goals) and "not measured" in goals[0]["why"]
     assert "not measured" in "\n".join(cr.kv_goal_lines(goals))
     assert cr.kv_goals({"rows": [], "runs": [], "rates": {"shared-prefix": 1.0}}) == []
+
+
+@pytest.mark.parametrize("extra, path, send_ids", [
+    ((), None, True),
+    (("--tokenizer", "/elsewhere/tok"), "/elsewhere/tok", True),
+    (("--tokenizer=/elsewhere/tok", "--tokenizer-mode", "auto"), "/elsewhere/tok", True),
+    (("--tokenizer-mode", "mistral"), None, False),
+    (("--skip-tokenizer-init",), None, False),
+    (("--tokenizer-revision=abc",), None, False),
+])
+def test_the_router_tokenizes_as_the_replicas_flags_say(tiny_model_path, extra, path, send_ids):
+    from nbkit.cluster.kv import replica_tokenizer
+
+    tok = replica_tokenizer(tiny_model_path, ("--served-model-name", "tiny", *extra))
+    assert tok.model == (path or tiny_model_path)
+    assert tok.send_ids is send_ids
+    assert tok.lora_of({"model": "tiny"}) is None and tok.lora_of({"model": tiny_model_path}) is None
+    assert tok.lora_of({"model": "my-adapter"}) == "my-adapter"

@@ -9,6 +9,7 @@ so a few prompts evict the first."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import time
 
@@ -156,5 +157,25 @@ def test_endpoint_metrics_show_the_index(cluster):
         assert f'nbkit_kv_index_warm{{rank="{rank}"}} 1.0' in body
         assert "nbkit_kv_matched_tokens_count 1.0" in body
         assert "nbkit_kv_fallbacks_total 0.0" in body
+    finally:
+        ep.stop()
+
+
+def test_a_prompt_the_router_sends_as_token_ids_answers_as_its_text_does(cluster):
+    """kv_aware tokenizes a completion's prompt once and sends the ids on (the replica does not
+    tokenize it again): the answer is the one the replica gives the text itself."""
+    ep = cluster.endpoint(port=free_port(8770), policy="kv_aware")
+    try:
+        body = {"model": cluster.model, "prompt": text(40, 80) + " And so", "max_tokens": 6, "temperature": 0,
+                "return_token_ids": True}
+        want = httpx.post(f"{cluster.urls[0]}/v1/completions", json=body, timeout=60).json()
+        got = httpx.post(f"{ep.url}/v1/completions", json=body, timeout=60).json()
+        assert got["choices"][0]["text"] == want["choices"][0]["text"]
+        assert got["choices"][0]["prompt_token_ids"] == want["choices"][0]["prompt_token_ids"] \
+            == cluster.tokenizer.completion(body["prompt"])
+        assert got["usage"] == want["usage"]
+        with httpx.stream("POST", f"{ep.url}/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+            events = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+        assert "".join(e["choices"][0]["text"] for e in events if e.get("choices")) == want["choices"][0]["text"]
     finally:
         ep.stop()

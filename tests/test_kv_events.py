@@ -347,3 +347,23 @@ def test_scaling_keeps_running_replicas_kv_ports_so_they_are_kept_not_restarted(
     assert {i: plans[i].kv_replay_port for i in (0, 1)} == before
     ports = [p.port for p in plans] + [p.kv_replay_port for p in plans]
     assert len(set(ports)) == 6, ports
+
+
+def test_router_tokenizer_fast_path_gives_the_transformers_ids(tiny_model_path):
+    """The Rust ``tokenizers`` path the router uses gives exactly the ids of the ``transformers``
+    call that vLLM makes, with and without special tokens, for text the byte-level BPE splits in
+    odd places (unicode, runs of spaces, digits, text that looks like special tokens)."""
+    from nbkit.routing.tokenize import PromptTokenizer
+
+    tok = PromptTokenizer(tiny_model_path)
+    hf = tok.tokenizer
+    texts = ["Hello", " leading space", "tabs\tand\nnewlines\n\n", "unicode: héllo wörld 你好 🙂",
+             "digits 1234567890 3.14159", "   many    spaces   ", "<s> </s> <|eot_id|> [INST]", "x" * 3000,
+             "".join(chr(c) for c in range(32, 600))]
+    for text in texts:
+        for special in (True, False):
+            want = list(hf(text, add_special_tokens=special)["input_ids"])
+            assert tok.completion(text, special) == want, (text[:40], special)
+    messages = [{"role": "system", "content": "Be brief. " * 50}, {"role": "user", "content": "héllo  there"}]
+    text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tok.chat(messages) == list(hf(text, add_special_tokens=False)["input_ids"])

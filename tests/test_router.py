@@ -1560,3 +1560,47 @@ def test_scrape_every_250ms_only_for_policies_that_read_scraped_load():
     assert router.current_scrape_interval == 0.25
     router.policy = "least_outstanding"
     assert router.current_scrape_interval == IDLE_SCRAPE_S
+
+
+# -- a prompt tokenized by the router goes to the replica as token ids ------------------------------
+def kv_setup(tiny_model_path, **tok_kw):
+    from nbkit.policies.kv_index import KVIndex
+    from nbkit.routing.tokenize import PromptTokenizer
+
+    tok = PromptTokenizer(tiny_model_path, **tok_kw)
+    fake, router, fwd = setup(2, "kv_aware", kv_index=KVIndex(), tokenizer=tok)
+    return tok, fake, router, fwd
+
+
+async def forward(router, fwd, path, body):
+    up = await fwd.open("POST", path, content=json.dumps(body).encode(), info=router.describe(body), body=body,
+                        stream=bool(body.get("stream")))
+    if up.stream:
+        async for _ in up.aiter():
+            pass
+    else:
+        up.finish()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_kv_aware_sends_a_completions_prompt_as_the_token_ids_it_computed(tiny_model_path, stream):
+    tok, fake, router, fwd = kv_setup(tiny_model_path)
+    body = {"model": "m", "prompt": "The router tokenizes this once.", "max_tokens": 3, "stream": stream}
+    run(forward(router, fwd, "/v1/completions", body))
+    sent = fake.seen[-1].body
+    assert sent["prompt"] == tok.completion(body["prompt"]) and sent["max_tokens"] == 3
+    assert body["prompt"] == "The router tokenizes this once."  # the caller's body is not modified
+
+
+@pytest.mark.parametrize("path, body, send_ids", [
+    ("/v1/completions", {"prompt": "echo me", "echo": True}, True),                 # the answer shows the text
+    ("/v1/completions", {"prompt": "logprobs", "prompt_logprobs": 1}, True),
+    ("/v1/completions", {"prompt": "a replica with another tokenizer"}, False),     # send_ids off
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, True),  # vLLM renders chat
+])
+def test_prompts_whose_text_matters_are_sent_as_text(tiny_model_path, path, body, send_ids):
+    tok, fake, router, fwd = kv_setup(tiny_model_path, send_ids=send_ids)
+    body = {"model": "m", "max_tokens": 2, **body}
+    run(forward(router, fwd, path, body))
+    assert fake.seen[-1].body == body
+    assert router.describe(body).token_ids is not None  # tokenized for routing all the same

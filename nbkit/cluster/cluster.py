@@ -95,7 +95,8 @@ class Cluster:
         self.run_dir = Path(run_dir) if run_dir else Path(tempfile.gettempdir()) / "nbkit-runs" / (
             time.strftime("%Y%m%d-%H%M%S") + f"-{os.getpid()}-{id(self) % 10000:04d}")
         # vLLM's KV-cache events of every replica, into this process's index (kv_aware routing)
-        self.kv = ClusterKV(self._specs[0].model, kv_events_port) if kv_events and self._specs else None
+        self.kv = (ClusterKV(self._specs[0].model, kv_events_port, extra_args=self._specs[0].extra_args)
+                   if kv_events and self._specs else None)
         self._init_state(self._plan(self._specs), log_interval)  # validates before anything starts
         self.supervisor = Supervisor(self, restart=restart, max_restarts=max_restarts, restart_window=restart_window,
                                      unresponsive_after=unresponsive_after)

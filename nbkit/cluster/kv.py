@@ -27,6 +27,7 @@ binding after the replicas started loses nothing)::
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 from nbkit.cluster.spec import LaunchPlan, SpecError
 from nbkit.http.ports import port_is_free
@@ -62,14 +63,39 @@ def kv_source(plan: LaunchPlan) -> dict | None:
     return {"topic": plan.kv_topic, "dp_size": plan.dp_size, "replay_port": plan.kv_replay_port, "names": names}
 
 
+def _flag(args: Sequence[str], name: str) -> str | None:
+    """The value of ``--name V`` or ``--name=V`` in a ``vllm serve`` argument list (the last one)."""
+    value = None
+    for i, a in enumerate(args):
+        if a == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif a.startswith(name + "="):
+            value = a.split("=", 1)[1]
+    return value
+
+
+def replica_tokenizer(model: str, extra_args: Sequence[str] = ()) -> PromptTokenizer:
+    """The router-side tokenizer of replicas started with ``vllm serve model *extra_args``: the
+    ``--tokenizer`` they name (else the model's), and token-id prompts sent to them only where
+    their tokenizer is the Hugging Face one this loads (``--tokenizer-mode`` auto or hf, a
+    tokenizer initialised, no ``--tokenizer-revision``)."""
+    args = [str(a) for a in extra_args]
+    mode = _flag(args, "--tokenizer-mode")
+    same = (mode in (None, "auto", "hf") and "--skip-tokenizer-init" not in args
+            and _flag(args, "--tokenizer-revision") is None)
+    served = [n for n in (_flag(args, "--served-model-name"),) if n]
+    return PromptTokenizer(_flag(args, "--tokenizer") or model, served_names=[str(model), *served], send_ids=same)
+
+
 class ClusterKV:
     """The KV-event port, subscriber, index and tokenizer of one Cluster (see the module docstring)."""
 
-    def __init__(self, model: str, port: int | None = None, dp_ports: int = MAX_DP_PORTS):
+    def __init__(self, model: str, port: int | None = None, dp_ports: int = MAX_DP_PORTS,
+                 extra_args: Sequence[str] = ()):
         self.dp_ports = dp_ports
         self.port = port if port is not None else free_port_block(KV_EVENTS_PORT_START, dp_ports)
         self.index = KVIndex()
-        self.tokenizer = PromptTokenizer(model)
+        self.tokenizer = replica_tokenizer(model, extra_args)
         self._sub: KVEventSubscriber | None = None
 
     def listen(self, move: bool = True) -> int:

@@ -213,12 +213,16 @@ class Forwarder:
         if self.tracing is not None:
             self.tracing.begin(self.router, record, headers)
         state = None
+        sent = body
+        tok = self.router.tokenizer
+        if tok is not None and info.token_ids is not None and body is not None and method == "POST":
+            sent = tok.token_prompt(path, body, info.token_ids) or body  # tokenized once, here
         if stream and body is not None and self.migration_limit and rank is None and method == "POST":
-            prepared = migrate.prepare(path.split("?", 1)[0], body)
+            prepared = migrate.prepare(path.split("?", 1)[0], sent)
             if prepared is not None:
                 sent, state = prepared
-                if sent is not body:
-                    content = json.dumps(sent).encode()
+        if sent is not body:
+            content = json.dumps(sent).encode()
         deadline = time.monotonic() + timeout if timeout else None
         passed = {k: v for k, v in (headers or {}).items() if k.lower() not in HOP_BY_HOP}
         up = await self._send(method, path, content, passed, info, record, rank=rank, stream=stream, roles=roles,

@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 log = logging.getLogger(__name__)
 
+COMPLETIONS = "/v1/completions"
+
 
 class PromptTokenizer:
     """The served model's tokenizer, loaded on first use (``transformers``' fast tokenizer).
@@ -30,24 +32,39 @@ class PromptTokenizer:
     ``served_names``: the model names requests may give for the base model (the cluster's model
     path and its served name); any other ``model`` is taken as a LoRA adapter's name."""
 
-    def __init__(self, model: str, served_names: Sequence[str] = ()):
+    def __init__(self, model: str, served_names: Sequence[str] = (), *, send_ids: bool = True):
         self.model = str(model)
+        #: forward a completion's prompt as the token ids computed here (:meth:`token_prompt`), so the
+        #: replica does not tokenize it a second time; off where the replica's tokenizer may differ
+        self.send_ids = bool(send_ids)
         self.served_names = {self.model, *map(str, served_names)}
         self._tok = None
+        self._fast = None
         self._lock = threading.Lock()
         self.failures = 0
 
     @property
     def tokenizer(self):
+        """The ``transformers`` tokenizer (it renders chat templates)."""
         if self._tok is None:
             with self._lock:
                 if self._tok is None:
                     from transformers import AutoTokenizer
-                    self._tok = AutoTokenizer.from_pretrained(self.model)
+                    tok = AutoTokenizer.from_pretrained(self.model)
+                    self._fast = _rust_tokenizer(tok)
+                    self._tok = tok
         return self._tok
 
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Token ids of ``text``: the Rust ``tokenizers`` object directly when the model has one
+        (the same ids as the ``transformers`` call, without its per-call Python overhead)."""
+        tok = self.tokenizer
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
+        return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
+
     def completion(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
-        return list(self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"])
+        return self.encode(prompt, add_special_tokens)
 
     def chat(self, messages: Sequence[Mapping], *, add_generation_prompt: bool = True,
              continue_final_message: bool = False, add_special_tokens: bool = False,
@@ -57,7 +74,7 @@ class PromptTokenizer:
                                                   add_generation_prompt=add_generation_prompt,
                                                   continue_final_message=continue_final_message,
                                                   **dict(chat_template_kwargs or {}))
-        return list(self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+        return self.encode(text, add_special_tokens)
 
     def token_ids(self, body: Mapping | None) -> list[int] | None:
         """The prompt's token ids as the engine will see them, or None when that is not certain."""
@@ -86,10 +103,48 @@ class PromptTokenizer:
                 log.warning("tokenize: cannot tokenize a request router-side (%d so far): %r", self.failures, e)
             return None
 
+    def token_prompt(self, path: str, body: Mapping | None, token_ids: list[int] | None) -> dict | None:
+        """A copy of a ``/v1/completions`` body whose text ``prompt`` is replaced by ``token_ids``
+        (what :meth:`token_ids` gave for it), or None to send the body as it is: the replica then
+        skips its own tokenization of the prompt (the router did it once; vLLM takes token-id
+        prompts as they are). Left alone: chat (vLLM renders its template itself), batches,
+        ``echo`` and ``prompt_logprobs`` (their answers show the prompt's text), and everything
+        when ``send_ids`` is off.
+
+            >>> tok.token_prompt("/v1/completions", {"prompt": "Hi", "max_tokens": 4}, [15, 72])
+            {'prompt': [15, 72], 'max_tokens': 4}
+        """
+        if (not self.send_ids or token_ids is None or not body or path.split("?", 1)[0] != COMPLETIONS
+                or not isinstance(body.get("prompt"), str) or body.get("echo")
+                or body.get("prompt_logprobs") is not None or body.get("prompt_embeds") is not None):
+            return None
+        sent = dict(body)
+        sent["prompt"] = token_ids
+        sent.pop("add_special_tokens", None)  # applied already, and meaningless for token ids
+        return sent
+
     def lora_of(self, body: Mapping | None) -> str | None:
         """The LoRA adapter a request names (its ``model``, when that is not the base model)."""
         name = (body or {}).get("model")
         return str(name) if name and str(name) not in self.served_names else None
+
+
+def _rust_tokenizer(tok):
+    """An independent copy of a fast tokenizer's ``tokenizers.Tokenizer`` with truncation and
+    padding off (as ``tok(text)`` applies it), or None for a slow tokenizer."""
+    backend = getattr(tok, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    try:
+        from tokenizers import Tokenizer
+
+        fast = Tokenizer.from_str(backend.to_str())
+        fast.no_truncation()
+        fast.no_padding()
+        return fast
+    except Exception as e:  # noqa: BLE001 - the transformers call still works
+        log.info("tokenize: using the transformers tokenizer (no usable tokenizers backend: %r)", e)
+        return None
 
 
 def _text_only(m: Any) -> bool:
