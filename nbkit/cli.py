@@ -69,6 +69,10 @@ def _endpoint_options(p: argparse.ArgumentParser, upstream: str, *, tracing_help
     p.add_argument("--migration-limit", type=int, default=3,
                    help=f"times one stream may move to another {upstream} when its own dies (0: never)")
     p.add_argument("--otlp-traces-endpoint", default=None, metavar="URL", help=tracing_help)
+    p.add_argument("--tenants", default=None, metavar="FILE.toml",
+                   help="tenants, their API keys, fair-share weights, priorities and rate limits ([tenants.NAME] "
+                        "tables: api_key, weight, priority, requests_per_minute, tokens_per_minute); fair share "
+                        "orders requests waiting for admission, so give --max-per-rank too")
 
 
 def version() -> str:
@@ -323,7 +327,7 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
     if scale is not None and not scale.min_replicas <= args.num_instances <= scale.max_replicas:
         raise ValueError(f"--autoscale: -n {args.num_instances} is outside min={scale.min_replicas}.."
                          f"max={scale.max_replicas}")
-    if args.num_instances == 1 and scale is None:
+    if args.num_instances == 1 and scale is None and not getattr(args, "tenants", None):
         spec_kwargs["port"] = args.port
     port_start = args.port_start if args.port_start is not None else args.port + 1
     cluster_kwargs: dict = dict(port_start=port_start, startup_timeout=args.startup_timeout,
@@ -344,7 +348,8 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
         cluster_kwargs["inventory"] = inventory
     policy = "session" if args.enable_request_affinity else args.policy
     endpoint_options = dict(max_per_rank=max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint)
+                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint,
+                            tenants=_tenants(args.tenants))
     return ServeSetup(model=args.model or args.model_flag, n=args.num_instances, tp=args.tp, device=device,
                       spec_kwargs=spec_kwargs, cluster_kwargs=cluster_kwargs, policy=policy,
                       endpoint_options=endpoint_options)
@@ -356,7 +361,7 @@ def _serve(args, passthrough: list[str]) -> int:
 
     setup = serve_setup(args, passthrough)
     n, policy, endpoint_options = setup.n, setup.policy, setup.endpoint_options
-    routed = n > 1 or args.autoscale is not None
+    routed = n > 1 or args.autoscale is not None or args.tenants is not None
     _check_endpoint(args, policy, endpoint_options, listen=routed)
     cluster = Cluster.replicas(setup.model, n=n, tp=setup.tp, device=setup.device,
                                cluster_kwargs=setup.cluster_kwargs, **setup.spec_kwargs)
@@ -396,6 +401,19 @@ def _serve(args, passthrough: list[str]) -> int:
 
     endpoint_kw = dict(port=args.port, host=args.host, policy=policy, **endpoint_options) if routed else None
     return _run_until_signal(cluster, start, endpoint_kw, f"{n} instances")
+
+
+def _tenants(path):
+    """``--tenants FILE``: the parsed tenants, or ValueError naming the file, the tenant and the field."""
+    if path is None:
+        return None
+    from nbkit.policies.tenants import Tenants
+    try:
+        return Tenants.load(path)
+    except OSError as e:
+        raise ValueError(f"--tenants {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise ValueError(f"--tenants {e}") from None
 
 
 def _check_endpoint(args, policy: str, endpoint_options: dict, listen: bool = True) -> None:
@@ -464,7 +482,8 @@ def _route(args) -> int:
 
     cluster = AttachedCluster(args.worker_urls, model=args.model)  # a bad URL fails here, naming it
     endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
-                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint)
+                            migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint,
+                            tenants=_tenants(args.tenants))
     _check_endpoint(args, args.policy, endpoint_options)
     n = len(cluster)
 

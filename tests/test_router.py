@@ -201,7 +201,7 @@ def test_ok_non_streamed_request_is_accounted_and_released():
     assert (rec.outcome, rec.rank, rec.attempts, rec.path) == ("ok", "replica0", 1, "/v1/completions")
     assert (rec.tokens_in, rec.tokens_out) == (7, 3)  # taken from the body's usage
     assert rec.ttft_s is not None and rec.e2e_s is not None and rec.e2e_s >= 0
-    assert router.counters == {"requests": 1, "retries": 0, "failures": 0, "shed": 0, "migrations": 0}
+    assert router.counters == {"requests": 1, "retries": 0, "failures": 0, "shed": 0, "migrations": 0, "throttled": 0}
     assert up.headers()["x-nbkit-rank"] == "replica0"
 
 
@@ -267,7 +267,7 @@ def test_transport_error_with_retries_exhausted_raises_and_releases():
     # r0, then r1, then r1 again (no other rank left: transport errors retry on the same one)
     assert (rec.outcome, rec.attempts, rec.rank) == ("error", 3, "replica1")
     assert "ConnectError" in rec.error
-    assert router.counters == {"requests": 1, "retries": 2, "failures": 1, "shed": 0, "migrations": 0}
+    assert router.counters == {"requests": 1, "retries": 2, "failures": 1, "shed": 0, "migrations": 0, "throttled": 0}
     assert [s.failures for s in router.states] == [1, 2]
 
 
@@ -492,7 +492,7 @@ def test_failure_before_the_first_byte_is_retried_on_another_rank(failure, strea
     assert len(router.records) == 1  # the failed attempt is not a separate request
     rec = router.records[0]
     assert (rec.outcome, rec.attempts, rec.rank, rec.replica) == ("ok", 2, "replica1", 1)
-    assert router.counters == {"requests": 1, "retries": 1, "failures": 0, "shed": 0, "migrations": 0}
+    assert router.counters == {"requests": 1, "retries": 1, "failures": 0, "shed": 0, "migrations": 0, "throttled": 0}
     assert up.headers()["x-nbkit-rank"] == "replica1"
     assert router.states[0].failures == 1 and router.states[1].failures == 0
 

@@ -92,8 +92,9 @@ def test_default_tenant_without_table_and_direct_form():
     ({"alice": {"priority": "urgent"}}, "tenants.alice.priority", "interactive"),
     ({"alice": {"priority": 1.5}}, "tenants.alice.priority", "bad priority"),
     ({"alice": {"priority": True}}, "tenants.alice.priority", "bad priority"),
-    ({"alice": {"api_key": 123}}, "tenants.alice.api_key", "must be a string"),
+    ({"alice": {"api_key": 123}}, "tenants.alice.api_key", "non-empty string"),
     ({"alice": {"api_key": ""}}, "tenants.alice.api_key", "non-empty"),
+    ({"alice": {"api_key": "has space"}}, "tenants.alice.api_key", "without whitespace"),
     ({"alice": {"colour": "red"}}, "tenants.alice.colour", "unknown key"),
     ({"alice": 3}, "tenants.alice", "must be a table"),
     ({"tenants": {"alice": {}, "bob": {"weight": 0}}}, "tenants.bob.weight", "must be > 0"),
@@ -443,8 +444,8 @@ def test_remove_and_take_during_iteration():
         if it == ["B", 3]:
             q.push(["C", 0], tenant="C", weight=1, priority=0, cost=1)   # not in the snapshot
     assert ["A", 1] not in seen and len(seen) == 7 and ["C", 0] not in seen
-    assert list(q) == [["A", 0], ["B", 0], ["B", 2], ["A", 2], ["A", 3], ["C", 0]] \
-        or list(q)[:5] == [["A", 0], ["B", 0], ["B", 2], ["A", 2], ["A", 3]]
+    # A1 was not A's newest item, so A2/A3 keep their tags; C joins at V = 30 (B3's start)
+    assert list(q) == [["A", 0], ["B", 0], ["A", 2], ["B", 2], ["C", 0], ["A", 3]]
     assert len(q) == 6 and q.stats()["B"] == {"queued": 2, "queued_cost": 20.0}
     with pytest.raises(KeyError):
         q.take(items[2])
@@ -459,24 +460,19 @@ def test_remove_and_take_during_iteration():
 
 
 def test_remove_does_not_advance_virtual_clock_but_take_does():
-    def setup():
+    def run(grant: bool) -> list:
         q = FairQueue()
-        for i in range(10):
+        for i in range(10):                         # finish tags 10, 20, ..., 100
             q.push(("A", i), tenant="A", weight=1, priority=0, cost=10)
-        return q
-    q = setup()
-    for i in range(5):
-        q.remove(("A", i)) if False else None
-    objs = list(q)
-    for o in objs[:5]:
-        assert q.remove(o)                          # cancelled: V stays at 0
-    q.push(("B", 0), tenant="B", weight=1, priority=0, cost=10)    # start 0, finish 10
-    assert q.peek() == ("B", 0)
-    q = setup()
-    for o in list(q)[:5]:
-        q.take(o)                                   # granted: V moves to 40
-    q.push(("B", 0), tenant="B", weight=1, priority=0, cost=10)    # start 40, finish 50
-    assert list(q) == [("A", 5), ("B", 0), ("A", 6), ("A", 7), ("A", 8), ("A", 9)]
+        for o in list(q)[:5]:
+            q.take(o) if grant else q.remove(o)
+        for i in range(3):
+            q.push(("B", i), tenant="B", weight=1, priority=0, cost=10)
+        return list(q)[:6]
+    # cancelled: V stays 0, B's tags are 10, 20, 30 and go before A5 (60)
+    assert run(grant=False) == [("B", 0), ("B", 1), ("B", 2), ("A", 5), ("A", 6), ("A", 7)]
+    # granted: V is A4's start (40), B's tags are 50, 60, 70: interleaved
+    assert run(grant=True) == [("B", 0), ("A", 5), ("B", 1), ("A", 6), ("B", 2), ("A", 7)]
 
 
 def test_removing_newest_item_returns_tag_space():
@@ -494,7 +490,7 @@ def test_empty_level_forgets_history():
     q = FairQueue()
     for i in range(50):
         q.push(("A", i), tenant="A", weight=1, priority=0, cost=10)
-    drain(q)
-    q.push(("B", 0), tenant="B", weight=1, priority=0, cost=10)
+    drain(q)                                        # level empty: A's old finish tag is dropped
     q.push(("A", 50), tenant="A", weight=1, priority=0, cost=10)
-    assert drain(q) == [("B", 0), ("A", 50)]        # tie at a fresh level: push order
+    q.push(("B", 0), tenant="B", weight=1, priority=0, cost=10)
+    assert drain(q) == [("A", 50), ("B", 0)]        # equal tags at a fresh level: push order

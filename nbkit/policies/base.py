@@ -50,6 +50,8 @@ class RequestInfo:
     session: str | None = None        # sticky-session key
     token_ids: Sequence[int] | None = None  # the prompt as the engine tokenizes it (exact cache lookups)
     lora: str | None = None           # the LoRA adapter the request names (part of a block's identity)
+    tenant: str = "default"           # who sent it (nbkit.policies.tenants)
+    priority: int = 0                 # lower is more urgent (vLLM's convention): "interactive" 0, "batch" 10
 
 
 @dataclass(frozen=True)

@@ -57,14 +57,11 @@ def parse_priority(value: Any, *, where: str = "priority") -> int:
     Anything else (bools and floats included) raises ``ValueError`` naming ``where`` and the value."""
     if isinstance(value, int) and not isinstance(value, bool):
         return value
-    if isinstance(value, str):
-        text = value.strip()
-        if text.lower() in PRIORITIES:
-            return PRIORITIES[text.lower()]
-        try:
-            return int(text)
-        except ValueError:
-            pass
+    text = value.strip().lower() if isinstance(value, str) else None
+    if text in PRIORITIES:
+        return PRIORITIES[text]
+    if text and text.lstrip("+-").isdecimal():
+        return int(text)
     names = ", ".join(f"{k} ({v})" for k, v in PRIORITIES.items())
     raise ValueError(f"{where}: bad priority {value!r}; expected an integer or one of: {names}")
 
@@ -100,11 +97,9 @@ class Tenant:
             raise ValueError(f"tenants.{name!r}: a tenant name must be a non-empty string "
                              "without surrounding whitespace")
         where = DEFAULT_TENANT if name == DEFAULT_TENANT else f"tenants.{name}"
-        key = self.api_key
-        if key is not None and not isinstance(key, str):
-            raise ValueError(f"{where}.api_key: must be a string, got {type(key).__name__}")
-        if key is not None and (not key or any(c.isspace() for c in key)):
-            raise ValueError(f"{where}.api_key: must be non-empty and contain no whitespace")
+        key = self.api_key                           # messages never echo a key
+        if key is not None and (not isinstance(key, str) or not key or any(map(str.isspace, key))):
+            raise ValueError(f"{where}.api_key: must be a non-empty string without whitespace")
         set_ = object.__setattr__
         set_(self, "weight", _positive(f"{where}.weight", self.weight, optional=False))
         set_(self, "priority", parse_priority(self.priority, where=f"{where}.priority"))
@@ -146,20 +141,18 @@ class Tenants:
         self._default = default if default is not None else Tenant(DEFAULT_TENANT)
         self._tenants: dict[str, Tenant] = {}
         keyed: dict[str, str] = {}                 # api_key -> where it was configured
-        for t in [*tenants, self._default]:
-            is_default = t is self._default
-            where = DEFAULT_TENANT if is_default else f"tenants.{t.name}"
-            if not is_default:
+        pairs = [(t, f"tenants.{t.name}") for t in tenants] + [(self._default, DEFAULT_TENANT)]
+        for t, where in pairs:
+            if where != DEFAULT_TENANT:
                 if t.name == self._default.name:
-                    raise ValueError(f"{where}: {t.name!r} is reserved for the tenant used when a "
-                                     "request names none; configure it as a top-level [default] table")
+                    raise ValueError(f"{where}: the name is reserved for the default tenant; "
+                                     "configure it as a top-level [default] table")
                 if t.name in self._tenants:
                     raise ValueError(f"{where}: duplicate tenant name")
                 self._tenants[t.name] = t
-            if t.api_key is not None:
-                if t.api_key in keyed:             # message must not echo the key
-                    raise ValueError(f"{where}.api_key: same api_key as {keyed[t.api_key]}")
-                keyed[t.api_key] = where
+            if t.api_key is not None and t.api_key in keyed:     # the message must not echo it
+                raise ValueError(f"{where}.api_key: same api_key as {keyed[t.api_key]}")
+            keyed[t.api_key] = where
         self._keyed = [t for t in [*self._tenants.values(), self._default] if t.api_key is not None]
 
     @classmethod
@@ -169,22 +162,15 @@ class Tenants:
         if not isinstance(d, Mapping):
             raise ValueError(f"tenant config: must be a table, got {type(d).__name__}")
         if "tenants" in d:
-            for key in d:
-                if key not in ("tenants", "default"):
-                    raise ValueError(f"{key}: unknown top-level key; expected 'tenants' and "
-                                     "optionally 'default'")
+            for key in set(d) - {"tenants", "default"}:
+                raise ValueError(f"{key}: unknown top-level key; expected 'tenants', 'default'")
             tables = d["tenants"]
             if not isinstance(tables, Mapping):
                 raise ValueError(f"tenants: must be a table, got {type(tables).__name__}")
         else:
             tables = {k: v for k, v in d.items() if k != "default"}
         default = d.get("default")
-        tenants = []
-        for name, table in tables.items():
-            if name == DEFAULT_TENANT:
-                raise ValueError(f"tenants.{name}: {name!r} is reserved for the tenant used when a "
-                                 "request names none; configure it as a top-level [default] table")
-            tenants.append(_tenant_from_table(f"tenants.{name}", name, table))
+        tenants = [_tenant_from_table(f"tenants.{name}", name, t) for name, t in tables.items()]
         return cls(tenants, default=None if default is None
                    else _tenant_from_table(DEFAULT_TENANT, DEFAULT_TENANT, default))
 
@@ -220,9 +206,6 @@ class Tenants:
 
     def __len__(self) -> int:
         return len(self._tenants)
-
-    def __repr__(self) -> str:
-        return f"Tenants({', '.join(self._tenants) or 'none'}; requires_key={self.requires_key})"
 
     def _by_key(self, key: str) -> Tenant | None:
         found = None
@@ -296,8 +279,7 @@ class TokenBucket:
     def __init__(self, rate_per_minute: float, burst: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.rate_per_minute = _positive("rate_per_minute", rate_per_minute, optional=False)
-        self.capacity = _positive("burst", burst if burst is not None else rate_per_minute,
-                                  optional=False)
+        self.capacity = _positive("burst", rate_per_minute if burst is None else burst, optional=False)
         self._per_s = self.rate_per_minute / 60.0
         self._clock = clock
         self._tokens = self.capacity
@@ -327,9 +309,6 @@ class TokenBucket:
     def available(self, now: float | None = None) -> float:
         self._refill(now)
         return self._tokens
-
-    def __repr__(self) -> str:
-        return f"TokenBucket({self.rate_per_minute:g}/min, {self._tokens:.6g}/{self.capacity:g})"
 
 
 @dataclass(frozen=True)
@@ -453,8 +432,7 @@ class FairQueue:
         if id(item) in self._by_id:
             raise ValueError("item is already queued")
         weight = _positive("weight", weight, optional=False)
-        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or math.isnan(cost) \
-                or math.isinf(cost):
+        if isinstance(cost, bool) or not isinstance(cost, (int, float)) or not math.isfinite(cost):
             raise ValueError(f"cost: must be a finite number, got {cost!r}")
         priority = parse_priority(priority)
         level = self._levels.get(priority)
@@ -484,19 +462,20 @@ class FairQueue:
         elif level.last_finish.get(e.tenant) == e.finish:
             level.last_finish[e.tenant] = e.start
 
+    def _front(self) -> _Entry:
+        if not self._order:
+            raise IndexError("the FairQueue is empty")
+        return self._order[0][3]
+
     def pop(self) -> Any:
         """Remove and return the next item to serve (``IndexError`` when empty)."""
-        if not self._order:
-            raise IndexError("pop from an empty FairQueue")
-        e = self._order[0][3]
+        e = self._front()
         self._detach(e, granted=True)
         return e.item
 
     def peek(self) -> Any:
         """The next item to serve, left queued (``IndexError`` when empty)."""
-        if not self._order:
-            raise IndexError("peek at an empty FairQueue")
-        return self._order[0][3].item
+        return self._front().item
 
     def take(self, item: Any) -> None:
         """Grant ``item`` out of order (advances ``V`` like :meth:`pop`); ``KeyError`` if not queued."""
@@ -539,6 +518,3 @@ class FairQueue:
             s["queued"] += 1
             s["queued_cost"] += e.cost
         return out
-
-    def __repr__(self) -> str:
-        return f"FairQueue({len(self)} queued over {len(self._levels)} priority levels)"

@@ -58,6 +58,7 @@ from urllib.parse import urlsplit
 from nbkit import loop
 from nbkit.routing.forward import Forwarder
 from nbkit.routing.rank import Rank
+from nbkit.routing.admission import schedules_by_priority
 from nbkit.routing.router import Router
 from nbkit.routing.state import RequestRecord
 from nbkit.routing.tracing import make_tracing
@@ -182,6 +183,7 @@ class RoutedClient:
         self.timeout = float(timeout)
         self._transport_spec, self.max_connections = transport, max_connections
         check_transport(transport)
+        router_options.setdefault("vllm_priority", schedules_by_priority(target))
         self.router = Router(_ranks_of(target), policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                              seed=seed, **router_options)
         self.retries = retries
@@ -350,9 +352,15 @@ class RoutedClient:
         hdrs = self._headers(headers)
         if session is not None:
             hdrs["x-session-id"] = str(session)
+        # tenant= and priority= are nbkit's (the router's admission queue; vLLM's priority only where
+        # the replicas schedule by it): headers, not body fields
+        for key, header in (("tenant", "x-nbkit-tenant"), ("priority", "x-nbkit-priority")):
+            value = body.pop(key, None)
+            if value is not None:
+                hdrs[header] = str(value)
+        info = self.router.describe(body, hdrs, trusted=True)
         up = await fwd.open("POST", path, content=json.dumps(body).encode(), headers=hdrs,
-                            info=self.router.describe(body, hdrs), rank=rank, stream=stream, body=body,
-                            timeout=self.timeout)
+                            info=info, rank=rank, stream=stream, body=body, timeout=self.timeout)
         if up.status_code >= 400:
             raise RoutedClientError(up.status_code, up.body.decode(errors="replace"), up.lease.rank.name)
         return up

@@ -37,6 +37,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from nbkit import loop
 from nbkit.policies import NoCandidateError
 from nbkit.routing.forward import HOP_BY_HOP, Forwarder
+from nbkit.routing.admission import TenantError, schedules_by_priority
 from nbkit.routing.prom import EndpointMetrics
 from nbkit.routing.router import Router
 from nbkit.routing.tracing import make_tracing
@@ -79,7 +80,8 @@ class Endpoint:
                  max_concurrency: int | None = None, timeout: float = 600.0, seed: int | None = None,
                  log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
                  max_connections: int | None = None, kv_index=None, tokenizer=None, max_queue: int | None = None,
-                 queue_timeout: float | None = None, migration_limit: int = 3, tracing=None):
+                 queue_timeout: float | None = None, migration_limit: int = 3, tracing=None, tenants=None,
+                 vllm_priority: bool | None = None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
@@ -87,7 +89,9 @@ class Endpoint:
         ranks = list(target.ranks) if hasattr(target, "ranks") else list(target)
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                                        seed=seed, kv_index=kv_index, tokenizer=tokenizer, max_queue=max_queue,
-                                       queue_timeout=queue_timeout)
+                                       queue_timeout=queue_timeout, tenants=tenants,
+                                       vllm_priority=schedules_by_priority(target) if vllm_priority is None
+                                       else vllm_priority)
         if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
             raise ValueError(f"migration_limit={migration_limit!r}: must be a whole number >= 0")
         self.migration_limit = migration_limit
@@ -179,7 +183,12 @@ class Endpoint:
             body = json.dumps(parsed).encode()
         if not isinstance(parsed, dict):
             parsed = None
-        info = self.router.describe(parsed, headers)
+        try:
+            info = self.router.describe(parsed, headers)
+        except TenantError as e:  # a missing or unknown API key (401), an unknown tenant or priority (400)
+            log.info("endpoint: %s %s -> %d: %s", method, path, e.status, e)
+            return _error(e.status, str(e), "AuthenticationError" if e.status == 401 else "BadRequest",
+                          param=e.param)
         stream = bool(parsed and parsed.get("stream"))
         opening = asyncio.ensure_future(self._fwd.open(method, full_path, content=body or None, headers=headers,
                                                        info=info, rank=rank, stream=stream, timeout=self.timeout,

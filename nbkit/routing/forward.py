@@ -210,6 +210,7 @@ class Forwarder:
         over all attempts (also the longest silence of the replica)."""
         info = info or RequestInfo(prompt_tokens=0, max_tokens=0)
         record = self.router.new_record(path, info)
+        self.router.admit(info, record)  # the tenant's rate limits: Throttled (429) over one
         if self.tracing is not None:
             self.tracing.begin(self.router, record, headers)
         state = None
@@ -217,6 +218,8 @@ class Forwarder:
         tok = self.router.tokenizer
         if tok is not None and info.token_ids is not None and body is not None and method == "POST":
             sent = tok.token_prompt(path, body, info.token_ids) or body  # tokenized once, here
+        if body is not None and method == "POST":
+            sent = self.router.admission.body_priority(sent, info)  # vLLM's own priority scheduling
         if stream and body is not None and self.migration_limit and rank is None and method == "POST":
             prepared = migrate.prepare(path.split("?", 1)[0], sent)
             if prepared is not None:

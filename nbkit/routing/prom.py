@@ -50,6 +50,12 @@ METRICS = {
     "nbkit_queued_requests": ("gauge", (), "Requests waiting in the admission queue"),
     "nbkit_kv_index_blocks": ("gauge", ("rank",), "KV-cache blocks the index holds"),
     "nbkit_kv_index_warm": ("gauge", ("rank",), "1 while the rank's index is trusted (0: cold)"),
+    "nbkit_tenant_requests": ("counter", ("tenant",), "Requests by tenant (admitted or throttled)"),
+    "nbkit_tenant_throttled": ("counter", ("tenant", "limit"), "Requests answered 429 because the tenant was over "
+                               "its requests_per_minute or tokens_per_minute"),
+    "nbkit_tenant_output_tokens": ("counter", ("tenant",), "Tokens generated for the tenant's finished requests"),
+    "nbkit_tenant_in_flight": ("gauge", ("tenant",), "The tenant's requests on a rank now"),
+    "nbkit_tenant_queued": ("gauge", ("tenant",), "The tenant's requests waiting in the admission queue"),
     "nbkit_queue_wait_seconds": ("histogram", (), "Time waiting for admission"),
     "nbkit_time_to_first_token_seconds": ("histogram", (), "TTFT seen by the endpoint (requests that ended ok)"),
     "nbkit_kv_matched_tokens": ("histogram", (), "Prompt tokens cached on the chosen rank (KV-index policies)"),
@@ -120,6 +126,16 @@ class EndpointMetrics:
             states = [(s.key, s.picks, s.in_flight, s.pending_prefill_tokens, s.pending_decode_tokens,
                        s.healthy and not s.down) for s in router.states]
             queued, fallbacks = router.queued, router.fallbacks
+            queued_by = router.queued_by_tenant()
+        for tenant, c in sorted(router.admission.snapshot().items()):
+            fam["nbkit_tenant_requests"].add_metric([tenant], c["requests"])
+            fam["nbkit_tenant_output_tokens"].add_metric([tenant], c["tokens"])
+            fam["nbkit_tenant_in_flight"].add_metric([tenant], c["in_flight"])
+            fam["nbkit_tenant_queued"].add_metric([tenant], queued_by.pop(tenant, 0))
+            for limit in ("requests_per_minute", "tokens_per_minute"):
+                fam["nbkit_tenant_throttled"].add_metric([tenant, limit], c.get(f"throttled_{limit}", 0))
+        for tenant, n in sorted(queued_by.items()):
+            fam["nbkit_tenant_queued"].add_metric([tenant], n)
         for name, key in _COUNTERS.items():
             fam[name].add_metric([], counters.get(key, 0))
         fam["nbkit_restarts"].add_metric([], getattr(self.cluster, "restarts", 0) or 0)

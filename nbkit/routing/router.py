@@ -1,4 +1,4 @@
-"""The router's mechanism: per-rank accounting, a FIFO admission queue, load scraping, health and
+"""The router's mechanism: per-rank accounting, a fair admission queue, load scraping, health and
 circuit breaking. Which rank gets a request is the policy's business (:mod:`nbkit.policies`).
 
     router = Router(cluster.ranks, policy="least_load", max_per_rank=64, max_concurrency=256)
@@ -17,8 +17,11 @@ reads scraped load (``Policy.uses_scrape``; every ``IDLE_SCRAPE_S`` = 2 s otherw
 older than two intervals is stale and ignored by the policies.
 
 Admission: with ``max_per_rank`` and/or ``max_concurrency`` set, requests that cannot be placed
-wait in one FIFO queue; when a slot frees, the oldest request that can be placed picks among the
-ranks with room. ``max_queue`` bounds the queue's depth (a request beyond it is shed at once:
+wait in one queue (a :class:`~nbkit.policies.tenants.FairQueue`): the most urgent priority first,
+then weighted fair queuing on tokens across tenants, FIFO within a tenant (one tenant and one
+priority: plain FIFO); when a slot frees, the first request in that order that can be placed picks
+among the ranks with room. ``tenants`` (:mod:`nbkit.routing.admission`) names who sent what, their
+weights and priorities, and rate-limits them (:meth:`admit`: 429 over a limit). ``max_queue`` bounds the queue's depth (a request beyond it is shed at once:
 :class:`Overloaded`, status 429) and ``queue_timeout`` the wait (shed after it: status 503); both
 unbounded by default. Shed requests are counted (``counters["shed"]``).
 
@@ -44,6 +47,8 @@ import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
+from nbkit.policies.tenants import FairQueue
+from nbkit.routing.admission import Admission, Throttled
 from nbkit.routing.lease import (Lease, NoHealthyRank, Overloaded, Waiter, check_admission, settle,  # noqa: F401
                                  uncached)
 from nbkit.routing.state import RankState, RequestRecord
@@ -73,7 +78,8 @@ class Router:
                  max_per_rank: int | None = None, max_concurrency: int | None = None,
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
                  seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None,
-                 kv_index=None, tokenizer=None, max_queue: int | None = None, queue_timeout: float | None = None):
+                 kv_index=None, tokenizer=None, max_queue: int | None = None, queue_timeout: float | None = None,
+                 tenants=None, vllm_priority: bool = False):
         check_admission(max_per_rank=max_per_rank, max_concurrency=max_concurrency, max_queue=max_queue,
                         queue_timeout=queue_timeout)
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
@@ -85,6 +91,8 @@ class Router:
         #: the exact KV-cache index (:class:`~nbkit.policies.kv_index.KVIndex`) and the served model's
         #: tokenizer (:class:`~nbkit.routing.tokenize.PromptTokenizer`), for policies that read them
         self.kv_index, self.tokenizer = kv_index, tokenizer
+        #: tenants, priorities and rate limits (:class:`~nbkit.routing.admission.Admission`)
+        self.admission = Admission(tenants, vllm_priority=vllm_priority)
         self._fallback = ""  # the last cause a policy gave for not deciding as designed
         self._policy = self._make_policy(policy)
         self.max_per_rank = max_per_rank
@@ -99,7 +107,7 @@ class Router:
         self.listeners: list[Callable[[RequestRecord], None]] = []
         #: called with each record as it is created, on the caller's thread (before routing)
         self.created_listeners: list[Callable[[RequestRecord], None]] = []
-        self._queue: deque[Waiter] = deque()  # FIFO
+        self._queue = FairQueue()  # of Waiters: priority, then fair share across tenants, FIFO within one
         self._ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         # /metrics and /health: a Probe given (not closed here), or one over ``client`` (a transport
@@ -107,7 +115,7 @@ class Router:
         self._client = client
         self._probe: Probe | None = probe
         self._own_probe = probe is None
-        self.counters = {"requests": 0, "retries": 0, "failures": 0, "shed": 0, "migrations": 0}
+        self.counters = {"requests": 0, "retries": 0, "failures": 0, "shed": 0, "migrations": 0, "throttled": 0}
         self.fallbacks = 0  # decisions a policy made by its fallback (kv_aware without a trusted index)
 
     # -- configuration ---------------------------------------------------------------------------
@@ -168,6 +176,11 @@ class Router:
     def queued(self) -> int:
         return len(self._queue)
 
+    def queued_by_tenant(self) -> dict[str, int]:
+        """Requests waiting in the admission queue, per tenant."""
+        with self._lock:
+            return {t: int(v["queued"]) for t, v in self._queue.stats().items()}
+
     def loads(self) -> list[RankLoad]:
         now = time.time()
         return [s.view(2 * self.scrape_interval, now) for s in self.states]
@@ -225,6 +238,8 @@ class Router:
         record.reason = choice.reason
         record.cached_tokens = int(choice.cached_tokens)
         record.queue_wait_s = time.time() - record.arrival
+        record.tenant, record.priority = info.tenant, info.priority
+        self.admission.started(info)
         if choice.fallback != self._fallback:
             if choice.fallback:
                 log.warning("router: %s cannot decide as designed (%s); %s", self._policy.name, choice.fallback,
@@ -237,11 +252,25 @@ class Router:
         self._policy.on_dispatch(choice, info)
         return Lease(self, s, choice, info, record)
 
-    def describe(self, body, headers=None) -> RequestInfo:
-        """What the policy needs of an OpenAI-style request body: token counts, prefix, session, and the
-        exact token ids when the policy reads the KV-cache index and a tokenizer is set."""
+    def describe(self, body, headers=None, *, trusted: bool = False) -> RequestInfo:
+        """What the policy needs of an OpenAI-style request body: token counts, prefix, session, the
+        exact token ids when the policy reads the KV-cache index and a tokenizer is set, and who
+        sent it with what priority (``trusted``: the in-kernel client, whose tenant needs no API
+        key). Raises :class:`~nbkit.routing.admission.TenantError` (401/400) for a bad key or name."""
         tokenizer = self.tokenizer if self._policy.uses_kv_index else None
-        return request_info(body, headers, tokenizer=tokenizer)
+        info = request_info(body, headers, tokenizer=tokenizer)
+        return self.admission.classify(info, headers, body, trusted=trusted)
+
+    def admit(self, info: RequestInfo, record: RequestRecord) -> None:
+        """Charge a new request to its tenant's rate limits (once, before its first attempt); over a
+        limit it is abandoned as ``throttled`` and :class:`~nbkit.routing.admission.Throttled`
+        (429, ``retry_after``) is raised."""
+        try:
+            self.admission.charge(info, record)
+        except Throttled as e:
+            self.count("throttled")
+            self._abandon(record, "throttled", str(e))
+            raise
 
     async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
                       path: str = "", record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
@@ -278,7 +307,8 @@ class Router:
                 self._shed(record, e)
                 raise e
             waiter = Waiter(asyncio.get_running_loop().create_future(), info, rank, exclude, record, roles)
-            self._queue.append(waiter)
+            self._queue.push(waiter, tenant=info.tenant, weight=self.admission.weight(info.tenant),
+                             priority=info.priority, cost=info.prompt_tokens + info.max_tokens)
         try:
             if self.queue_timeout is None:
                 return await waiter.fut
@@ -308,10 +338,7 @@ class Router:
         """Take a waiter that was not granted out of the queue (under the lock); False if it was granted."""
         if waiter.granted:
             return False
-        try:
-            self._queue.remove(waiter)
-        except ValueError:
-            pass
+        self._queue.remove(waiter)
         return True
 
     def _retry_after(self) -> float:
@@ -368,6 +395,7 @@ class Router:
 
     def finished(self, lease: Lease) -> None:
         """A lease was released: publish its record (unless the request is being retried), admit more."""
+        self.admission.ended(lease.info, lease.record.outcome, lease.record.tokens_out)
         if lease.record.outcome != "retry":
             self._publish(lease.record)
         self._policy.on_release(lease.choice, lease.info)
@@ -380,31 +408,28 @@ class Router:
         self._notify(self.listeners, record)
 
     def _pump(self) -> None:
-        """Place the oldest waiting requests that can be placed now."""
+        """Place the waiting requests that can be placed now, in the queue's order."""
         if not self._queue:
             return
         with self._lock:
-            kept = deque()
-            while self._queue:
-                w = self._queue.popleft()
+            for w in self._queue:  # a snapshot in service order: taking from it is safe
                 if w.fut.done():  # cancelled: its own loop abandons the record
+                    self._queue.remove(w)
                     continue
                 try:
                     placed = self._place(w.info, w.rank, w.exclude, w.roles)
                 except Exception as e:  # noqa: BLE001 - hand the error to the waiter
+                    self._queue.remove(w)
                     w.granted = True
                     settle(w.fut, exc=e)
                     continue
                 if placed is None:
-                    kept.append(w)
                     if not self._global_room():
-                        kept.extend(self._queue)
-                        self._queue.clear()
                         break
                     continue
+                self._queue.take(w)
                 w.granted = True
                 settle(w.fut, self._grant(*placed, w.info, w.record))
-            self._queue = kept
 
     def mark_down(self, replica: int, reason: str) -> None:
         """Replica ``replica``'s process is gone: its ranks leave routing now (startup grace or

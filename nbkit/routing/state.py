@@ -36,6 +36,8 @@ class RequestRecord:
     prefill_rank: str = ""        # prefill/decode split: where the prompt was prefilled
     prefill_s: float | None = None  # ... and how long that took
     cached_tokens: int = 0        # prompt tokens the policy expected the rank to hold cached (kv_aware: exact)
+    tenant: str = "default"       # who sent it (the endpoint's tenants; see nbkit.routing.admission)
+    priority: int = 0
 
 
 @dataclass

@@ -102,6 +102,32 @@ def decisions_html(records, n: int = 8) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
+def tenants_html(routers) -> str:
+    """Per tenant over the cluster's routers: in flight, queued, share of what finished ok, output
+    tokens, throttled (429) requests."""
+    rows: dict[str, dict] = {}
+    for r in routers:
+        queued = r.queued_by_tenant()
+        for name, c in r.admission.snapshot().items():
+            row = rows.setdefault(name, {"in_flight": 0, "queued": 0, "ok": 0, "tokens": 0, "throttled": 0})
+            for k in ("in_flight", "ok", "tokens", "throttled"):
+                row[k] += c.get(k, 0)
+            row["queued"] += queued.pop(name, 0)
+        for name, n in queued.items():
+            rows.setdefault(name, {"in_flight": 0, "queued": 0, "ok": 0, "tokens": 0, "throttled": 0})["queued"] += n
+    if not rows:
+        return ("<i>no requests yet; tenants: cluster.endpoint(tenants='tenants.toml') or "
+                "client.complete(..., tenant='alice', priority='batch')</i>")
+    total = sum(r["tokens"] for r in rows.values()) or 1
+    body = "".join(
+        f"<tr><td>{html.escape(name)}</td><td>{r['in_flight']}</td><td>{r['queued']}</td><td>{r['ok']}</td>"
+        f"<td>{r['tokens']}</td><td>{r['tokens'] / total:.0%}</td><td>{r['throttled']}</td></tr>"
+        for name, r in sorted(rows.items()))
+    return ("<table class='nbkit-tenants' style='font-size:12px'><thead><tr><th>tenant</th><th>in flight</th>"
+            "<th>queued</th><th>ok</th><th>tokens out</th><th>share</th><th>throttled</th></tr></thead>"
+            f"<tbody>{body}</tbody></table>")
+
+
 def scaling_html(scaler, n: int = 8) -> str:
     """The autoscaler's last decision (a hold too) and its latest ups and downs, newest first."""
     if scaler is None:
@@ -202,10 +228,10 @@ class Panel(W.VBox):
             self.scale_row, self.plan_line, self.replica_row, self.action_line,
         ])
         self.scaling = W.HTML()
-        tabs = W.Tab(children=[self.decisions, self.log_view, self.scaling])
-        tabs.set_title(0, "routing decisions")
-        tabs.set_title(1, "log tail")
-        tabs.set_title(2, "autoscaling")
+        self.tenants = W.HTML()
+        tabs = W.Tab(children=[self.decisions, self.log_view, self.scaling, self.tenants])
+        for i, title in enumerate(("routing decisions", "log tail", "autoscaling", "tenants")):
+            tabs.set_title(i, title)
         super().__init__([self.header, self.table, self.chart, controls, tabs])
         self.add_class("nbkit-panel")
         self._render()
@@ -256,6 +282,7 @@ class Panel(W.VBox):
         self.table.value = rows_html(rows)
         self.decisions.value = decisions_html(self.monitor.records(), self.n_decisions)
         self.scaling.value = scaling_html(getattr(self.cluster, "autoscaler", None), self.n_decisions)
+        self.tenants.value = tenants_html(routers)
         i = self.replica.value if self.replica.value is not None else 0
         if i < len(self.cluster):
             self.log_view.value = f"<pre style='font-size:11px;max-height:240px;overflow:auto'>" \
