@@ -8,7 +8,8 @@ decided). Runs, in interleaved rounds (every other round reversed):
 
   alone   A only                                        (A's own TTFT: the reference)
   fifo    A + B, no tenant config: one queue in arrival order
-  fair    A + B, tenants.toml: A interactive, B batch   (priority first, then weighted fair share)
+  fair    A + B, tenants.toml: A interactive, B batch   (priority first, then weighted fair share;
+          --headroom slots per replica beyond --max-per-rank only interactive requests may use)
   limit   A + B, B also limited to --b-rpm requests/min, B sent open loop at --b-rate req/s:
           B over its limit gets 429 + Retry-After (counted), every request ends (none hangs)
 
@@ -51,7 +52,8 @@ async def one_run(cluster, mode: str, args, port: int) -> dict:
         tenants = json.loads(json.dumps(TENANTS))
         if mode == "limit":
             tenants["tenants"]["b"]["requests_per_minute"] = args.b_rpm
-    ep = cluster.endpoint(port=port, policy="least_load", max_per_rank=args.max_per_rank, tenants=tenants)
+    ep = cluster.endpoint(port=port, policy="least_load", max_per_rank=args.max_per_rank, tenants=tenants,
+                          interactive_headroom=args.headroom if tenants is not None else 0)
     try:
         # keys are only checked when tenants are configured; FIFO runs send them too (ignored)
         a_target = UrlTarget(ep.url, model=cluster.model, api="chat", label="A", headers={"authorization": "Bearer key-a"})
@@ -92,14 +94,17 @@ async def one_run(cluster, mode: str, args, port: int) -> dict:
 
 async def main_async(args) -> dict:
     from nbkit import Cluster
-    from nbkit.http.ports import free_port
+    from nbkit.http.ports import port_is_free
+
+    def free_port(start: int) -> int:
+        return next(p for p in range(start, start + 200) if port_is_free("127.0.0.1", p))
 
     cluster = Cluster.replicas(n=2, max_model_len=2048)
     t = time.perf_counter()
     await cluster.astart()
     print(f"2 replicas healthy in {time.perf_counter() - t:.0f} s: {', '.join(cluster.urls)}", flush=True)
     runs = []
-    modes = ["alone", "fifo", "fair", "limit"]
+    modes = args.modes
     try:
         for rnd in range(args.rounds):
             for mode in (modes if rnd % 2 == 0 else modes[::-1]):
@@ -125,7 +130,8 @@ def summarize(out: dict, args) -> list[str]:
         return float(np.mean(vals)) if vals else float("nan")
 
     alone, fifo, fair = (pooled(m, "a_ttft_p99_ms") for m in ("alone", "fifo", "fair"))
-    lines = [f"tenants.py: 2 vLLM-CPU replicas, --max-per-rank {args.max_per_rank}, A {args.a_rate} req/s chat x "
+    lines = [f"tenants.py: 2 vLLM-CPU replicas, --max-per-rank {args.max_per_rank} (fair/limit: "
+             f"--interactive-headroom {args.headroom}), A {args.a_rate} req/s chat x "
              f"{args.a_requests}, B closed loop {args.flood} x slots (limit run: {args.b_rate} req/s, "
              f"{args.b_rpm}/min allowed), {args.rounds} round(s); means over rounds", ""]
     lines.append(f"{'mode':<8}{'A p50 ms':>10}{'A p99 ms':>10}{'B tok/s':>10}")
@@ -133,6 +139,19 @@ def summarize(out: dict, args) -> list[str]:
         lines.append(f"{m:<8}{pooled(m, 'a_ttft_p50_ms'):>10.0f}{pooled(m, 'a_ttft_p99_ms'):>10.0f}"
                      f"{pooled(m, 'b_tokens_per_s'):>10.0f}")
     thr = pooled("fair", "b_tokens_per_s") / pooled("fifo", "b_tokens_per_s")
+    by_round = {}
+    for r in runs:
+        by_round.setdefault(r["round"], {})[r["mode"]] = r
+    paired = []
+    for rnd, m in sorted(by_round.items()):
+        if "fair" in m and "fifo" in m:
+            paired.append(m["fair"]["b_tokens_per_s"] / m["fifo"]["b_tokens_per_s"])
+        if "alone" in m and "fair" in m:
+            lines_round = (f"round {rnd}: A p99 fair/alone {m['fair']['a_ttft_p99_ms'] / m['alone']['a_ttft_p99_ms']:.2f}"
+                           + (f", fifo/alone {m['fifo']['a_ttft_p99_ms'] / m['alone']['a_ttft_p99_ms']:.2f}"
+                              if "fifo" in m else "")
+                           + (f", B tok/s fair/fifo {paired[-1]:.2f}" if "fifo" in m else ""))
+            out.setdefault("by_round", []).append(lines_round)
     limited = [r for r in runs if r["mode"] == "limit"]
     got_429 = all(r["b_outcomes"].get("http_429", 0) > 0 for r in limited)
     unfinished = sum(r.get("b_unfinished", 0) for r in runs) + sum(r["a_sent"] - r["a_ok"] for r in runs)
@@ -143,6 +162,7 @@ def summarize(out: dict, args) -> list[str]:
         ("B over its limit gets 429s (limit runs)", float(got_429), got_429),
         ("requests unfinished (cancelled / timed out) == 0", float(unfinished), unfinished == 0),
     ]
+    lines += [""] + out.get("by_round", [])
     lines.append("")
     for what, v, ok in goals:
         lines.append(f"{what:<52} {v:8.2f}  {'PASS' if ok else 'FAIL'}")
@@ -157,11 +177,18 @@ def main(argv=None) -> int:
     ap.add_argument("--a-requests", type=int, default=60)
     ap.add_argument("--a-rate", type=float, default=1.0)
     ap.add_argument("--max-per-rank", type=int, default=4, help="requests the endpoint holds on each replica")
+    ap.add_argument("--headroom", type=int, default=1,
+                    help="fair/limit runs: --interactive-headroom (slots per replica only A's requests may use)")
     ap.add_argument("--flood", type=float, default=5.0, help="B's requests in flight, x the endpoint's slots")
     ap.add_argument("--b-rate", type=float, default=10.0, help="limit run: B's open-loop rate (req/s)")
     ap.add_argument("--b-rpm", type=float, default=120.0, help="limit run: B's requests_per_minute")
+    ap.add_argument("--modes", default="alone,fifo,fair,limit", help="runs per round, from alone,fifo,fair,limit")
     ap.add_argument("--out", type=Path, default=HERE / "results" / "tenants.json")
     args = ap.parse_args(argv)
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in args.modes if m not in ("alone", "fifo", "fair", "limit")]
+    if bad or not args.modes:
+        ap.error(f"--modes {bad or args.modes}: choose from alone,fifo,fair,limit")
     t = time.perf_counter()
     out = asyncio.run(main_async(args))
     lines = summarize(out, args)

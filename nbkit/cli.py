@@ -73,6 +73,9 @@ def _endpoint_options(p: argparse.ArgumentParser, upstream: str, *, tracing_help
                    help="tenants, their API keys, fair-share weights, priorities and rate limits ([tenants.NAME] "
                         "tables: api_key, weight, priority, requests_per_minute, tokens_per_minute); fair share "
                         "orders requests waiting for admission, so give --max-per-rank too")
+    p.add_argument("--interactive-headroom", type=int, default=0, metavar="N",
+                   help="extra requests per replica beyond --max-per-rank that only interactive ones (priority "
+                        "<= 0) may use, so they need not wait for a batch request to finish (default 0)")
 
 
 def version() -> str:
@@ -349,7 +352,7 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
     policy = "session" if args.enable_request_affinity else args.policy
     endpoint_options = dict(max_per_rank=max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                             migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint,
-                            tenants=_tenants(args.tenants))
+                            tenants=_tenants(args.tenants), interactive_headroom=args.interactive_headroom)
     return ServeSetup(model=args.model or args.model_flag, n=args.num_instances, tp=args.tp, device=device,
                       spec_kwargs=spec_kwargs, cluster_kwargs=cluster_kwargs, policy=policy,
                       endpoint_options=endpoint_options)
@@ -422,7 +425,7 @@ def _check_endpoint(args, policy: str, endpoint_options: dict, listen: bool = Tr
     get_policy(policy)  # fail on a bad name before launching anything
     from nbkit.routing.router import check_admission
     check_admission(max_per_rank=endpoint_options["max_per_rank"], max_queue=args.max_queue,
-                    queue_timeout=args.queue_timeout)
+                    queue_timeout=args.queue_timeout, interactive_headroom=args.interactive_headroom)
     if args.migration_limit < 0:
         raise ValueError(f"--migration-limit {args.migration_limit}: must be >= 0")
     url = args.otlp_traces_endpoint
@@ -483,7 +486,7 @@ def _route(args) -> int:
     cluster = AttachedCluster(args.worker_urls, model=args.model)  # a bad URL fails here, naming it
     endpoint_options = dict(max_per_rank=args.max_per_rank, max_queue=args.max_queue, queue_timeout=args.queue_timeout,
                             migration_limit=args.migration_limit, tracing=args.otlp_traces_endpoint,
-                            tenants=_tenants(args.tenants))
+                            tenants=_tenants(args.tenants), interactive_headroom=args.interactive_headroom)
     _check_endpoint(args, args.policy, endpoint_options)
     n = len(cluster)
 

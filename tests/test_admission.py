@@ -171,3 +171,28 @@ def test_the_client_sends_tenant_and_priority_as_nbkits_not_as_body_fields():
     assert "tenant" not in seen.body and "priority" not in seen.body
     assert seen.headers["x-nbkit-tenant"] == "bob" and client.router.records[-1].tenant == "bob"
     assert client.router.records[-1].priority == 10
+
+
+def test_interactive_headroom_admits_an_interactive_request_past_the_cap_not_a_batch_one():
+    router = Router(ranks(1), "round_robin", max_per_rank=1, interactive_headroom=1)
+
+    async def main():
+        batch = await router.acquire(info(priority=10))
+        queued = asyncio.ensure_future(router.acquire(info(priority=10)))
+        await asyncio.sleep(0)
+        assert router.queued == 1  # the cap holds for batch requests
+        urgent = await asyncio.wait_for(router.acquire(info(priority=0)), 1.0)  # past the cap, at once
+        assert router.in_flight == 2
+        third = asyncio.ensure_future(router.acquire(info(priority=0)))
+        await asyncio.sleep(0)
+        assert router.queued == 2  # the headroom is one slot
+        urgent.release("ok")
+        second = await asyncio.wait_for(third, 1.0)  # the interactive one goes first
+        assert router.queued == 1 and second.info.priority == 0
+        second.release("ok")
+        batch.release("ok")
+        (await asyncio.wait_for(queued, 1.0)).release("ok")
+
+    run(main())
+    with pytest.raises(ValueError, match="interactive_headroom"):
+        Router(ranks(1), interactive_headroom=-1)

@@ -37,10 +37,11 @@ class Overloaded(NoCandidateError):
 
 
 def check_admission(*, max_per_rank: int | None = None, max_concurrency: int | None = None,
-                    max_queue: int | None = None, queue_timeout: float | None = None) -> None:
+                    max_queue: int | None = None, queue_timeout: float | None = None,
+                    interactive_headroom: int | None = 0) -> None:
     """Raise ValueError naming the first admission option that a Router would refuse."""
     for name, value, low in (("max_per_rank", max_per_rank, 1), ("max_concurrency", max_concurrency, 1),
-                             ("max_queue", max_queue, 0)):
+                             ("max_queue", max_queue, 0), ("interactive_headroom", interactive_headroom, 0)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name}={value!r}: must be a whole number >= {low} or None")
     if queue_timeout is not None and not (isinstance(queue_timeout, (int, float)) and queue_timeout > 0):

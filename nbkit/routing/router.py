@@ -79,9 +79,12 @@ class Router:
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
                  seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None,
                  kv_index=None, tokenizer=None, max_queue: int | None = None, queue_timeout: float | None = None,
-                 tenants=None, vllm_priority: bool = False):
+                 tenants=None, vllm_priority: bool = False, interactive_headroom: int = 0):
         check_admission(max_per_rank=max_per_rank, max_concurrency=max_concurrency, max_queue=max_queue,
-                        queue_timeout=queue_timeout)
+                        queue_timeout=queue_timeout, interactive_headroom=interactive_headroom)
+        #: extra requests per rank (and over all ranks) that only interactive ones (priority <= 0)
+        #: may use beyond max_per_rank / max_concurrency: they need not wait for a batch one to end
+        self.interactive_headroom = interactive_headroom
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
@@ -186,21 +189,24 @@ class Router:
         return [s.view(2 * self.scrape_interval, now) for s in self.states]
 
     # -- admission -------------------------------------------------------------------------------
-    def _has_room(self, s: RankState) -> bool:
-        return self.max_per_rank is None or s.in_flight < self.max_per_rank
+    def _extra(self, info: RequestInfo | None) -> int:
+        return self.interactive_headroom if info is not None and info.priority <= 0 else 0
 
-    def _global_room(self) -> bool:
-        return self.max_concurrency is None or self.in_flight < self.max_concurrency
+    def _has_room(self, s: RankState, info: RequestInfo | None = None) -> bool:
+        return self.max_per_rank is None or s.in_flight < self.max_per_rank + self._extra(info)
+
+    def _global_room(self, info: RequestInfo | None = None) -> bool:
+        return self.max_concurrency is None or self.in_flight < self.max_concurrency + self._extra(info)
 
     def _place(self, info: RequestInfo, rank, exclude: frozenset, roles: frozenset | None = None
                ) -> tuple[RankState, Choice] | None:
-        if not self._global_room():
+        if not self._global_room(info):
             return None
         if rank is not None:
             s = self._resolve(rank)
             if s.down:
                 raise NoHealthyRank(f"rank={rank!r}: {s.key} is down ({s.down})")
-            if not self._has_room(s):
+            if not self._has_room(s, info):
                 return None
             return s, Choice(s.index, s.key, f"explicit rank={rank!r}")
         now = time.time()
@@ -209,7 +215,7 @@ class Router:
         up = [s for s in pool if not s.down]
         if pool and not up:
             raise NoHealthyRank("no healthy rank: " + "; ".join(f"{s.key} {s.down}" for s in pool))
-        cands = [s for s in up if self._has_room(s)]
+        cands = [s for s in up if self._has_room(s, info)]
         if not cands:
             return None
         views = [s.view(2 * self.scrape_interval, now) for s in cands]
@@ -424,7 +430,7 @@ class Router:
                     settle(w.fut, exc=e)
                     continue
                 if placed is None:
-                    if not self._global_room():
+                    if not self._global_room(w.info):  # the rest are no more urgent: none fits
                         break
                     continue
                 self._queue.take(w)
