@@ -103,14 +103,13 @@ class RequestResult:
     prefill_instance: int | None = None  # simulator, prefill/decode split: the prefill instance
     cached_tokens: int = 0             # simulator: prompt tokens found in the prefix cache
     preemptions: int = 0               # simulator: times the request was preempted
+    tenant: str = ""                   # who sent it (bench.mix, the simulator's tenants); "" if unknown
 
     @property
     def tpot_s(self) -> float | None:
         return tpot(self.e2e_s, self.ttft_s, self.output_toks)
 
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
+    ok = property(lambda self: self.outcome == "ok")
 
     def row(self) -> dict[str, Any]:
         """Every field by name, plus ``tpot_s``."""

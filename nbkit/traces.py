@@ -6,7 +6,9 @@ One JSON object per line, of either kind::
     {"session_id": "s1", "arrival_time_ns": 5000000,
      "sub_requests": [{"input_toks": 300, "output_toks": 40, "tool_duration_ns": 2000000}, ...]}
 
-A flat line is one request (``input_tok_ids`` is optional). A session is an agentic conversation:
+A flat line is one request (``input_tok_ids`` is optional). Either kind may name its ``tenant``
+and ``priority`` (``"interactive"``, ``"batch"`` or an integer), read by the simulator's admission
+(:mod:`nbkit.sim.admission`). A session is an agentic conversation:
 sub-request k+1 starts ``tool_duration_ns`` (of sub-request k) after sub-request k finishes, with
 the conversation so far plus its own ``input_toks`` new tokens as the prompt.
 
@@ -39,6 +41,8 @@ class TraceRequest:
     output_toks: int
     arrival_time_ns: int
     input_tok_ids: tuple[int, ...] | None = None
+    tenant: str | None = None              # who sends it (the simulator's admission; bench.mix)
+    priority: str | int | None = None      # "interactive", "batch" or an integer; None: the tenant's
 
 
 @dataclass(frozen=True)
@@ -53,10 +57,13 @@ class TraceSession:
     session_id: str
     arrival_time_ns: int
     sub_requests: tuple[SubRequest, ...]
+    tenant: str | None = None
+    priority: str | int | None = None
 
 
-_FLAT = {"input_toks", "output_toks", "arrival_time_ns", "input_tok_ids"}
-_SESSION = {"session_id", "arrival_time_ns", "sub_requests"}
+_WHO = {"tenant", "priority"}
+_FLAT = {"input_toks", "output_toks", "arrival_time_ns", "input_tok_ids"} | _WHO
+_SESSION = {"session_id", "arrival_time_ns", "sub_requests"} | _WHO
 _SUB = {"input_toks", "output_toks", "tool_duration_ns"}
 
 
@@ -79,6 +86,15 @@ def _unknown(obj: dict, allowed: set[str], where: str) -> None:
         raise TraceError(f"{where}: unknown field(s) {', '.join(extra)} (expected some of {', '.join(sorted(allowed))})")
 
 
+def _who(obj: dict, where: str) -> tuple[str | None, str | int | None]:
+    t, p = obj.get("tenant"), obj.get("priority")
+    if t is not None and (not isinstance(t, str) or not t):
+        raise TraceError(f"{where}.tenant={t!r}: expected a non-empty string")
+    if p is not None and (isinstance(p, bool) or not isinstance(p, (str, int))):
+        raise TraceError(f"{where}.priority={p!r}: expected a name (interactive, batch) or an integer")
+    return t, p
+
+
 def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
     """One decoded JSON object -> a :class:`TraceRequest` or :class:`TraceSession`."""
     if not isinstance(obj, dict):
@@ -99,7 +115,7 @@ def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
             _unknown(s, _SUB, w)
             parsed.append(SubRequest(_int(s, "input_toks", w, minimum=1), _int(s, "output_toks", w, minimum=1),
                                      _int(s, "tool_duration_ns", w, required=False)))
-        return TraceSession(str(sid), _int(obj, "arrival_time_ns", where), tuple(parsed))
+        return TraceSession(str(sid), _int(obj, "arrival_time_ns", where), tuple(parsed), *_who(obj, where))
     _unknown(obj, _FLAT, where)
     ids = obj.get("input_tok_ids")
     n_in = _int(obj, "input_toks", where, minimum=1)
@@ -109,7 +125,8 @@ def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
         if len(ids) != n_in:
             raise TraceError(f"{where}.input_tok_ids: has {len(ids)} ids but input_toks={n_in}")
         ids = tuple(ids)
-    return TraceRequest(n_in, _int(obj, "output_toks", where, minimum=1), _int(obj, "arrival_time_ns", where), ids)
+    return TraceRequest(n_in, _int(obj, "output_toks", where, minimum=1), _int(obj, "arrival_time_ns", where), ids,
+                        *_who(obj, where))
 
 
 def iter_trace(path: str | os.PathLike) -> Iterator[TraceRequest | TraceSession]:
@@ -135,14 +152,18 @@ def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:
 
 
 def _to_json(item: TraceRequest | TraceSession) -> dict:
+    d: dict[str, Any]
     if isinstance(item, TraceSession):
-        return {"session_id": item.session_id, "arrival_time_ns": item.arrival_time_ns,
-                "sub_requests": [{"input_toks": s.input_toks, "output_toks": s.output_toks,
-                                  "tool_duration_ns": s.tool_duration_ns} for s in item.sub_requests]}
-    d: dict[str, Any] = {"input_toks": item.input_toks, "output_toks": item.output_toks,
-                         "arrival_time_ns": item.arrival_time_ns}
-    if item.input_tok_ids is not None:
-        d["input_tok_ids"] = list(item.input_tok_ids)
+        d = {"session_id": item.session_id, "arrival_time_ns": item.arrival_time_ns,
+             "sub_requests": [{"input_toks": s.input_toks, "output_toks": s.output_toks,
+                               "tool_duration_ns": s.tool_duration_ns} for s in item.sub_requests]}
+    else:
+        d = {"input_toks": item.input_toks, "output_toks": item.output_toks, "arrival_time_ns": item.arrival_time_ns}
+        if item.input_tok_ids is not None:
+            d["input_tok_ids"] = list(item.input_tok_ids)
+    for k in ("tenant", "priority"):
+        if getattr(item, k) is not None:
+            d[k] = getattr(item, k)
     return d
 
 

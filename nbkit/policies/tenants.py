@@ -268,6 +268,17 @@ class Tenants:
 # -------------------------------------------------------------------------------- rate limits
 
 
+def as_tenants(spec) -> Tenants:
+    """A :class:`Tenants` from a Tenants, a mapping (the TOML shape), a TOML file path, or None."""
+    if spec is None:
+        return Tenants()
+    if isinstance(spec, Tenants):
+        return spec
+    if isinstance(spec, Mapping):
+        return Tenants.from_dict(spec)
+    return Tenants.load(spec)
+
+
 class TokenBucket:
     """A token bucket holding up to ``burst`` tokens (default: ``rate_per_minute``, a minute's
     worth), starting full and refilling continuously at ``rate_per_minute / 60`` per second.
@@ -498,11 +509,17 @@ class FairQueue:
         self._levels.clear()
 
     def __iter__(self) -> Iterator[Any]:
-        """Items in service order, over a snapshot: the caller may take/remove/push meanwhile;
-        items removed or taken since the snapshot are skipped, items pushed since are not seen."""
-        for *_, e in list(self._order):
-            if self._by_id.get(id(e.item)) is e:
+        """Items in service order, read lazily (log n a step): the caller may take/remove/push
+        meanwhile; items removed or taken since the iteration began are skipped, items pushed
+        since are not seen."""
+        limit, order = self._seq, self._order
+        i = 0
+        while i < len(order):
+            e = order[i][3]
+            if e.key[2] < limit:        # pushed before the iteration began
                 yield e.item
+            p, f, seq = e.key           # go on after it, wherever the list moved meanwhile (log n a step)
+            i = bisect.bisect_right(order, (p, f, seq + 0.5))
 
     def __len__(self) -> int:
         return len(self._order)

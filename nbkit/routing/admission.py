@@ -22,7 +22,8 @@ import threading
 from typing import Mapping
 
 from nbkit.policies import RequestInfo
-from nbkit.policies.tenants import DEFAULT_TENANT, RateLimiter, Tenant, Tenants, parse_priority
+from nbkit.policies.slots import request_cost
+from nbkit.policies.tenants import DEFAULT_TENANT, RateLimiter, Tenant, Tenants, as_tenants, parse_priority
 from nbkit.routing.lease import Overloaded
 
 log = logging.getLogger(__name__)
@@ -98,7 +99,7 @@ class Admission:
         """Take the request (and its prompt + max tokens) from its tenant's buckets, or raise
         :class:`Throttled`. Called once per request, before its first attempt."""
         tenant = self.tenant(info.tenant)
-        tokens = max(0, info.prompt_tokens) + max(0, info.max_tokens)
+        tokens = request_cost(info.prompt_tokens, info.max_tokens)
         record.tenant = tenant.name
         with self._lock:
             c = self._counts.setdefault(tenant.name, _counts())
@@ -163,17 +164,6 @@ def schedules_by_priority(target) -> bool:
                 return a.split("=", 1)[1] == "priority"
         return False
     return bool(argvs) and all(priority(a) for a in argvs)
-
-
-def as_tenants(spec) -> Tenants:
-    """A :class:`Tenants` from a Tenants, a mapping (the TOML shape), a TOML file path, or None."""
-    if spec is None:
-        return Tenants()
-    if isinstance(spec, Tenants):
-        return spec
-    if isinstance(spec, Mapping):
-        return Tenants.from_dict(spec)
-    return Tenants.load(spec)
 
 
 def request_priority(value) -> int:

@@ -14,6 +14,7 @@ import time
 from typing import TYPE_CHECKING
 
 from nbkit.policies import Choice, NoCandidateError, RequestInfo
+from nbkit.policies.slots import check_slots
 from nbkit.routing.state import RankState, RequestRecord
 
 if TYPE_CHECKING:
@@ -40,10 +41,9 @@ def check_admission(*, max_per_rank: int | None = None, max_concurrency: int | N
                     max_queue: int | None = None, queue_timeout: float | None = None,
                     interactive_headroom: int | None = 0) -> None:
     """Raise ValueError naming the first admission option that a Router would refuse."""
-    for name, value, low in (("max_per_rank", max_per_rank, 1), ("max_concurrency", max_concurrency, 1),
-                             ("max_queue", max_queue, 0), ("interactive_headroom", interactive_headroom, 0)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name}={value!r}: must be a whole number >= {low} or None")
+    check_slots(max_per_rank=max_per_rank, max_concurrency=max_concurrency, interactive_headroom=interactive_headroom)
+    if max_queue is not None and (isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0):
+        raise ValueError(f"max_queue={max_queue!r}: must be a whole number >= 0 or None")
     if queue_timeout is not None and not (isinstance(queue_timeout, (int, float)) and queue_timeout > 0):
         raise ValueError(f"queue_timeout={queue_timeout!r}: must be > 0 seconds or None")
 

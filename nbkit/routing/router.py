@@ -47,6 +47,7 @@ import time
 from collections import deque
 from typing import Callable, Iterable, Sequence
 
+from nbkit.policies.slots import Slots, request_cost
 from nbkit.policies.tenants import FairQueue
 from nbkit.routing.admission import Admission, Throttled
 from nbkit.routing.lease import (Lease, NoHealthyRank, Overloaded, Waiter, check_admission, settle,  # noqa: F401
@@ -82,9 +83,9 @@ class Router:
                  tenants=None, vllm_priority: bool = False, interactive_headroom: int = 0):
         check_admission(max_per_rank=max_per_rank, max_concurrency=max_concurrency, max_queue=max_queue,
                         queue_timeout=queue_timeout, interactive_headroom=interactive_headroom)
-        #: extra requests per rank (and over all ranks) that only interactive ones (priority <= 0)
-        #: may use beyond max_per_rank / max_concurrency: they need not wait for a batch one to end
-        self.interactive_headroom = interactive_headroom
+        #: the caps (max_per_rank, max_concurrency, interactive_headroom: slots beyond them only
+        #: interactive requests may use), the rule the simulator applies too
+        self.slots = Slots(max_per_rank, max_concurrency, interactive_headroom or 0)
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
@@ -98,8 +99,6 @@ class Router:
         self.admission = Admission(tenants, vllm_priority=vllm_priority)
         self._fallback = ""  # the last cause a policy gave for not deciding as designed
         self._policy = self._make_policy(policy)
-        self.max_per_rank = max_per_rank
-        self.max_concurrency = max_concurrency
         self.scrape_interval = scrape_interval
         self.health_interval = health_interval
         self.startup_grace = startup_grace
@@ -167,7 +166,7 @@ class Router:
         if value is not None and value < 1:
             raise ValueError(f"max_concurrency={value!r}: must be >= 1 or None")
         with self._lock:
-            self.max_concurrency = value
+            self.slots.max_concurrency = value
             log.info("router: max_concurrency -> %s", value or "unlimited")
             self._pump()
 
@@ -189,14 +188,15 @@ class Router:
         return [s.view(2 * self.scrape_interval, now) for s in self.states]
 
     # -- admission -------------------------------------------------------------------------------
-    def _extra(self, info: RequestInfo | None) -> int:
-        return self.interactive_headroom if info is not None and info.priority <= 0 else 0
+    max_per_rank = property(lambda self: self.slots.max_per_rank)
+    max_concurrency = property(lambda self: self.slots.max_concurrency)
+    interactive_headroom = property(lambda self: self.slots.interactive_headroom)
 
     def _has_room(self, s: RankState, info: RequestInfo | None = None) -> bool:
-        return self.max_per_rank is None or s.in_flight < self.max_per_rank + self._extra(info)
+        return self.slots.rank_room(s.in_flight, info.priority if info is not None else 10)
 
     def _global_room(self, info: RequestInfo | None = None) -> bool:
-        return self.max_concurrency is None or self.in_flight < self.max_concurrency + self._extra(info)
+        return self.slots.total_room(self.in_flight, info.priority if info is not None else 10)
 
     def _place(self, info: RequestInfo, rank, exclude: frozenset, roles: frozenset | None = None
                ) -> tuple[RankState, Choice] | None:
@@ -314,7 +314,7 @@ class Router:
                 raise e
             waiter = Waiter(asyncio.get_running_loop().create_future(), info, rank, exclude, record, roles)
             self._queue.push(waiter, tenant=info.tenant, weight=self.admission.weight(info.tenant),
-                             priority=info.priority, cost=info.prompt_tokens + info.max_tokens)
+                             priority=info.priority, cost=request_cost(info.prompt_tokens, info.max_tokens))
         try:
             if self.queue_timeout is None:
                 return await waiter.fut

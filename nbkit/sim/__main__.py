@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--autoscale", type=_autoscale, default=None, metavar="min=1,max=16,ttft_p90_ms=500",
                     help="copy the config's one instance up to max times and let nbkit's SLO autoscaler decide "
                          "how many serve (any AutoscaleSpec field, e.g. cold_start_s=60, window_s=30)")
+    ap.add_argument("--tenants", default=None, metavar="FILE",
+                    help="tenants TOML (nbkit serve's): weights, priorities and rate limits, applied by the "
+                         "router's admission on simulated time to the trace's tenant/priority fields")
+    ap.add_argument("--max-per-rank", type=int, default=None,
+                    help="router slots per instance: requests beyond wait in the fair admission queue")
+    ap.add_argument("--max-concurrency", type=int, default=None, help="router slots over all instances")
+    ap.add_argument("--interactive-headroom", type=int, default=0,
+                    help="slots per instance beyond --max-per-rank that only interactive requests may use")
     ap.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no summary on stdout")
     return ap
@@ -165,6 +173,13 @@ def _run(argv: list[str]) -> int:
     if args.log_interval is not None and args.log_interval <= 0:
         raise ValueError(f"--log-interval {args.log_interval}: must be > 0")
     cfg = load_cluster_config(args.cluster_config)
+    tenants = None
+    if args.tenants:                # a bad file or field fails before the run
+        from nbkit.policies.tenants import Tenants
+        tenants = Tenants.load(args.tenants)
+    from nbkit.policies.slots import check_slots
+    check_slots(max_per_rank=args.max_per_rank, max_concurrency=args.max_concurrency,
+                interactive_headroom=args.interactive_headroom)
     name = args.request_routing_policy
     options = dict(args.policy_option)
     if name.strip().lower() == "custom" or args.custom_policy:
@@ -181,7 +196,8 @@ def _run(argv: list[str]) -> int:
         nonlocal writer
         sim = Simulator(cfg, policy=policy, policy_options=options, dtype=args.dtype, block_size=args.block_size,
                         hardware=_profiles(args.hardware_profile), seed=args.seed, log_interval=args.log_interval,
-                        autoscale=args.autoscale)
+                        autoscale=args.autoscale, tenants=tenants, max_per_rank=args.max_per_rank,
+                        max_concurrency=args.max_concurrency, interactive_headroom=args.interactive_headroom)
         writer = None
         if args.output:             # rows stream to the file as requests finish
             writer = CsvWriter(args.output, time_unit=args.time_unit, token_detail=args.token_detail)

@@ -16,6 +16,7 @@ from array import array
 from dataclasses import dataclass, field
 from typing import Sequence
 
+from nbkit.by_tenant import format_tenants
 from nbkit.records import RequestResult, Summarizer, format_summary, summarize, write_csv
 
 __all__ = ["SimResult", "TraceOrderError", "count_gaps", "add_counted_gaps", "in_order", "fmt_rate"]
@@ -39,6 +40,8 @@ class SimResult:
     #: autoscaled runs (:meth:`nbkit.sim.scaling.Fleet.report`): each up/down with its reason, the
     #: replicas over time, replica-seconds and the peak; None without autoscaling
     scaling: dict | None = None
+    #: per tenant (:func:`nbkit.by_tenant.tenant_summaries`) where the trace names tenants; else None
+    tenants: dict | None = None
 
     def summary(self) -> dict:
         """:func:`~nbkit.records.summarize` of the records, plus the policy, the prefix-cache hit
@@ -59,6 +62,8 @@ class SimResult:
         s["wall_s"] = self.wall_s
         if self.scaling is not None:
             s["scaling"] = self.scaling
+        if self.tenants:
+            s["tenants"] = self.tenants
         return s
 
     def format_summary(self) -> str:
@@ -76,6 +81,8 @@ class SimResult:
                          f"replicas, {sc['replica_seconds'] / 3600:.2f} replica-hours")
             lines += [f"  {e['t_s']:8.1f} s  {e['direction']:4} "
                       f"{e['current']} -> {e['desired']}: {e['reason']}" for e in sc["events"][:20]]
+        if s.get("tenants"):
+            lines.append(format_tenants(s["tenants"]))
         lines.append(f"Simulated {s['duration_s']:.2f} s in {s['wall_s']:.2f} s of wall time")
         return "\n".join(lines)
 

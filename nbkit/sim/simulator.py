@@ -39,15 +39,17 @@ Records: one :class:`~nbkit.records.RequestResult` per request, in arrival order
 ``request_id`` is the request's position in the trace (sorted by arrival) or ``"<session>/<k>"``
 for turn ``k`` of a session (``session_id`` and ``turn`` say the same); ``instance_id`` is the
 instance that produced the tokens (the decode instance of a PD pair; ``prefill_instance`` holds the
-other). A request that can never fit an
-instance (``max_model_len``, KV capacity) gets ``outcome="http_400"``, as vLLM answers. At fleet
+other). A request that can never fit an instance (``max_model_len``, KV capacity) gets
+``outcome="http_400"``, as vLLM answers; one over its tenant's limit ``"http_429"``. At fleet
 scale ``run(trace, rows=writer.write, token_detail=False)`` streams them instead (finish order,
 no inter-token lists; ``python -m nbkit.sim`` does so): memory then grows with the engine steps
 (16 bytes each), not with the tokens, and the summary is gathered as requests finish.
 
 Speed: a run of decode-only steps is planned ahead and driven as one event (:mod:`nbkit.sim.runs`;
-the same step times to the bit); 10,000 requests x 8 instances take ~1.2 s of CPU, 1,000,000 x 64
-~5 minutes, most of it in the routing policy's per-candidate scoring (64 candidates a request).
+the same step times to the bit); most of a fleet-scale run is the policy's per-candidate scoring.
+
+Admission (``tenants``, ``max_per_rank``, ``max_concurrency``): the live router's queue, fair share
+and rate limits on simulated time (:mod:`nbkit.sim.admission`).
 
 Data parallel: instances with the same ``dp_group`` are the ranks of one deployment and step in
 lockstep (a step lasts as long as its slowest rank; an idle rank waits), as vLLM's DP engines
@@ -60,58 +62,28 @@ import copy
 import heapq
 from array import array
 import math
-import sys
 import time
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from nbkit.policies.kv_index import KVIndex
 from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
+from nbkit.by_tenant import TenantSummaries
 from nbkit.records import RequestResult, Summarizer
 from nbkit.traces import TraceRequest, TraceSession
 from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, resolve_instances
+from nbkit.sim.admission import SimAdmission
 from nbkit.sim.engine import Engine
+from nbkit.sim.interval_log import IntervalLog, instance_stats
+from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
 from nbkit.sim.request import Req
 from nbkit.policies.autoscale import AutoscaleSpec
 from nbkit.sim.scaling import Fleet, scaled_setups
-from nbkit.sim.results import SimResult, TraceOrderError, add_counted_gaps, count_gaps, fmt_rate, in_order
+from nbkit.sim.results import SimResult, TraceOrderError, add_counted_gaps, count_gaps, in_order
 
 __all__ = ["Simulator", "SimResult", "simulate", "TraceOrderError"]
 
-_STEP, _SUB, _XFER, _LOG, _ADMIT, _SCALE, _READY = 0, 1, 2, 3, 4, 5, 6
-
-
-class _Unit:
-    """Ranks of one dp_group: they step together."""
-
-    __slots__ = ("members", "busy")
-
-    def __init__(self, members):
-        self.members = members
-        self.busy = False
-
-
-class _Job:
-    """One logical request across engines (a PD request has a prefill and a decode ``Req``)."""
-
-    __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "turn", "entry", "prefill_inst",
-                 "info", "choice")
-
-    def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None, turn=0):
-        self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
-        self.ids, self.session, self.sess, self.turn = ids, session, sess, turn
-        self.entry: Req | None = None
-        self.prefill_inst: int | None = None
-        self.info: RequestInfo | None = None
-        self.choice = None
-
-
-class _Session:
-    __slots__ = ("sid", "subs", "k", "context")
-
-    def __init__(self, sid: str, subs):
-        self.sid, self.subs, self.k, self.context = sid, subs, 0, 0
+_STEP, _SUB, _XFER, _LOG, _ADMIT, _SCALE, _READY, _PUMP = 0, 1, 2, 3, 4, 5, 6, 7
 
 
 def _clone_policy(spec, seed):
@@ -134,13 +106,18 @@ class Simulator:
     ``autoscale`` (an :class:`~nbkit.policies.autoscale.AutoscaleSpec` or its text,
     ``"min=1,max=8,ttft_p90_ms=500"``): the config's one instance is copied ``max_replicas`` times
     and the live autoscaler decides how many serve (:mod:`nbkit.sim.scaling`; ``result.scaling``).
+    ``tenants`` (a :class:`~nbkit.policies.tenants.Tenants`, its TOML shape or a TOML path),
+    ``max_per_rank``, ``max_concurrency``, ``interactive_headroom``: the live router's admission
+    (:mod:`nbkit.sim.admission`); ``result.tenants`` has each tenant's figures.
     """
 
     def __init__(self, config: ClusterConfig | dict | str, *, policy: Any = "least_load",
                  policy_options: dict | None = None, dtype: str = "float16", block_size: int | None = None,
                  hardware: dict[str, HardwareProfile] | None = None, seed: int = 0,
                  log_interval: float | None = None, log_file: TextIO | None = None,
-                 setups: Sequence[InstanceSetup] | None = None, autoscale: AutoscaleSpec | str | None = None):
+                 setups: Sequence[InstanceSetup] | None = None, autoscale: AutoscaleSpec | str | None = None,
+                 tenants: Any = None, max_per_rank: int | None = None, max_concurrency: int | None = None,
+                 interactive_headroom: int = 0):
         if not isinstance(config, ClusterConfig):
             config = load_cluster_config(config)
         self.config = config
@@ -163,6 +140,10 @@ class Simulator:
             raise ValueError(f"log_interval={log_interval!r}: must be > 0")
         self.log_interval = log_interval
         self.log_file = log_file
+        #: the router's admission (tenants, limits, slots, fair queue) on simulated time, where asked for
+        self.admission = (SimAdmission(tenants, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
+                                       interactive_headroom=interactive_headroom)
+                          if tenants is not None or max_per_rank is not None or max_concurrency is not None else None)
         #: keep each engine's per-step log and each request's final (engine, Req) in
         #: ``self.finals`` (calibration reads them)
         self.instrument = False
@@ -238,15 +219,7 @@ class Simulator:
             e.record_steps = self.instrument
         self.finals = {}
         finals = self.finals if self.instrument else None
-        groups: dict[str, list[Engine]] = {}
-        for e in engines:
-            if e.setup.dp_group is not None:
-                groups.setdefault(e.setup.dp_group, []).append(e)
-        for members in groups.values():
-            if len(members) > 1:
-                u = _Unit(members)
-                for e in members:
-                    e.unit = u
+        Unit.assign(engines)
         entry = [e for e in engines if e.setup.pd_type in (None, "prefill")]
         decode = [e for e in engines if e.setup.pd_type == "decode"]
         policy, dpolicy = self.policy, self.decode_policy
@@ -254,17 +227,15 @@ class Simulator:
         if decode:
             dpolicy.on_ranks_changed([e.key for e in decode])
         need_prefix = self._needs_prefix(policy) or (decode and self._needs_prefix(dpolicy))
-        # kv_aware: the engines' own KV-cache events feed one exact index, as the live router's
         need_ids = policy.uses_kv_index or (decode and dpolicy.uses_kv_index)
-        if need_ids:
-            index = KVIndex()
-            for p in (policy, dpolicy):
-                if p is not None and p.uses_kv_index:
-                    p.kv_index = index
-            for e in engines:
-                index.mark_empty(e.key)
-                e.kv_events = lambda events, key=e.key: index.apply_batch(key, None, events)
+        if need_ids:   # kv_aware: the engines' own KV-cache events feed one exact index, as the live router's
+            feed_kv_index(engines, (policy, dpolicy))
         pname = self.policy_name
+        gate = self.admission
+        if gate is not None:
+            gate.reset()
+        by_tenant = TenantSummaries()
+        pump_due = [False]
         records: list[RequestResult] = []
         heap: list = []
         counter = [0]
@@ -320,7 +291,7 @@ class Simulator:
             elif not u.busy:
                 start_unit(u, t)
 
-        def start_unit(u: _Unit, t: float) -> None:
+        def start_unit(u: Unit, t: float) -> None:
             dt = -1.0
             for m in u.members:
                 d = m.schedule(t)
@@ -334,16 +305,24 @@ class Simulator:
             else:
                 u.busy = False
 
-        def record(job: _Job, e: Engine | None, r: Req | None, outcome: str = "ok") -> None:
+        def record(job: Job, e: Engine | None, r: Req | None, outcome: str = "ok") -> None:
             if job.choice is not None:
                 policy.on_release(job.choice, job.info)
+            if job.held is not None:    # its slot frees: the queue may move
+                gate.release(job.held)
+                job.held = None
+                if gate.queue and not pump_due[0]:
+                    pump_due[0] = True
+                    counter[0] += 1
+                    push(heap, (now, counter[0], _PUMP, None))
             ent = job.entry
             qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
             if outcome != "ok" or r is None or e is None:
                 done(RequestResult(
                     str(job.rid), None if e is None else e.index, "" if e is None else e.key, pname,
                     job.arrival - t0, qw, input_toks=job.prompt, output_toks=job.output, outcome=outcome,
-                    session_id=job.session or "", turn=job.turn, prefill_instance=job.prefill_inst))
+                    session_id=job.session or "", turn=job.turn, prefill_instance=job.prefill_inst,
+                    tenant=job.tenant or ""))
                 return
             ends = e.step_ends
             segs = r.segs
@@ -373,11 +352,14 @@ class Simulator:
                 job.prompt, job.output, "ok", session_id=job.session or "", turn=job.turn,
                 prefill_instance=job.prefill_inst,
                 cached_tokens=(ent.cached_tokens if ent is not None else 0) + (r.cached_tokens if r is not ent else 0),
-                preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0)))
+                preemptions=r.preemptions + (ent.preemptions if ent is not None and ent is not r else 0),
+                tenant=job.tenant or ""))
 
         def done(rr: RequestResult) -> None:
             if fleet is not None and rr.ttft_s is not None:
                 fleet.observe(t0 + rr.arrival_s + (rr.e2e_s or rr.ttft_s), rr.ttft_s)
+            if rr.tenant:
+                by_tenant.add(rr)
             if keep:
                 records.append(rr)
             if acc_add is not None:
@@ -387,7 +369,40 @@ class Simulator:
             if rows is not None:
                 rows(rr)
 
-        def dispatch(job: _Job, t: float) -> None:
+        def dispatch(job: Job, t: float) -> None:
+            """A request arrives: charged to its tenant (429 over a limit), routed or queued."""
+            if gate is not None and job.limits is None:
+                job.limits, job.tenant, job.priority = gate.classify(job.tenant, job.priority, f"request {job.rid}")
+                if not gate.charge(job.limits, job.prompt, job.output, t):
+                    record(job, None, None, "http_429")
+                    session_next(job, t, failed=True)
+                    return
+            cands = candidates(job, t)
+            if gate is not None and not cands:
+                gate.wait(job, job.limits, job.priority, job.prompt, job.output)
+                return
+            route(job, t, cands)
+
+        def candidates(job: Job, t: float) -> list[RankLoad]:
+            loads_ = entry_loads(t)
+            if gate is None:
+                return loads_
+            p = job.priority
+            return [r for r in loads_ if gate.has_room(r.index, p)] if gate.total_room(p) else []
+
+        def pump(t: float) -> None:
+            """Slots freed: grant queued requests in the queue's order (priority, fair share)."""
+            pump_due[0] = False
+            # room depends only on priority (headroom for <= 0), which the queue serves in order:
+            # once one request finds none, none of those after it can
+            for job in gate.queue:
+                cands = candidates(job, t)
+                if not cands:
+                    break
+                gate.queue.take(job)
+                route(job, t, cands)
+
+        def route(job: Job, t: float, cands: list[RankLoad]) -> None:
             prefix = None
             if need_prefix:
                 if job.ids is not None:
@@ -396,10 +411,15 @@ class Simulator:
                     prefix = self._session_prefix(job.session, job.prompt)
             info = RequestInfo(job.prompt, job.output, prefix, job.session,
                                token_ids=job.ids if need_ids else None)
+            if gate is not None:
+                info.tenant, info.priority = job.tenant, job.priority
             job.info = info
-            choice = policy.select(entry_loads(t), info)
+            choice = policy.select(cands, info)
             policy.on_dispatch(choice, info)
             job.choice = choice
+            if gate is not None:
+                gate.hold(choice.index)
+                job.held = choice.index
             e = engines[choice.index]
             r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job)
             job.entry = r
@@ -431,7 +451,7 @@ class Simulator:
                 return
             kick(e, t)
 
-        def session_next(job: _Job, t: float, failed: bool = False) -> None:
+        def session_next(job: Job, t: float, failed: bool = False) -> None:
             s = job.sess
             if s is None:
                 return
@@ -443,14 +463,15 @@ class Simulator:
             counter[0] += 1
             push(heap, (t + sub.tool_duration_ns * 1e-9, counter[0], _SUB, s))
 
-        def start_sub(s: _Session, t: float) -> None:
+        def start_sub(s: Session, t: float) -> None:
             sub = s.subs[s.k]
             prompt = s.context + sub.input_toks
-            job = _Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s, turn=s.k)
+            job = Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s, turn=s.k,
+                      tenant=s.tenant, priority=s.priority)
             dispatch(job, t)
 
         def on_done(e: Engine, r: Req, t: float) -> None:
-            job: _Job = r.data
+            job: Job = r.data
             if e.prefill_only:
                 nbytes = e.kv_bytes_per_token * job.prompt
                 counter[0] += 1
@@ -460,7 +481,7 @@ class Simulator:
             session_next(job, t)
 
         def on_xfer(e: Engine, r: Req, t: float) -> None:
-            job: _Job = r.data
+            job: Job = r.data
             e.release_handoff(r)
             kick(e, t)
             info = job.info
@@ -493,33 +514,15 @@ class Simulator:
                 start_unit(x, t)
 
         # interval lines
-        log_lines: list[str] = []
         interval = self.log_interval
-        out = self.log_file if self.log_file is not None else sys.stdout
-        last = {"k": 0, "p": [0] * len(engines), "d": [0] * len(engines)}
-
-        def log_tick(t: float) -> None:
-            last["k"] += 1
-            p = [e.prompt_tokens for e in engines]
-            d = [e.gen_tokens for e in engines]
-            prompt = (sum(p) - sum(last["p"])) / interval
-            gen = (sum(d) - sum(last["d"])) / interval
-            last["p"], last["d"] = p, d
-            batches = " ".join(f"{e.key}_batch={len(e.running)}" for e in engines)
-            mems = ", ".join(f"{e.setup.weights_gb + e.used_blocks() * e.bs * e.kv_bytes_per_token / 1e9:.1f} GB"
-                             for e in engines)
-            line = (f"[INFO] step={last['k']} {batches} prompt_t={fmt_rate(prompt)} tok/s "
-                    f"decode_t={fmt_rate(gen)} tok/s npu_mem=[{mems}]")
-            log_lines.append(line)
-            print(line, file=out, flush=True)
-
+        ilog = IntervalLog(engines, interval, self.log_file) if interval is not None else None
         if interval is not None and nxt is not None:
             counter[0] += 1
             push(heap, (t0 + interval, counter[0], _LOG, None))
 
         def pending() -> bool:
             """Work left besides the periodic ticks (log lines, autoscaling)."""
-            return (nxt is not None or any(ev[2] != _LOG and ev[2] != _SCALE for ev in heap)
+            return (nxt is not None or any(ev[2] != _LOG and ev[2] != _SCALE for ev in heap) or bool(gate and gate.queue)
                     or any(e.has_work() for e in engines))
 
         # the loop
@@ -540,6 +543,8 @@ class Simulator:
                     admit(x[0], x[1], now)
                 elif kind == _XFER:
                     on_xfer(x[0], x[1], now)
+                elif kind == _PUMP:
+                    pump(now)
                 if kind < _LOG or kind == _ADMIT:
                     end = now   # ticks are no work: with autoscaling the run ends with its last request's
                 if kind == _SCALE:
@@ -556,7 +561,7 @@ class Simulator:
                     fleet.ready(x, now)
                     policy.on_ranks_changed(fleet.keys())
                 if kind == _LOG:
-                    log_tick(now)
+                    ilog.tick(now)
                     if pending():
                         counter[0] += 1
                         push(heap, (now + interval, counter[0], _LOG, None))
@@ -566,30 +571,25 @@ class Simulator:
                 nxt = next(src, None)
                 ta = nxt.arrival_time_ns * 1e-9 if nxt is not None else INF
                 if isinstance(it, TraceSession):
-                    s = _Session(it.session_id, it.sub_requests)
+                    s = Session(it.session_id, it.sub_requests, it.tenant, it.priority)
                     start_sub(s, now)
                 else:
-                    job = _Job(seq_id, now, it.input_toks, it.output_toks, ids=it.input_tok_ids)
+                    job = Job(seq_id, now, it.input_toks, it.output_toks, ids=it.input_tok_ids, tenant=it.tenant,
+                              priority=it.priority)
                     dispatch(job, now)
                 seq_id += 1
                 end = now
             else:
                 break
 
-        stats = []
-        for e in engines:
-            stats.append({"instance_id": e.index, "key": e.key, "pd_type": e.setup.pd_type,
-                          "tp_size": e.setup.tp_size, "dp_group": e.setup.dp_group,
-                          "finished": e.finished, "rejected": e.rejected, "steps": e.steps,
-                          "busy_s": e.busy_time, "prompt_tokens": e.prompt_tokens, "gen_tokens": e.gen_tokens,
-                          "prefix_queries": e.prefix_queries, "prefix_hits": e.prefix_hits,
-                          "preemptions": e.preemptions, "num_blocks": e.num_blocks, "block_size": e.bs})
         records.sort(key=lambda r: r.arrival_s)
         if acc is not None and not token_detail:
             add_counted_gaps(acc, [e.step_ends for e in engines], counted, raw_gaps)
-        return SimResult(records, stats, time.perf_counter() - wall0, (end if fleet is not None else now) - t0, pname, log_lines,
-                         summarizer=acc, per_instance=None if acc is None else per_inst,
-                         scaling=fleet.report(end) if fleet is not None else None)
+        span = (end if fleet is not None else now) - t0
+        return SimResult(records, instance_stats(engines), time.perf_counter() - wall0, span, pname,
+                         ilog.lines if ilog is not None else [], summarizer=acc, per_instance=None if acc is None else per_inst,
+                         scaling=fleet.report(end) if fleet is not None else None,
+                         tenants=by_tenant.summary(span) if by_tenant else None)
 
 
 def simulate(config, trace, **kwargs) -> SimResult:
