@@ -22,7 +22,8 @@ From a shell::
                 --output-len 64 --concurrency 16 --num-prompts 200 --output results.csv
 
 Workloads (:mod:`~nbkit.bench.workloads`): :func:`synthetic`, :func:`shared_prefix`,
-:func:`multi_turn`, :func:`from_trace` (the simulator's JSONL), :func:`sharegpt`. Arrivals
+:func:`multi_turn`, :func:`from_trace` (the simulator's JSONL), :func:`sharegpt`; several tenants'
+as one: :func:`mix`. Arrivals
 (:mod:`~nbkit.bench.arrivals`): :class:`Poisson`, :class:`Constant`, :class:`Bursts`,
 :class:`TraceTimes`, :class:`ClosedLoop`. Results (:mod:`~nbkit.bench.results`): frames of the
 per-request records of :mod:`nbkit.records` (:class:`~nbkit.records.RequestResult`, the CSV with the
@@ -33,6 +34,7 @@ input_toks, output_toks, outcome``, :func:`~nbkit.records.read_csv`); :func:`sum
 
 from nbkit.bench.arrivals import Arrivals, Bursts, ClosedLoop, Constant, Poisson, TraceTimes, make_arrivals
 from nbkit.bench.compare import Comparison, acompare, compare
+from nbkit.bench.mix import mix
 from nbkit.bench.loadgen import arun, drive, reset_prefix_caches, run, scrape_replicas
 from nbkit.bench.results import (BenchResult, frame_in_unit, from_frame, metrics_delta, per_replica, read_frame, summary_frame, to_frame, write_frame)
 from nbkit.bench.targets import Call, ClientTarget, FakeTarget, Reply, Target, UrlTarget, as_target
@@ -45,5 +47,5 @@ __all__ = [
     "Arrivals", "Poisson", "Constant", "Bursts", "TraceTimes", "ClosedLoop", "make_arrivals",
     "Target", "UrlTarget", "ClientTarget", "FakeTarget", "Call", "Reply", "as_target",
     "Workload", "Prompt", "Session", "Turn", "TextBuilder", "synthetic", "shared_prefix", "multi_turn", "from_trace",
-    "sharegpt", "from_spec", "get_tokenizer", "text_builder", "sample_lengths",
+    "sharegpt", "from_spec", "get_tokenizer", "text_builder", "sample_lengths", "mix",
 ]

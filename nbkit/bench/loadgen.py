@@ -143,6 +143,11 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
             return False
         return duration_s is None or time.perf_counter() - t0 < duration_s
 
+    keys = getattr(workload, "api_keys", None) or {}
+
+    def who(it) -> dict:
+        return {"tenant": it.tenant, "priority": it.priority, "api_key": keys.get(it.tenant)} if it.tenant else {}
+
     async def request(call: Call, session_id: str, turn: int, group: int | None = None) -> Reply | None:
         if sem is not None:
             await sem.acquire()
@@ -150,7 +155,7 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
             if not may_send():
                 return None
             row = RequestResult(request_id=state["sent"], policy=target.policy, input_toks=call.input_toks,
-                                session_id=session_id, turn=turn, group=group)
+                                session_id=session_id, turn=turn, group=group, tenant=call.tenant or "")
             state["sent"] += 1
             state["in_flight"] += 1
             state["peak"] = max(state["peak"], state["in_flight"])
@@ -180,7 +185,7 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
         if isinstance(it, Prompt):
             await request(Call(prompt=it.text, messages=None if target.api != "chat" else
                                [{"role": "user", "content": it.text}], max_tokens=it.output_toks,
-                               input_toks=it.input_toks), "", 0, it.group)
+                               input_toks=it.input_toks, **who(it)), "", 0, it.group)
             return
         history = ""
         messages: list[dict] = []
@@ -193,7 +198,7 @@ async def drive(target: Target, workload: Workload, arrivals: Arrivals, *, num_p
             so_far += turn.input_toks
             rep = await request(Call(prompt=prompt, messages=messages if target.api == "chat" else None,
                                      max_tokens=turn.output_toks, input_toks=so_far, session_id=it.session_id,
-                                     keep_text=k + 1 < len(it.turns)), it.session_id, k)
+                                     keep_text=k + 1 < len(it.turns), **who(it)), it.session_id, k)
             if rep is None or rep.outcome != "ok":
                 return  # capped, or the conversation broke: the session ends here
             history = prompt + rep.text

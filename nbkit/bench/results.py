@@ -25,7 +25,7 @@ from nbkit.records import (CSV_COLUMNS, DEFAULT_PERCENTILES, TIME_COLUMNS, Reque
                            csv_time_unit, format_summary, read_csv, summarize, write_csv)
 
 #: the frame's columns beyond the CSV's (``extra=True``)
-EXTRA_COLUMNS = ("error", "session_id", "turn", "group")
+EXTRA_COLUMNS = ("error", "session_id", "turn", "group", "tenant")
 
 
 # -- frames -----------------------------------------------------------------------------------------
@@ -233,6 +233,11 @@ class BenchResult:
     def per_replica(self):
         return per_replica(self.frame(), self.replica_metrics)
 
+    def by_tenant(self) -> dict[str, dict[str, Any]]:
+        """Per tenant (rows of :func:`nbkit.bench.mix` workloads): :func:`nbkit.by_tenant.tenant_summaries`."""
+        from nbkit.by_tenant import tenant_summaries
+        return tenant_summaries(self.requests, self.duration_s)
+
     @classmethod
     def from_csv(cls, path: str | os.PathLike, label: str = "") -> "BenchResult":
         rows = read_csv(path)
@@ -252,6 +257,9 @@ class BenchResult:
         if len(pr):
             with pd.option_context("display.width", 160, "display.max_columns", 20):
                 lines.append(pr.to_string(index=False, float_format=lambda x: f"{x:.3f}"))
+        if tenants := self.by_tenant():
+            from nbkit.by_tenant import format_tenants
+            lines.append(format_tenants(tenants))
         failures = [r for r in self.requests if not r.ok]
         if failures:
             lines.append(f"{len(failures)} failed, e.g. {failures[0].outcome}: {failures[0].error[:200]}")

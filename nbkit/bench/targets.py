@@ -38,6 +38,20 @@ class Call:
     input_toks: int = 0                    # expected prompt tokens (the server's usage wins)
     session_id: str | None = None
     keep_text: bool = False
+    tenant: str | None = None              # who sends it (bench.mix): X-nbkit-tenant / tenant=
+    priority: str | int | None = None      # X-nbkit-priority / priority=
+    api_key: str | None = None             # the tenant's key: Authorization: Bearer
+
+    def who_headers(self) -> dict[str, str]:
+        """The headers that tell nbkit's endpoint who sends this (a key wins over a tenant name)."""
+        h = {}
+        if self.api_key:
+            h["authorization"] = f"Bearer {self.api_key}"
+        elif self.tenant:
+            h["x-nbkit-tenant"] = self.tenant
+        if self.priority is not None:
+            h["x-nbkit-priority"] = str(self.priority)
+        return h
 
 
 @dataclass
@@ -229,7 +243,7 @@ class UrlTarget(Target):
 
     async def send(self, call: Call) -> Reply:
         path, body = self._body(call)
-        headers = {"content-type": "application/json", **self.headers}
+        headers = {"content-type": "application/json", **self.headers, **call.who_headers()}
         if call.session_id is not None:
             headers["x-session-id"] = str(call.session_id)
         data = json.dumps(body)
@@ -354,6 +368,10 @@ class ClientTarget(Target):
         nbkit_info: dict = {}
         try:
             kw = dict(self.params, max_tokens=call.max_tokens, session=call.session_id)
+            if call.tenant is not None:
+                kw["tenant"] = call.tenant
+            if call.priority is not None:
+                kw["priority"] = call.priority
             if chat:
                 msgs = call.messages if call.messages is not None else [{"role": "user", "content": call.prompt}]
                 stream = self.client.stream_chat(msgs, **kw)

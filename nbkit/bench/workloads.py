@@ -41,6 +41,8 @@ class Prompt:
     output_toks: int
     arrival_s: float | None = None  # trace timestamp (seconds from the trace's start), else None
     group: int | None = None        # e.g. the shared prefix it belongs to
+    tenant: str | None = None       # who sends it (:func:`nbkit.bench.mix`)
+    priority: str | int | None = None   # "interactive", "batch" or an int; None: the tenant's
 
     @property
     def requests(self) -> int:
@@ -65,6 +67,8 @@ class Session:
     turns: tuple[Turn, ...]
     arrival_s: float | None = None
     group: int | None = None
+    tenant: str | None = None
+    priority: str | int | None = None
 
     @property
     def requests(self) -> int:
@@ -82,6 +86,8 @@ class Workload:
     items: list[Item]
     tokenizer: str | None = None
     params: dict[str, Any] = field(default_factory=dict)
+    #: tenant -> API key sent as ``Authorization: Bearer`` with its items (:func:`nbkit.bench.mix`)
+    api_keys: dict[str, str] = field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.items)
@@ -99,7 +105,7 @@ class Workload:
 
     def head(self, n: int) -> "Workload":
         """The first ``n`` items."""
-        return Workload(self.name, self.items[:n], self.tokenizer, dict(self.params, head=n))
+        return Workload(self.name, self.items[:n], self.tokenizer, dict(self.params, head=n), dict(self.api_keys))
 
     def describe(self) -> dict[str, Any]:
         """Counts and token statistics (of the new input per request and of the outputs)."""
@@ -384,7 +390,7 @@ def from_trace(path: str | os.PathLike, *, tokenizer=None, time_scale: float = 1
     (with ``input_tok_ids`` the text follows the ids, so requests sharing id prefixes share token
     prefixes); an agentic session becomes a :class:`Session` whose sub-request k+1 is sent
     ``tool_duration_ns`` of sub-request k after k finished. Times are relative to the trace's first
-    arrival and multiplied by ``time_scale``.
+    arrival and multiplied by ``time_scale``. A line's ``tenant`` and ``priority`` are kept.
     """
     from nbkit.traces import TraceSession, read_trace
 
@@ -400,11 +406,12 @@ def from_trace(path: str | os.PathLike, *, tokenizer=None, time_scale: float = 1
             for j, sr in enumerate(it.sub_requests):
                 delay = it.sub_requests[j - 1].tool_duration_ns / 1e9 * time_scale if j else 0.0
                 ts.append(Turn(tb.text(sr.input_toks, rng), int(sr.input_toks), int(sr.output_toks), delay_s=delay))
-            items.append(Session(str(it.session_id), tuple(ts), arrival_s=at))
+            items.append(Session(str(it.session_id), tuple(ts), arrival_s=at, tenant=it.tenant, priority=it.priority))
         else:
             ids = getattr(it, "input_tok_ids", None)
             text = tb.from_ids(ids) if ids else tb.text(it.input_toks, rng)
-            items.append(Prompt(text, int(it.input_toks), int(it.output_toks), arrival_s=at))
+            items.append(Prompt(text, int(it.input_toks), int(it.output_toks), arrival_s=at, tenant=it.tenant,
+                                priority=it.priority))
     return Workload(name or f"trace:{Path(path).name}", items, tokenizer_name(tokenizer),
                     dict(path=str(path), time_scale=time_scale, seed=seed))
 

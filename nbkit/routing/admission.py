@@ -74,8 +74,12 @@ class Admission:
     def classify(self, info: RequestInfo, headers: Mapping[str, str] | None, body: Mapping | None, *,
                  trusted: bool = False) -> RequestInfo:
         """``info`` with its tenant and priority. ``trusted`` (the in-kernel client): the tenant is
-        taken by name from ``X-nbkit-tenant`` without an API key. Raises :class:`TenantError`."""
-        if trusted:
+        taken by name from ``X-nbkit-tenant`` without an API key. Without a tenant configuration
+        every request is the default tenant's (a name sent is ignored; a priority still counts).
+        Raises :class:`TenantError`."""
+        if not self.configured:         # no tenants: everyone is the default tenant, names ignored
+            tenant = self.tenants.default
+        elif trusted:
             name = next((v for k, v in (headers or {}).items() if k.lower() == "x-nbkit-tenant"), None)
             tenant = self.tenants.get(name) if name else self.tenants.default
             if tenant is None:
