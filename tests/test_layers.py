@@ -2,7 +2,7 @@
 points (``import nbkit``, ``import nbkit.sim``, ``python -m nbkit.sim --help``) stay light.
 
     http, loop, tiny, traces        import nothing of nbkit
-    policies, records               pure data and decisions (shared by the router and the simulator)
+    policies, records, by_tenant    pure data and decisions (shared by the router and the simulator)
     routing                         http, policies, records, loop
     ui                              routing and below (never the cluster: it reads snapshots)
     cluster, ray                    routing, ui (the panel convenience), sim's hardware tables, below
@@ -29,13 +29,14 @@ ALLOWED = {
     "nbkit.traces": set(),
     "nbkit.policies": set(),
     "nbkit.records": {"nbkit.traces"},
-    "nbkit.routing": {"nbkit.http", "nbkit.policies", "nbkit.records", *BASE},
-    "nbkit.ui": {"nbkit.routing", "nbkit.http", "nbkit.policies", "nbkit.records", *BASE},
-    "nbkit.sim": {"nbkit.policies", "nbkit.records", *BASE},
+    "nbkit.by_tenant": {"nbkit.records"},    # the records' figures per tenant: the same layer
+    "nbkit.routing": {"nbkit.http", "nbkit.policies", "nbkit.records", "nbkit.by_tenant", *BASE},
+    "nbkit.ui": {"nbkit.routing", "nbkit.http", "nbkit.policies", "nbkit.records", "nbkit.by_tenant", *BASE},
+    "nbkit.sim": {"nbkit.policies", "nbkit.records", "nbkit.by_tenant", *BASE},
     "nbkit.cluster": {"nbkit.routing", "nbkit.ui", "nbkit.http", "nbkit.policies", "nbkit.records",
                       "nbkit.sim.hardware", "nbkit.sim.models", *BASE},
     "nbkit.ray": {"nbkit.cluster", "nbkit.routing", "nbkit.http", "nbkit.policies", *BASE},
-    "nbkit.bench": {"nbkit.cluster", "nbkit.routing", "nbkit.http", "nbkit.policies", "nbkit.records", "nbkit.ui",
+    "nbkit.bench": {"nbkit.cluster", "nbkit.routing", "nbkit.http", "nbkit.policies", "nbkit.records", "nbkit.by_tenant", "nbkit.ui",
                     *BASE},
 }
 TOP = ("nbkit.cli", "nbkit.demo", "nbkit.__main__", "nbkit")  # the front doors: anything
