@@ -43,11 +43,6 @@ class Slots:
                     interactive_headroom=self.interactive_headroom)
         self.interactive_headroom = self.interactive_headroom or 0
 
-    @property
-    def bounded(self) -> bool:
-        """Whether requests can ever wait (some cap is set)."""
-        return self.max_per_rank is not None or self.max_concurrency is not None
-
     def extra(self, priority: int) -> int:
         """Slots beyond the caps a request of ``priority`` may use."""
         return self.interactive_headroom if priority <= 0 else 0

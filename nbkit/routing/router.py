@@ -85,7 +85,7 @@ class Router:
                         queue_timeout=queue_timeout, interactive_headroom=interactive_headroom)
         #: the caps (max_per_rank, max_concurrency, interactive_headroom: slots beyond them only
         #: interactive requests may use), the rule the simulator applies too
-        self.slots = Slots(max_per_rank, max_concurrency, interactive_headroom or 0)
+        self.slots = Slots(max_per_rank, max_concurrency, interactive_headroom)
         self.max_queue, self.queue_timeout = max_queue, queue_timeout
         if scrape_interval <= 0 or scrape_interval > 0.25:
             raise ValueError(f"scrape_interval={scrape_interval!r}: must be in (0, 0.25] seconds")
@@ -192,11 +192,11 @@ class Router:
     max_concurrency = property(lambda self: self.slots.max_concurrency)
     interactive_headroom = property(lambda self: self.slots.interactive_headroom)
 
-    def _has_room(self, s: RankState, info: RequestInfo | None = None) -> bool:
-        return self.slots.rank_room(s.in_flight, info.priority if info is not None else 10)
+    def _has_room(self, s: RankState, info: RequestInfo) -> bool:
+        return self.slots.rank_room(s.in_flight, info.priority)
 
-    def _global_room(self, info: RequestInfo | None = None) -> bool:
-        return self.slots.total_room(self.in_flight, info.priority if info is not None else 10)
+    def _global_room(self, info: RequestInfo) -> bool:
+        return self.slots.total_room(self.in_flight, info.priority)
 
     def _place(self, info: RequestInfo, rank, exclude: frozenset, roles: frozenset | None = None
                ) -> tuple[RankState, Choice] | None:

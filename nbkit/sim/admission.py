@@ -39,19 +39,15 @@ class SimAdmission:
                  interactive_headroom: int = 0):
         self.tenants = as_tenants(tenants)
         self.configured = tenants is not None
-        self.slots = Slots(max_per_rank, max_concurrency, interactive_headroom or 0)
-        self.now = 0.0
-        self.limiter = RateLimiter(self.tenants, clock=lambda: self.now)
+        self.slots = Slots(max_per_rank, max_concurrency, interactive_headroom)
+        self.reset()
+
+    def reset(self) -> None:
+        """A new run: full buckets, nobody queued or holding a slot."""
+        self.limiter = RateLimiter(self.tenants, clock=lambda: 0.0)   # simulated time comes with each check
         self.queue = FairQueue()
         self.held: dict[int, int] = {}      # instance index -> requests holding a slot there
         self.in_flight = 0
-        self.peak_queue = 0
-
-    def reset(self) -> None:
-        self.limiter = RateLimiter(self.tenants, clock=lambda: self.now)
-        self.queue.clear()
-        self.held.clear()
-        self.in_flight = self.peak_queue = 0
 
     def classify(self, tenant: str | None, priority: Any, where: str) -> tuple[Tenant, str, int]:
         """The request's limits, its name in the records and its priority. ``where`` names the
@@ -70,8 +66,7 @@ class SimAdmission:
         """Take the request from its tenant's buckets at simulated ``now``; False: throttled (429)."""
         if tenant.requests_per_minute is None and tenant.tokens_per_minute is None:
             return True
-        self.now = now
-        return self.limiter.check(tenant, request_cost(prompt, output)) is None
+        return self.limiter.check(tenant, request_cost(prompt, output), now=now) is None
 
     def has_room(self, index: int, priority: int) -> bool:
         return self.slots.rank_room(self.held.get(index, 0), priority)
@@ -90,5 +85,3 @@ class SimAdmission:
     def wait(self, job: Any, tenant: Tenant, priority: int, prompt: int, output: int) -> None:
         self.queue.push(job, tenant=tenant.name, weight=tenant.weight, priority=priority,
                         cost=request_cost(prompt, output))
-        if len(self.queue) > self.peak_queue:
-            self.peak_queue = len(self.queue)
