@@ -105,6 +105,7 @@ everything behind it verbatim.
 
 def build_parser() -> argparse.ArgumentParser:
     from nbkit.bench.cli import HelpFormatter
+    from nbkit.policies.autoscale import AutoscaleSpec
     ap = argparse.ArgumentParser(prog="nbkit", description=__doc__.splitlines()[0])
     ap.add_argument("--version", action="version", version=version(), help="print nbkit's version and exit")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -162,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: --max-batch-size, else no cap)")
     _endpoint_options(s, "replica", tracing_help="OTLP collector (e.g. http://127.0.0.1:4317): the endpoint's "
                       "spans per request, and each replica's own (vLLM's flag, passed on), in one trace")
-    s.add_argument("--autoscale", type=_autoscale, default=None, metavar="min=1,max=4,ttft_p90_ms=500",
+    s.add_argument("--autoscale", type=AutoscaleSpec.argument, default=None, metavar="min=1,max=4,ttft_p90_ms=500",
                    help="hold a TTFT SLO: add replicas (copies) when it is at risk, drain and stop them when "
                         "load allows (any AutoscaleSpec field; the endpoint serves on --port even with -n 1)")
     s.add_argument("--log-interval", type=float, default=None,
@@ -199,14 +200,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("sim", add_help=False, help="the simulator: run | calibrate | calibration-trace | serve "
                                                "(`nbkit sim --help`; same as python -m nbkit.sim)")
     return ap
-
-
-def _autoscale(text: str):
-    from nbkit.policies.autoscale import AutoscaleSpec, AutoscaleSpecError
-    try:
-        return AutoscaleSpec.parse(text)
-    except AutoscaleSpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def serve_parser(ap: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:

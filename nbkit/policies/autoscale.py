@@ -123,6 +123,18 @@ class AutoscaleSpec:
                 raise AutoscaleSpecError(f"autoscale option {key}={value.strip()!r}: not a number") from None
         return cls(**kw)
 
+    @classmethod
+    def argument(cls, text: str) -> "AutoscaleSpec":
+        """:meth:`parse` as an argparse ``type=`` (a bad option becomes argparse's own error)::
+
+            ap.add_argument("--autoscale", type=AutoscaleSpec.argument)
+        """
+        import argparse
+        try:
+            return cls.parse(text)
+        except AutoscaleSpecError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
     @property
     def target_s(self) -> float:
         return self.ttft_p90_ms / 1000.0

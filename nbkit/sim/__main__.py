@@ -75,6 +75,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from nbkit.policies.autoscale import AutoscaleSpec
     ap = argparse.ArgumentParser(prog="nbkit sim", description=__doc__.splitlines()[0])
     _add_common(ap)
     ap.add_argument("--dataset", "--trace", dest="dataset", required=True, help="JSONL trace (nbkit.traces)")
@@ -93,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0, help="seed of the policy's random choices")
     ap.add_argument("--log-interval", type=float, default=None,
                     help="print an [INFO] line every this many simulated seconds")
-    ap.add_argument("--autoscale", type=_autoscale, default=None, metavar="min=1,max=16,ttft_p90_ms=500",
+    ap.add_argument("--autoscale", type=AutoscaleSpec.argument, default=None, metavar="min=1,max=16,ttft_p90_ms=500",
                     help="copy the config's one instance up to max times and let nbkit's SLO autoscaler decide "
                          "how many serve (any AutoscaleSpec field, e.g. cold_start_s=60, window_s=30)")
     ap.add_argument("--tenants", default=None, metavar="FILE",
@@ -107,14 +108,6 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--summary-json", default=None, help="write the summary as JSON here")
     ap.add_argument("--quiet", action="store_true", help="no summary on stdout")
     return ap
-
-
-def _autoscale(text: str):
-    from nbkit.policies.autoscale import AutoscaleSpec, AutoscaleSpecError
-    try:
-        return AutoscaleSpec.parse(text)
-    except AutoscaleSpecError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_calibrate_parser() -> argparse.ArgumentParser:
