@@ -59,6 +59,9 @@ Workloads
   mixed          prompts of --mixed-input tokens (uniform lo:hi) and outputs of --mixed-output tokens, no sharing
   many-prefixes  --many-prefixes system prompts (32) of --many-prefix-len tokens (1024), questions and
                  outputs as shared-prefix: the prefixes exceed one replica's KV cache, not both's
+  hot-prefixes   the same system prompts, but as popular as real ones are: Zipf (--hot-popularity 1.0),
+                 the most popular one a quarter of the requests, the least 1/130th. Affinity alone puts
+                 a hot prompt's whole stream on one replica; spreading it costs a second copy's prefill
 Per run: reset the replicas' prefix caches, send --warmup requests (shared-prefix, many-prefixes:
 other questions on the same system prompts; not measured), then the measured requests; the
 replicas' /metrics before and after give the prefix-cache hit rate (hits / queried prompt tokens)
@@ -101,14 +104,14 @@ PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("rou
 DEFAULT_ROUTERS = ("nbkit", "sglang", "vllm")
 LABELS = {"nbkit": "nbkit endpoint", "sglang": "sglang-router", "vllm": "vllm-router",
           "client": "nbkit in-process client", "direct": "no router"}
-WORKLOADS = ("shared-prefix", "mixed", "many-prefixes")
+WORKLOADS = ("shared-prefix", "mixed", "many-prefixes", "hot-prefixes")
 DEFAULT_WORKLOADS = ("shared-prefix", "mixed")  # the full comparison (compare_routers.json)
 
 GOAL_RR_RATIO = 1.6      # nbkit's best p99 TTFT vs its round robin, shared-prefix
 GOAL_TOLERANCE = 0.05    # "at least matches": within 5% (run-to-run noise on a shared 2-core machine)
 
 # nbkit kv_aware vs sglang-router cache_aware where the prefixes exceed one replica's KV cache
-KV_GOAL_WORKLOAD = "many-prefixes"
+KV_GOAL_WORKLOADS = ("many-prefixes", "hot-prefixes")
 KV_GOAL_PAIR = (("nbkit", "kv_aware"), ("sglang", "cache_aware"))
 KV_GOAL_PAIR_CLIENT = (("client", "kv_aware"), ("sglang", "cache_aware"))
 KV_GOALS = (  # (row field, what, how kv_aware / cache_aware compares, threshold)
@@ -260,10 +263,10 @@ def build_workloads(args, tokenizer) -> dict:
     from nbkit import bench
     from nbkit.bench.workloads import Workload
 
-    def with_prefixes(name: str, prefixes: int, prefix_len: int, seed: int):
+    def with_prefixes(name: str, prefixes: int, prefix_len: int, seed: int, popularity: float = 0.0):
         q = math.ceil(n / prefixes)
         w = bench.shared_prefix(prefixes, q + args.warmup_per_prefix, prefix_len, args.question_len,
-                                args.output_len, seed=seed, tokenizer=tokenizer, name=name)
+                                args.output_len, seed=seed, tokenizer=tokenizer, name=name, popularity=popularity)
         warm_ids, seen = set(), {}
         for i, it in enumerate(w.items):
             if seen.get(it.group, 0) < args.warmup_per_prefix:
@@ -285,12 +288,16 @@ def build_workloads(args, tokenizer) -> dict:
                                                tokenizer=tokenizer, name="mixed"))
         elif name == "many-prefixes":
             out[name] = with_prefixes(name, args.many_prefixes, args.many_prefix_len, args.seed + 2)
+        elif name == "hot-prefixes":
+            out[name] = with_prefixes(name, args.many_prefixes, args.many_prefix_len, args.seed + 3,
+                                      popularity=args.hot_popularity)
     return out
 
 
 def prefix_workloads(args) -> dict[str, tuple[int, int]]:
     """The selected workloads with shared prefixes: name -> (prefixes, tokens each)."""
-    every = {"shared-prefix": (args.prefixes, args.prefix_len), "many-prefixes": (args.many_prefixes, args.many_prefix_len)}
+    every = {"shared-prefix": (args.prefixes, args.prefix_len), "many-prefixes": (args.many_prefixes, args.many_prefix_len),
+             "hot-prefixes": (args.many_prefixes, args.many_prefix_len)}
     return {w: every[w] for w in args.workloads if w in every}
 
 
@@ -692,14 +699,15 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
             if "error" not in r and r.get("kv_fallbacks") or r.get("kv_cold_rounds"):
                 lines.append(f"NOTE {r['label']}: {r.get('kv_fallbacks', 0)} decision(s) by its fallback "
                              f"(prefix_affinity), index cold at the end of {r.get('kv_cold_rounds', 0)} round(s)")
-    kv = kv_goals(out)
-    if kv:
-        lines += kv_goal_lines(kv)
-    goals += kv
-    if any(r["router"] == "client" and r["policy"] == "kv_aware" for r in out["rows"]):
-        kv = kv_goals(out, KV_GOAL_PAIR_CLIENT)  # the same goals for nbkit's routing without a hop
-        lines += kv_goal_lines(kv)
+    for w in KV_GOAL_WORKLOADS:
+        kv = kv_goals(out, workload=w)
+        if kv:
+            lines += kv_goal_lines(kv)
         goals += kv
+        if kv and any(r["router"] == "client" and r["policy"] == "kv_aware" for r in out["rows"]):
+            kv = kv_goals(out, KV_GOAL_PAIR_CLIENT, workload=w)  # the same goals for nbkit's routing without a hop
+            lines += kv_goal_lines(kv)
+            goals += kv
     if goals:
         lines.append("")
         for g in goals:
@@ -723,12 +731,12 @@ def _passes(ratio: float | None, op: str, threshold: float) -> bool:
     return ratio is not None and (ratio <= threshold if op == "<=" else ratio >= threshold)
 
 
-def kv_goals(out: dict, pair=None) -> list[dict]:
-    """The issue's goals on KV_GOAL_WORKLOAD, nbkit kv_aware / sglang-router cache_aware (``pair``:
-    another (router, policy) pair, e.g. the in-process client's kv_aware): each
+def kv_goals(out: dict, pair=None, workload: str = KV_GOAL_WORKLOADS[0]) -> list[dict]:
+    """The issue's goals on ``workload`` (one of KV_GOAL_WORKLOADS), nbkit kv_aware / sglang-router
+    cache_aware (``pair``: another (router, policy) pair, e.g. the in-process client's kv_aware): each
     KV_GOALS ratio per round (the two runs of that round) and pooled (the pooled rows); a round
     where either lost requests fails. [] when that workload was not run."""
-    w = KV_GOAL_WORKLOAD
+    w = workload
     if w not in out["rates"]:
         return []
     (ka, pa), (kb, pb) = pair or KV_GOAL_PAIR
@@ -849,6 +857,9 @@ def parse_args(argv=None):
                     help="shared-prefix: unmeasured requests per system prompt before each run (default 1)")
     ap.add_argument("--many-prefixes", type=int, default=32, help="many-prefixes: system prompts (default 32)")
     ap.add_argument("--many-prefix-len", type=int, default=1024, help="many-prefixes: tokens per system prompt")
+    ap.add_argument("--hot-popularity", type=float, default=1.0,
+                    help="hot-prefixes: Zipf exponent of the system prompts' popularity (default 1.0: the most "
+                         "popular one gets a quarter of the requests)")
     ap.add_argument("--mixed-input", default="32:1536", help="mixed: prompt tokens lo:hi (uniform)")
     ap.add_argument("--mixed-output", default="8:128", help="mixed: output tokens lo:hi (uniform)")
     ap.add_argument("--kv-blocks", default="auto",
@@ -904,6 +915,8 @@ def parse_args(argv=None):
         setattr(args, name, (int(lo), int(hi or lo)))
     if args.prefixes < 1 or args.many_prefixes < 1 or args.prefix_len < 1 or args.many_prefix_len < 1:
         ap.error("--prefixes, --many-prefixes and their lengths must be >= 1")
+    if not (args.hot_popularity >= 0 and math.isfinite(args.hot_popularity)):
+        ap.error(f"--hot-popularity {args.hot_popularity}: must be a finite number >= 0")
     args.kv_blocks_auto = str(args.kv_blocks).strip().lower() == "auto"
     if args.kv_blocks_auto:
         args.kv_blocks = auto_kv_blocks(args)
@@ -990,6 +1003,9 @@ def main(argv=None) -> int:
                   "many_prefixes": {"prefixes": args.many_prefixes, "prefix_len": args.many_prefix_len,
                                     "question_len": args.question_len, "output_len": args.output_len,
                                     "warmup_per_prefix": args.warmup_per_prefix},
+                  "hot_prefixes": {"prefixes": args.many_prefixes, "prefix_len": args.many_prefix_len,
+                                   "popularity": args.hot_popularity, "question_len": args.question_len,
+                                   "output_len": args.output_len, "warmup_per_prefix": args.warmup_per_prefix},
                   "mixed": {"input": args.mixed_input, "output": args.mixed_output},
                   "load_generator": "nbkit.bench (aiohttp, streamed, ignore_eos)", "quick": args.quick},
         "goals": goals, "rows": out["rows"], "runs": out["runs"], "elapsed_s": round(out["elapsed_s"], 1),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -320,26 +321,38 @@ def synthetic(n: int = 100, input_len: LengthSpec = 256, output_len: LengthSpec 
 
 def shared_prefix(num_prefixes: int = 4, questions_per_prefix: int = 25, prefix_len: int = 512,
                   question_len: LengthSpec = 32, output_len: LengthSpec = 32, *, shuffle: bool = True,
-                  range_ratio: float = 0.0, seed: int = 0, tokenizer=None, name: str | None = None) -> Workload:
+                  range_ratio: float = 0.0, popularity: float = 0.0, seed: int = 0, tokenizer=None,
+                  name: str | None = None) -> Workload:
     """``num_prefixes`` system prompts of ``prefix_len`` tokens x ``questions_per_prefix`` questions each.
 
     Every prompt is its system prompt followed by its question, so the prompts of one group share
     exactly ``prefix_len`` leading tokens (``Prompt.group`` is the group). ``shuffle`` interleaves
     the groups at random (else group after group).
+
+    ``popularity`` > 0 makes some system prompts more popular than others, as one product's prompt
+    is in real traffic: the same ``num_prefixes * questions_per_prefix`` questions are shared out
+    Zipf-like, group ``g`` getting a share proportional to ``1 / (g + 1) ** popularity``
+    (:func:`zipf_counts`; 0, the default, gives every group ``questions_per_prefix``)::
+
+        w = shared_prefix(32, 20, 1024, popularity=1.0)   # group 0: 158 of 640, group 31: 5
     """
     if num_prefixes < 1 or questions_per_prefix < 1:
         raise ValueError("num_prefixes and questions_per_prefix must be >= 1")
     if prefix_len < 1:
         raise ValueError(f"prefix_len={prefix_len!r}: must be >= 1")
+    if not (popularity >= 0 and math.isfinite(popularity)):
+        raise ValueError(f"popularity={popularity!r}: must be a finite number >= 0 (a Zipf exponent)")
     rng = np.random.default_rng(seed)
     tb = text_builder(tokenizer)
     prefixes = [tb.text(prefix_len, rng) for _ in range(num_prefixes)]
     n = num_prefixes * questions_per_prefix
     qs = sample_lengths(question_len, n, rng, range_ratio=range_ratio)
     outs = sample_lengths(output_len, n, rng, range_ratio=range_ratio)
+    counts = zipf_counts(n, num_prefixes, popularity) if popularity else [questions_per_prefix] * num_prefixes
+    groups = [g for g, c in enumerate(counts) for _ in range(c)]
     items: list[Item] = []
     for k in range(n):
-        g = k // questions_per_prefix
+        g = groups[k]
         items.append(Prompt(prefixes[g] + tb.text(int(qs[k]), rng), prefix_len + int(qs[k]), int(outs[k]), group=g))
     if shuffle:
         order = rng.permutation(n)
@@ -347,7 +360,23 @@ def shared_prefix(num_prefixes: int = 4, questions_per_prefix: int = 25, prefix_
     return Workload(name or "shared-prefix", items, tokenizer_name(tokenizer),
                     dict(num_prefixes=num_prefixes, questions_per_prefix=questions_per_prefix, prefix_len=prefix_len,
                          question_len=_jsonable(question_len), output_len=_jsonable(output_len), shuffle=shuffle,
-                         seed=seed))
+                         seed=seed, **({"popularity": popularity} if popularity else {})))
+
+
+def zipf_counts(total: int, groups: int, exponent: float) -> list[int]:
+    """``total`` items shared out over ``groups`` in proportion to ``1 / (g + 1) ** exponent``
+    (largest remainders, so the counts add up exactly).
+
+        >>> zipf_counts(10, 3, 1.0), zipf_counts(9, 3, 0.0)
+        ([5, 3, 2], [3, 3, 3])
+    """
+    weights = [1.0 / (g + 1) ** exponent for g in range(groups)]
+    scale = total / sum(weights)
+    exact = [w * scale for w in weights]
+    counts = [int(x) for x in exact]
+    for g in sorted(range(groups), key=lambda g: counts[g] - exact[g])[:total - sum(counts)]:
+        counts[g] += 1
+    return counts
 
 
 def multi_turn(sessions: int = 16, turns: int = 4, first_len: LengthSpec = 256, turn_len: LengthSpec = 32,
