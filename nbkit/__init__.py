@@ -36,7 +36,7 @@ _EXPORTS = {
     "ReplicaSpec": "nbkit.cluster.spec", "SpecError": "nbkit.cluster.spec",
     "data_parallel_specs": "nbkit.cluster.spec", "discover": "nbkit.cluster.spec",
     "plan_replicas": "nbkit.cluster.placement",
-    "tiny_model": "nbkit.tiny",
+    "tiny_model": "nbkit.tiny", "tiny_lora": "nbkit.tiny",
 }
 __all__ = list(_EXPORTS)
 
@@ -65,4 +65,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from nbkit.routing.rank import Rank  # noqa: F401
     from nbkit.routing.router import Router  # noqa: F401
     from nbkit.routing.state import RequestRecord  # noqa: F401
-    from nbkit.tiny import tiny_model  # noqa: F401
+    from nbkit.tiny import tiny_lora, tiny_model  # noqa: F401

@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tiny-model", help="build the tiny random-weight Llama (cached)", formatter_class=HelpFormatter)
     t.add_argument("path", nargs="?", default=None, help="target folder (default: ~/.cache/nbkit/tiny-llama)")
     t.add_argument("--force", action="store_true", help="rebuild even if present")
+    t.add_argument("--lora", default=None, metavar="PATH", help="also write a random LoRA adapter for it at PATH")
 
     s = sub.add_parser("serve", help="start N replicas (vllm serve flags) and keep them up until SIGINT/SIGTERM",
                        description="Start N vLLM replicas of one model, pinned to GPUs or CPU cores, and with\n"
@@ -158,6 +159,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--restart-window", type=float, default=600.0, help="seconds")
     s.add_argument("--engine", default="vllm", choices=["vllm", "sim"],
                    help="vllm, or sim: simulated replicas (nbkit.sim.server; no vLLM, for rehearsals)")
+    s.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=PATH",
+                   help="LoRA adapters every replica serves (--enable-lora; requests name one as their model; "
+                        "the endpoint routes them to the replicas holding it, see nbkit.routing.lora)")
+    s.add_argument("--enable-lora", action="store_true", help="serve LoRA with no adapter named (runtime loads)")
+    s.add_argument("--max-loras", type=_positive, default=None, metavar="N", help="adapters held at once (default 4)")
+    s.add_argument("--max-lora-rank", type=_positive, default=None, metavar="R",
+                   help="largest adapter rank (default: the adapters' largest r)")
     s.add_argument("--max-per-rank", type=_positive, default=None,
                    help="the endpoint admits at most this many requests per rank; more wait in its FIFO queue "
                         "(default: --max-batch-size, else no cap)")
@@ -230,6 +238,7 @@ def split_serve_args(tokens: list[str], parser: argparse.ArgumentParser | None =
     """
     parser = parser or serve_parser()
     takes_value = {opt: a.nargs != 0 for opt, a in parser._option_string_actions.items()}
+    many = {opt for opt, a in parser._option_string_actions.items() if a.nargs == "+"}  # --lora-modules a=x b=y
     own: list[str] = []
     rest: list[str] = []
     model_seen = False
@@ -246,6 +255,9 @@ def split_serve_args(tokens: list[str], parser: argparse.ArgumentParser | None =
             if takes_value[name] and "=" not in tok and i + 1 < len(tokens):
                 own.append(tokens[i + 1])
                 i += 1
+                while name in many and i + 1 < len(tokens) and "=" in tokens[i + 1] and tokens[i + 1][:1] != "-":
+                    own.append(tokens[i + 1])
+                    i += 1
         elif tok.startswith("-") and len(tok) > 1 and not _NUMBER.match(tok):
             rest.append(tok)
             nxt = tokens[i + 1] if i + 1 < len(tokens) else None
@@ -319,6 +331,11 @@ def serve_setup(args, vllm_args: list[str] = (), inventory=None) -> ServeSetup:
         spec_kwargs["gpu_memory_utilization"] = args.gpu_memory_utilization
     if args.engine == "sim":
         spec_kwargs["engine"] = "sim"
+    from nbkit.cluster.lora import parse_lora_modules
+    for key in ("lora_modules", "enable_lora", "max_loras", "max_lora_rank"):
+        value = parse_lora_modules(args.lora_modules) if key == "lora_modules" else getattr(args, key)
+        if value:
+            spec_kwargs[key] = value
     scale = getattr(args, "autoscale", None)
     if scale is not None and not scale.min_replicas <= args.num_instances <= scale.max_replicas:
         raise ValueError(f"--autoscale: -n {args.num_instances} is outside min={scale.min_replicas}.."
@@ -528,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "tiny-model":
             from nbkit.tiny import tiny_model
             print(tiny_model(args.path, force=args.force))
+            if args.lora:
+                from nbkit.tiny import tiny_lora
+                print(tiny_lora(args.lora, tiny_model(args.path)))
             return 0
         if args.cmd == "serve":
             return _serve(args, passthrough)

@@ -126,3 +126,62 @@ def _build(out: Path, *, seed: int) -> None:
     model = LlamaForCausalLM(config).to(torch.bfloat16)
     model.save_pretrained(out)
     (out / MARKER).write_text(json.dumps({"recipe": RECIPE_VERSION, "seed": seed}))
+
+
+#: Attention projections a tiny adapter adapts (PEFT's names; vLLM packs q/k/v into qkv_proj itself).
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+
+
+def tiny_lora(path: str | os.PathLike, base: str | os.PathLike | None = None, *, r: int = 8,
+              lora_alpha: int = 16, seed: int = 1, scale: float = 0.5) -> Path:
+    """A random LoRA adapter for the tiny model (or any Llama-shaped ``base`` folder) in PEFT's
+    layout: ``adapter_config.json`` and ``adapter_model.safetensors`` with
+    ``base_model.model.model.layers.{i}.self_attn.{q,k,v,o}_proj.lora_{A,B}.weight``. Unlike PEFT's
+    initialisation (B = 0) both matrices are random, so the adapter changes what the model says.
+
+        >>> path = tiny_lora("/tmp/sql-lora")                     # doctest: +SKIP
+        >>> Cluster.replicas(n=2, lora_modules={"sql": str(path)})  # doctest: +SKIP
+
+    Rebuilt only when missing; returns the folder."""
+    base = Path(base) if base is not None else tiny_model()
+    out = Path(path).expanduser().resolve()
+    if (out / "adapter_config.json").exists() and (out / "adapter_model.safetensors").exists():
+        return out
+    cfg = json.loads((base / "config.json").read_text())
+    hidden, heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or hidden // heads
+    kv = cfg.get("num_key_value_heads", heads) * head_dim
+    shapes = {"q_proj": (hidden, heads * head_dim), "k_proj": (hidden, kv), "v_proj": (hidden, kv),
+              "o_proj": (heads * head_dim, hidden)}  # (in, out)
+    rng = random.Random(seed)
+    tensors = {}
+    for layer in range(cfg["num_hidden_layers"]):
+        for mod in LORA_TARGETS:
+            n_in, n_out = shapes[mod]
+            stem = f"base_model.model.model.layers.{layer}.self_attn.{mod}"
+            tensors[f"{stem}.lora_A.weight"] = ((r, n_in), scale / n_in ** 0.5)
+            tensors[f"{stem}.lora_B.weight"] = ((n_out, r), scale)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(out / "adapter_model.safetensors", tensors, rng)
+    (out / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": lora_alpha, "lora_dropout": 0.0,
+        "bias": "none", "target_modules": list(LORA_TARGETS), "base_model_name_or_path": str(base),
+        "fan_in_fan_out": False, "inference_mode": True, "modules_to_save": None}, indent=1))
+    return out
+
+
+def _write_safetensors(path: Path, tensors: dict, rng: random.Random) -> None:
+    """``{name: (shape, std)}`` as float32 normal noise in the safetensors format (an 8-byte header
+    length, a JSON header of dtypes, shapes and offsets, the raw little-endian data)."""
+    import struct
+
+    header, blobs, offset = {}, [], 0
+    for name, (shape, std) in tensors.items():
+        n = shape[0] * shape[1]
+        blob = struct.pack(f"<{n}f", *(rng.gauss(0.0, std) for _ in range(n)))
+        header[name] = {"dtype": "F32", "shape": list(shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))

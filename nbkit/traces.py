@@ -43,6 +43,7 @@ class TraceRequest:
     input_tok_ids: tuple[int, ...] | None = None
     tenant: str | None = None              # who sends it (the simulator's admission; bench.mix)
     priority: str | int | None = None      # "interactive", "batch" or an integer; None: the tenant's
+    lora: str | None = None                # the LoRA adapter it names (the simulator's nbkit.sim.lora)
 
 
 @dataclass(frozen=True)
@@ -59,9 +60,10 @@ class TraceSession:
     sub_requests: tuple[SubRequest, ...]
     tenant: str | None = None
     priority: str | int | None = None
+    lora: str | None = None
 
 
-_WHO = {"tenant", "priority"}
+_WHO = {"tenant", "priority", "lora"}
 _FLAT = {"input_toks", "output_toks", "arrival_time_ns", "input_tok_ids"} | _WHO
 _SESSION = {"session_id", "arrival_time_ns", "sub_requests"} | _WHO
 _SUB = {"input_toks", "output_toks", "tool_duration_ns"}
@@ -86,13 +88,15 @@ def _unknown(obj: dict, allowed: set[str], where: str) -> None:
         raise TraceError(f"{where}: unknown field(s) {', '.join(extra)} (expected some of {', '.join(sorted(allowed))})")
 
 
-def _who(obj: dict, where: str) -> tuple[str | None, str | int | None]:
-    t, p = obj.get("tenant"), obj.get("priority")
+def _who(obj: dict, where: str) -> tuple[str | None, str | int | None, str | None]:
+    t, p, lora = obj.get("tenant"), obj.get("priority"), obj.get("lora")
     if t is not None and (not isinstance(t, str) or not t):
         raise TraceError(f"{where}.tenant={t!r}: expected a non-empty string")
+    if lora is not None and (not isinstance(lora, str) or not lora):
+        raise TraceError(f"{where}.lora={lora!r}: expected an adapter's name")
     if p is not None and (isinstance(p, bool) or not isinstance(p, (str, int))):
         raise TraceError(f"{where}.priority={p!r}: expected a name (interactive, batch) or an integer")
-    return t, p
+    return t, p, lora
 
 
 def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
@@ -161,7 +165,7 @@ def _to_json(item: TraceRequest | TraceSession) -> dict:
         d = {"input_toks": item.input_toks, "output_toks": item.output_toks, "arrival_time_ns": item.arrival_time_ns}
         if item.input_tok_ids is not None:
             d["input_tok_ids"] = list(item.input_tok_ids)
-    for k in ("tenant", "priority"):
+    for k in ("tenant", "priority", "lora"):
         if getattr(item, k) is not None:
             d[k] = getattr(item, k)
     return d

@@ -34,7 +34,6 @@ import os
 import weakref
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -50,25 +49,10 @@ from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, Repli
                                 resolve_device)
 from nbkit.cluster.placement import plan_replicas
 from nbkit.cluster.supervisor import Supervisor, check_options as check_supervision
+from nbkit.cluster.status import ReplicaStatus
+from nbkit.cluster.lora import cluster_adapters
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ReplicaStatus:
-    index: int
-    name: str
-    state: str  # starting | healthy | unhealthy | restarting | failed | stopped
-    url: str
-    pinning: str
-    tp_size: int
-    dp_ranks: tuple[int, ...]
-    pid: int | None
-    uptime_s: float | None
-    returncode: int | None
-    rss_gib: float
-    log: str
-    restarts: int = 0
 
 
 class Cluster:
@@ -78,7 +62,8 @@ class Cluster:
                  port_start: int = DEFAULT_PORT_START, startup_timeout: float = 600.0,
                  stop_grace: float = 15.0, inventory: Inventory | None = None, log_interval: float | None = None,
                  kv_events: bool = True, kv_events_port: int | None = None, restart: str = "on-failure",
-                 max_restarts: int = 5, restart_window: float = 600.0, unresponsive_after: float | None = 60.0):
+                 max_restarts: int = 5, restart_window: float = 600.0, unresponsive_after: float | None = 60.0,
+                 lora_modules: dict[str, str] | None = None):
         check_supervision(restart, max_restarts, restart_window, unresponsive_after)
         if log_interval is not None and log_interval <= 0:
             raise SpecError("log_interval", log_interval, "must be > 0 seconds (or None)")
@@ -87,6 +72,8 @@ class Cluster:
             check_port("kv_events_port", kv_events_port)
         if isinstance(specs, ReplicaSpec):
             specs = [specs]
+        if lora_modules:  # every replica serves these LoRA adapters too (nbkit.cluster.lora)
+            specs = [s.model_copy(update={"lora_modules": {**s.lora_modules, **lora_modules}}) for s in specs]
         self._specs: list[ReplicaSpec] = list(specs)
         self._inventory = inventory or discover()
         self.port_start = port_start
@@ -98,6 +85,7 @@ class Cluster:
         self.kv = (ClusterKV(self._specs[0].model, kv_events_port, extra_args=self._specs[0].extra_args)
                    if kv_events and self._specs else None)
         self._init_state(self._plan(self._specs), log_interval)  # validates before anything starts
+        self.lora = cluster_adapters(self)  # which rank holds which LoRA adapter (None: no LoRA)
         self.supervisor = Supervisor(self, restart=restart, max_restarts=max_restarts, restart_window=restart_window,
                                      unresponsive_after=unresponsive_after)
 
@@ -109,7 +97,7 @@ class Cluster:
         self._lock: asyncio.Lock | None = None
         self._routers: "weakref.WeakSet" = weakref.WeakSet()  # routers to tell when ranks change
         self._probe: Probe | None = None  # /health and /metrics, on nbkit's loop
-        self._monitor = self.autoscaler = None  # the panel's monitor; autoscale()'s control loop
+        self._monitor = self.autoscaler = self.lora = None  # the panel's monitor; autoscale()'s loop; LoRA table
         self.log_interval = log_interval
 
     # -- construction ------------------------------------------------------------------------
@@ -267,6 +255,8 @@ class Cluster:
         if self.kv is not None:
             self.kv.watch(self.plans[i])  # listening before the engine publishes anything
         self._procs[i] = ReplicaProcess(self.plans[i], self.log_path(i))
+        if self.lora is not None:  # a new process holds its configured adapters only
+            self.lora.reset([r for r in self.ranks if r.replica == i])
         self._health.pop(i, None)
         return self._procs[i]
 
@@ -550,6 +540,7 @@ class Cluster:
         from nbkit.routing.client import RoutedClient
         options.setdefault("kv_index", self.kv_index)
         options.setdefault("tokenizer", self.tokenizer)
+        options.setdefault("loras", self.lora)
         c = RoutedClient(self, policy, **options)
         self.add_router(c.router)
         return c
@@ -560,6 +551,7 @@ class Cluster:
         from nbkit.routing.endpoint import Endpoint
         options.setdefault("kv_index", self.kv_index)
         options.setdefault("tokenizer", self.tokenizer)
+        options.setdefault("loras", self.lora)
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
         self.add_router(ep.router)
         return ep.start() if start else ep

@@ -22,6 +22,7 @@ from typing import Callable, Sequence
 from nbkit.cluster.spec import (DEFAULT_PORT_START, MAX_GPU_MEMORY_TOTAL, MIN_GPU_MEMORY_UTILIZATION,
                                 SHARED_GPU_BUDGET, CPU_RUNTIME_GIB, DeviceKind, Inventory, LaunchPlan, ReplicaSpec,
                                 SpecError, check_model, discover, resolve_device)
+from nbkit.cluster.lora import check_lora, lora_args, lora_env
 from nbkit.http.ports import port_is_free
 
 
@@ -96,6 +97,8 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
     if kv_events is not None:
         argv += ["--kv-events-config", json.dumps(kv_events, separators=(",", ":"))]
+    if not spec.headless:
+        argv += lora_args(spec)  # --enable-lora --lora-modules name=path ... (nbkit.cluster.lora)
     return tuple(argv + extra)
 
 
@@ -186,6 +189,8 @@ def plan_replicas(
         for i, s in enumerate(specs):
             if s.engine != "sim":
                 check_model(s.model, f"replicas[{i}].model")
+    for i, s in enumerate(specs):
+        check_lora(s, i, files=check_models)
 
     assigned: dict[int, tuple[int, ...]] = {}
     gpu_idx = [i for i, k in enumerate(kinds) if k == "gpu"]
@@ -218,6 +223,7 @@ def plan_replicas(
             env["VLLM_CPU_KVCACHE_SPACE"] = str(s.kv_cache_gib)  # the cpu profile's KV cache, as in vLLM-CPU
         else:
             env.update(cpu_env(s, assigned[i]))
+        env.update(lora_env(s))  # VLLM_ALLOW_RUNTIME_LORA_UPDATING: /v1/load_lora_adapter
         env.update(s.env)
         name = s.name or f"replica{i}"
         kv = kv_events_config(kv_events_port, name, replay[i]) if i in replay else None

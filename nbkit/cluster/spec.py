@@ -163,6 +163,11 @@ class ReplicaSpec(BaseModel):
     fast_start: bool = Field(True, description="CPU: the replica is forked from a fork server that imported vLLM "
                                                "once, its engine cores and workers are forked, not spawned (pinned all "
                                                "the same), and one rank runs inside the engine core; a third of the start time")
+    lora_modules: dict[str, str] = Field(default_factory=dict, description="LoRA adapters served from the start, "
+                                         "{name: folder}: --enable-lora --lora-modules (nbkit.cluster.lora)")
+    enable_lora: bool = Field(False, description="serve LoRA with no adapter named yet (runtime loads only)")
+    max_loras: int | None = Field(None, ge=1, description="adapters held at once per rank (default 4)")
+    max_lora_rank: int | None = Field(None, ge=1, description="default: the named adapters' largest r")
 
     @field_validator("model")
     @classmethod

@@ -38,6 +38,7 @@ class RankLoad:
     stale: bool = True                # True if the scrape is missing or older than 2 intervals
     healthy: bool = True
     in_flight_seen: int = 0           # peak in_flight over the window the last scrape describes
+    loras: frozenset[str] | None = None  # LoRA adapters resident on the rank (None: not known)
 
 
 @dataclass
@@ -130,15 +131,17 @@ class Policy:
     kv_index: Any = None
 
     def __init__(self, seed: int | None = None, **options: Any):
+        from nbkit.policies.lora import LORA_OPTIONS  # every policy's LoRA affinity (nbkit.policies.lora)
         self.seed = seed
         self.rng = random.Random(seed)
-        unknown = sorted(set(options) - set(self.defaults))
+        defaults = {**LORA_OPTIONS, **self.defaults}
+        unknown = sorted(set(options) - set(defaults))
         if unknown:
             known = ", ".join(sorted(self.defaults)) or "none"
             raise TypeError(f"{type(self).__name__}: unknown option(s) {', '.join(unknown)} "
-                            f"(accepted: seed, {known})")
-        for k, v in {**self.defaults, **{k: _checked_option(type(self).__name__, k, v, self.defaults[k])
-                                         for k, v in options.items()}}.items():
+                            f"(accepted: seed, {known}; every policy: {', '.join(LORA_OPTIONS)})")
+        for k, v in {**defaults, **{k: _checked_option(type(self).__name__, k, v, defaults[k])
+                                    for k, v in options.items()}}.items():
             setattr(self, k, v)
 
     def select(self, candidates: Sequence[RankLoad], request: RequestInfo) -> Choice:
@@ -148,8 +151,12 @@ class Policy:
         when at least one healthy rank remains (if none is healthy, all are considered)."""
         if not candidates:
             raise NoCandidateError("no candidate rank to route to")
-        healthy = [c for c in candidates if c.healthy]
-        return self._select(healthy or list(candidates), request)
+        healthy = [c for c in candidates if c.healthy] or list(candidates)
+        if request.lora:  # LoRA affinity: the ranks holding the adapter first (nbkit.policies.lora)
+            from nbkit.policies.lora import applies, lora_select
+            if applies(self, healthy, request):
+                return lora_select(self, healthy, request)
+        return self._select(healthy, request)
 
     def _select(self, candidates: Sequence[RankLoad], request: RequestInfo) -> Choice:
         raise NotImplementedError(f"{type(self).__name__} must override _select")

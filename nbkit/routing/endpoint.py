@@ -81,7 +81,7 @@ class Endpoint:
                  log_level: str = "warning", pd: bool | None = None, transport=DEFAULT_TRANSPORT,
                  max_connections: int | None = None, kv_index=None, tokenizer=None, max_queue: int | None = None,
                  queue_timeout: float | None = None, migration_limit: int = 3, tracing=None, tenants=None,
-                 vllm_priority: bool | None = None, interactive_headroom: int = 0):
+                 vllm_priority: bool | None = None, interactive_headroom: int = 0, loras=None):
         if not 0 < port < 65536:
             raise ValueError(f"port={port!r}: must be in 1..65535")
         self.target = target
@@ -90,7 +90,7 @@ class Endpoint:
         self.router = router or Router(ranks, policy, max_per_rank=max_per_rank, max_concurrency=max_concurrency,
                                        seed=seed, kv_index=kv_index, tokenizer=tokenizer, max_queue=max_queue,
                                        queue_timeout=queue_timeout, tenants=tenants,
-                                       interactive_headroom=interactive_headroom,
+                                       interactive_headroom=interactive_headroom, loras=loras,
                                        vllm_priority=schedules_by_priority(target) if vllm_priority is None
                                        else vllm_priority)
         if isinstance(migration_limit, bool) or not isinstance(migration_limit, int) or migration_limit < 0:
@@ -186,10 +186,10 @@ class Endpoint:
             parsed = None
         try:
             info = self.router.describe(parsed, headers)
-        except TenantError as e:  # a missing or unknown API key (401), an unknown tenant or priority (400)
+        except TenantError as e:  # an unknown API key (401), tenant or priority (400), LoRA adapter (404)
             log.info("endpoint: %s %s -> %d: %s", method, path, e.status, e)
-            return _error(e.status, str(e), "AuthenticationError" if e.status == 401 else "BadRequest",
-                          param=e.param)
+            return _error(e.status, str(e), getattr(e, "kind", None) or (
+                "AuthenticationError" if e.status == 401 else "BadRequest"), param=e.param)
         stream = bool(parsed and parsed.get("stream"))
         opening = asyncio.ensure_future(self._fwd.open(method, full_path, content=body or None, headers=headers,
                                                        info=info, rank=rank, stream=stream, timeout=self.timeout,

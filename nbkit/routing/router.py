@@ -80,7 +80,7 @@ class Router:
                  scrape_interval: float = 0.25, health_interval: float = 1.0, startup_grace: float = 30.0,
                  seed: int | None = None, client: "Transport | str | None" = None, probe: Probe | None = None,
                  kv_index=None, tokenizer=None, max_queue: int | None = None, queue_timeout: float | None = None,
-                 tenants=None, vllm_priority: bool = False, interactive_headroom: int = 0):
+                 tenants=None, vllm_priority: bool = False, interactive_headroom: int = 0, loras=None):
         check_admission(max_per_rank=max_per_rank, max_concurrency=max_concurrency, max_queue=max_queue,
                         queue_timeout=queue_timeout, interactive_headroom=interactive_headroom)
         #: the caps (max_per_rank, max_concurrency, interactive_headroom: slots beyond them only
@@ -95,6 +95,8 @@ class Router:
         #: the exact KV-cache index (:class:`~nbkit.policies.kv_index.KVIndex`) and the served model's
         #: tokenizer (:class:`~nbkit.routing.tokenize.PromptTokenizer`), for policies that read them
         self.kv_index, self.tokenizer = kv_index, tokenizer
+        #: which rank holds which LoRA adapter, and their loads (:class:`~nbkit.routing.lora.Adapters`)
+        self.loras = loras
         #: tenants, priorities and rate limits (:class:`~nbkit.routing.admission.Admission`)
         self.admission = Admission(tenants, vllm_priority=vllm_priority)
         self._fallback = ""  # the last cause a policy gave for not deciding as designed
@@ -219,6 +221,8 @@ class Router:
         if not cands:
             return None
         views = [s.view(2 * self.scrape_interval, now) for s in cands]
+        if self.loras is not None and info.lora:
+            self.loras.annotate(views)  # RankLoad.loras: the policy's LoRA affinity reads them
         choice = self._policy.select(views, info)
         return self.states[choice.index], choice
 
@@ -265,6 +269,8 @@ class Router:
         key). Raises :class:`~nbkit.routing.admission.TenantError` (401/400) for a bad key or name."""
         tokenizer = self.tokenizer if self._policy.uses_kv_index else None
         info = request_info(body, headers, tokenizer=tokenizer)
+        if self.loras is not None:  # the adapter it names; UnknownAdapter (404) for one nobody has
+            self.loras.classify(info, body)
         return self.admission.classify(info, headers, body, trusted=trusted)
 
     def admit(self, info: RequestInfo, record: RequestRecord) -> None:
@@ -278,12 +284,20 @@ class Router:
             self._abandon(record, "throttled", str(e))
             raise
 
-    async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
-                      path: str = "", record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
-        """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room.
+    async def acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (), path: str = "",
+                      record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
+        """Pick a rank for ``info`` (or use ``rank=``) and wait, FIFO, until it has room; a LoRA request's
+        adapter is then loaded there if it is not yet (:mod:`nbkit.routing.lora`).
 
         ``roles`` limits the candidates to ranks of those roles (``{"prefill", "both"}``, ...).
         """
+        lease = await self._acquire(info, rank=rank, exclude=exclude, path=path, record=record, roles=roles)
+        if self.loras is not None and info.lora:
+            await self.loras.ensure(lease)
+        return lease
+
+    async def _acquire(self, info: RequestInfo, *, rank=None, exclude: Iterable[str] = (),
+                       path: str = "", record: RequestRecord | None = None, roles: Iterable[str] | None = None) -> Lease:
         exclude = frozenset(exclude)
         roles = frozenset(roles) if roles is not None else None
         if roles is not None and not any(getattr(s.rank, "role", "both") in roles for s in self.states):

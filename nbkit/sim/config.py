@@ -95,6 +95,11 @@ class InstanceConfig(_Strict):
     max_model_len: int | None = Field(None, ge=1)
     model_spec: str | None = None
     name: str | None = Field(None, min_length=1)
+    # LoRA adapters (nbkit.sim.lora): resident at the start, how many at once (0: no LoRA unless some
+    # are named), the seconds a load takes
+    lora_modules: list[str] = Field(default_factory=list)
+    max_loras: int | None = Field(None, ge=0)
+    lora_load_s: float = Field(0.1, ge=0)
 
 
 class NodeConfig(_Strict):
@@ -239,10 +244,24 @@ class InstanceSetup:
     weights_gb: float               # whole model (all devices)
     tp_link_bw_gbs: float
     tp_link_latency_ns: float
+    lora_modules: tuple[str, ...] = ()  # adapters resident at the start (nbkit.sim.lora)
+    max_loras: int = 0                  # adapters resident at once (0: serves no LoRA)
+    lora_load_s: float = 0.0            # seconds to load one that is not resident
 
     @property
     def kv_gb(self) -> float:
         return self.num_blocks * self.block_size * self.model.kv_bytes_per_token(self.dtype_bytes) / 1e9
+
+
+def _lora_fields(inst: InstanceConfig, path: str) -> dict:
+    """An instance's LoRA fields: ``max_loras`` defaults to 4 (at least its named adapters) when it
+    names any, else 0 (no LoRA)."""
+    n = inst.max_loras if inst.max_loras is not None else (max(4, len(inst.lora_modules)) if inst.lora_modules else 0)
+    if len(set(inst.lora_modules)) != len(inst.lora_modules):
+        raise SimConfigError(f"{path}.lora_modules", f"{inst.lora_modules!r} names an adapter twice")
+    if n < len(inst.lora_modules):
+        raise SimConfigError(f"{path}.max_loras", f"{n} is fewer than the {len(inst.lora_modules)} lora_modules")
+    return {"lora_modules": tuple(inst.lora_modules), "max_loras": n, "lora_load_s": inst.lora_load_s}
 
 
 def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size: int | None = None,
@@ -312,7 +331,7 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
             block_size=bs, num_blocks=blocks, enable_prefix_caching=inst.enable_prefix_caching,
             max_model_len=inst.max_model_len, dtype_bytes=nbytes, mem_bw_gbs=inst.npu_mem.mem_bw,
             mem_size_gb=inst.npu_mem.mem_size, weights_gb=weights / 1e9, tp_link_bw_gbs=link_bw,
-            tp_link_latency_ns=link_lat))
+            tp_link_latency_ns=link_lat, **_lora_fields(inst, path)))
     keys = [s.key for s in out]
     for s in out:
         if keys.count(s.key) > 1:

@@ -10,7 +10,7 @@ from nbkit.policies import RequestInfo
 from nbkit.policies.kv_index import KVIndex
 from nbkit.sim.request import Req
 
-__all__ = ["Job", "Session", "Unit", "feed_kv_index"]
+__all__ = ["Job", "Session", "Unit", "feed_kv_index", "job_info"]
 
 
 class Unit:
@@ -53,10 +53,11 @@ class Job:
     """One logical request across engines (a PD request has a prefill and a decode ``Req``)."""
 
     __slots__ = ("rid", "arrival", "prompt", "output", "ids", "session", "sess", "turn", "entry", "prefill_inst",
-                 "info", "choice", "tenant", "priority", "limits", "held")
+                 "info", "choice", "tenant", "priority", "limits", "held", "lora")
 
     def __init__(self, rid, arrival, prompt, output, ids=None, session=None, sess=None, turn=0,
-                 tenant: str = "", priority: Any = None):
+                 tenant: str = "", priority: Any = None, lora: str | None = None):
+        self.lora = lora  # the LoRA adapter it names (nbkit.sim.lora)
         self.rid, self.arrival, self.prompt, self.output = rid, arrival, prompt, output
         self.ids, self.session, self.sess, self.turn = ids, session, sess, turn
         #: the trace's tenant and priority; with admission: the tenant's limits and the slot's instance
@@ -68,8 +69,29 @@ class Job:
 
 
 class Session:
-    __slots__ = ("sid", "subs", "k", "context", "tenant", "priority")
+    __slots__ = ("sid", "subs", "k", "context", "tenant", "priority", "lora")
 
-    def __init__(self, sid: str, subs, tenant: str = "", priority: Any = None):
+    def __init__(self, sid: str, subs, tenant: str = "", priority: Any = None, lora: str | None = None):
         self.sid, self.subs, self.k, self.context = sid, subs, 0, 0
-        self.tenant, self.priority = tenant, priority
+        self.tenant, self.priority, self.lora = tenant, priority, lora
+
+
+def session_prefix(sid: str, tokens: int) -> str:
+    """A synthetic prompt text for a session's turn of ``tokens`` tokens (prefix affinity's input)."""
+    return "".join(f"{hash((sid, j)) & 0xFFFF:04x}" for j in range(tokens))
+
+
+def job_info(job: Job, need_prefix: bool, need_ids: bool, admission: bool) -> RequestInfo:
+    """What the policy knows of ``job``: its tokens, the prefix text and token ids where the policy
+    reads them, its session, its tenant and priority (with ``admission``), its LoRA adapter."""
+    prefix = None
+    if need_prefix:
+        if job.ids is not None:
+            prefix = " ".join(map(str, job.ids))
+        elif job.session is not None:
+            prefix = session_prefix(job.session, job.prompt)
+    info = RequestInfo(job.prompt, job.output, prefix, job.session, token_ids=job.ids if need_ids else None,
+                       lora=job.lora)
+    if admission:
+        info.tenant, info.priority = job.tenant, job.priority
+    return info

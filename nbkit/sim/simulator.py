@@ -51,6 +51,10 @@ the same step times to the bit); most of a fleet-scale run is the policy's per-c
 Admission (``tenants``, ``max_per_rank``, ``max_concurrency``): the live router's queue, fair share
 and rate limits on simulated time (:mod:`nbkit.sim.admission`).
 
+LoRA (:mod:`nbkit.sim.lora`): instances with ``lora_modules``/``max_loras`` hold adapters (an LRU); a
+request naming one (the trace's ``lora``) is routed by the policy's LoRA affinity and, where the adapter
+is not resident, reaches its engine ``lora_load_s`` later. ``self.adapters`` holds the table after a run.
+
 Data parallel: instances with the same ``dp_group`` are the ranks of one deployment and step in
 lockstep (a step lasts as long as its slowest rank; an idle rank waits), as vLLM's DP engines
 do; each rank is a routing candidate of its own, as in the live router.
@@ -65,7 +69,7 @@ import math
 import time
 from typing import Any, Callable, Iterable, Sequence, TextIO
 
-from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, RequestInfo, get_policy
+from nbkit.policies import CustomPolicy, Policy, PrefixAffinityPolicy, RankLoad, get_policy
 from nbkit.by_tenant import TenantSummaries
 from nbkit.records import RequestResult, Summarizer
 from nbkit.traces import TraceRequest, TraceSession
@@ -73,7 +77,8 @@ from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, 
 from nbkit.sim.admission import SimAdmission
 from nbkit.sim.engine import Engine
 from nbkit.sim.interval_log import IntervalLog, instance_stats
-from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index
+from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index, job_info
+from nbkit.sim.lora import SimAdapters
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
 from nbkit.sim.request import Req
@@ -185,10 +190,6 @@ class Simulator:
             return view
         return refresh
 
-    @staticmethod
-    def _session_prefix(sid: str, tokens: int) -> str:
-        return "".join(f"{hash((sid, j)) & 0xFFFF:04x}" for j in range(tokens))
-
     # -- the run -----------------------------------------------------------------------------------
     def run(self, trace: Iterable[TraceRequest | TraceSession], *,
             rows: Callable[[RequestResult], Any] | None = None, token_detail: bool = True,
@@ -231,6 +232,7 @@ class Simulator:
         if need_ids:   # kv_aware: the engines' own KV-cache events feed one exact index, as the live router's
             feed_kv_index(engines, (policy, dpolicy))
         pname = self.policy_name
+        self.adapters = adapters = SimAdapters.of(self.setups)  # LoRA adapters per instance (nbkit.sim.lora)
         gate = self.admission
         if gate is not None:
             gate.reset()
@@ -403,17 +405,9 @@ class Simulator:
                 route(job, t, cands)
 
         def route(job: Job, t: float, cands: list[RankLoad]) -> None:
-            prefix = None
-            if need_prefix:
-                if job.ids is not None:
-                    prefix = " ".join(map(str, job.ids))
-                elif job.session is not None:
-                    prefix = self._session_prefix(job.session, job.prompt)
-            info = RequestInfo(job.prompt, job.output, prefix, job.session,
-                               token_ids=job.ids if need_ids else None)
-            if gate is not None:
-                info.tenant, info.priority = job.tenant, job.priority
-            job.info = info
+            info = job.info = job_info(job, need_prefix, need_ids, gate is not None)
+            if adapters is not None and job.lora:  # RankLoad.loras: the policy's LoRA affinity reads them
+                adapters.annotate(cands)
             choice = policy.select(cands, info)
             policy.on_dispatch(choice, info)
             job.choice = choice
@@ -425,7 +419,8 @@ class Simulator:
             job.entry = r
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
-            at, api_free[e.index] = e.setup.hw.admission(t, api_free.get(e.index, 0.0))
+            t_in = adapters.ready(e.index, job.lora, t) if adapters is not None and job.lora else t  # load it first
+            at, api_free[e.index] = e.setup.hw.admission(t_in, api_free.get(e.index, 0.0))
             delay = at - t
             if delay > 0:       # HTTP, tokenization: the request reaches the engine later
                 counter[0] += 1
@@ -467,7 +462,7 @@ class Simulator:
             sub = s.subs[s.k]
             prompt = s.context + sub.input_toks
             job = Job(f"{s.sid}/{s.k}", t, prompt, sub.output_toks, session=s.sid, sess=s, turn=s.k,
-                      tenant=s.tenant, priority=s.priority)
+                      tenant=s.tenant, priority=s.priority, lora=s.lora)
             dispatch(job, t)
 
         def on_done(e: Engine, r: Req, t: float) -> None:
@@ -571,11 +566,11 @@ class Simulator:
                 nxt = next(src, None)
                 ta = nxt.arrival_time_ns * 1e-9 if nxt is not None else INF
                 if isinstance(it, TraceSession):
-                    s = Session(it.session_id, it.sub_requests, it.tenant, it.priority)
+                    s = Session(it.session_id, it.sub_requests, it.tenant, it.priority, it.lora)
                     start_sub(s, now)
                 else:
                     job = Job(seq_id, now, it.input_toks, it.output_toks, ids=it.input_tok_ids, tenant=it.tenant,
-                              priority=it.priority)
+                              priority=it.priority, lora=it.lora)
                     dispatch(job, now)
                 seq_id += 1
                 end = now
