@@ -21,6 +21,29 @@ from nbkit.sim.simulator import Simulator
 from nbkit.traces import SubRequest, TraceRequest, TraceSession
 
 
+
+def check_engine(eng) -> None:
+    """Assert that an engine's block accounting adds up (call it between steps)."""
+    from nbkit.sim.request import DECODE
+
+    def blocks_of(r):
+        if r.state == DECODE:
+            n = r.c0 + eng.g - r.g0 + (1 if eng._dec_alloc and r.g0 <= eng.g else 0)
+            return -(-n // eng.bs)
+        return r.n_blocks
+
+    assert eng.free_plain >= 0, eng.free_plain
+    assert all(v >= 0 for v in eng.cached.values()), "negative refcount"
+    assert all(eng.cached[h] == 0 for h in eng.evictable), "evictable block still referenced"
+    assert all(b >= 0 for b in eng.bucket) and eng.D >= 0 and eng.in_flight >= 0
+    holders = [*eng.running, *eng.handoff]
+    plain = sum(blocks_of(r) - len(r.held) for r in holders)
+    referenced = sum(1 for v in eng.cached.values() if v > 0)
+    assert plain >= 0
+    assert plain + referenced == eng.used_blocks(), (plain, referenced, eng.used_blocks())
+    assert eng.used_blocks() + eng.free_blocks() == eng.num_blocks
+    assert eng.D == sum(1 for r in eng.running if r.state == DECODE)
+
 def engine(model="tiny", hw="cpu", **extra) -> Engine:
     return Engine(resolve_instances(single_instance_config(model, hw, **extra))[0])
 
@@ -37,7 +60,7 @@ def drive(e: Engine, reqs: list[tuple[float, Req]], check: bool = True) -> list[
             i += 1
         dt = e.schedule(t)
         if check:
-            e.check()
+            check_engine(e)
         if dt is None:
             assert i < len(pending), "engine stuck with work but nothing schedulable"
             t = pending[i][0]
@@ -46,7 +69,7 @@ def drive(e: Engine, reqs: list[tuple[float, Req]], check: bool = True) -> list[
         t += dt
         done += e.finish_step(t)
         if check:
-            e.check()
+            check_engine(e)
             assert e.free_blocks() <= e.num_blocks and e.used_blocks() >= 0
     return done
 
@@ -125,7 +148,7 @@ def test_cached_blocks_are_evicted_lru_when_needed():
     b = tuple(range(10_000, 10_960))                                 # 60 blocks: must evict
     drive(e, [(1.0, Req("b", 960, 2, ids=b))])
     assert e.used_blocks() == 0 and e.free_blocks() == 64
-    e.check()
+    check_engine(e)
 
 
 def test_tp2_halves_compute_and_adds_allreduce():
@@ -356,3 +379,85 @@ def test_module_doctests():
     for mod in (sim_perf, sim_hardware, sim_request):
         res = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
         assert res.failed == 0, mod.__name__
+
+
+# ------------------------------------------------------------------ vLLM V0's scheduler modes
+def v0_engine(**extra) -> Engine:
+    setup = resolve_instances(single_instance_config("meta-llama/Llama-3.1-8B", "A100-80G", **extra))[0]
+    return Engine(setup)
+
+
+def test_multi_step_lets_new_requests_join_only_every_n_steps():
+    e = v0_engine(num_scheduler_steps=10, enable_chunked_prefill=False)
+    a, b = Req("a", prompt=50, output=40), Req("b", prompt=50, output=5)
+    e.add(a, 0.0)
+    t = 0.0
+    steps_before_b = 0
+    while a.first_token is None or steps_before_b < 3:      # a runs; b arrives 3 steps into a block
+        t += e.schedule(t)
+        e.finish_step(t)
+        steps_before_b += a.first_token is not None
+    e.add(b, t)
+    joined_at = None
+    while e.has_work():
+        g = e.g
+        t += e.schedule(t)
+        if joined_at is None and b.first_sched is not None:
+            joined_at = g
+        e.finish_step(t)
+    # a's prefill ran at step 0, a scheduling step; b arrived at step 4 and waited for the next, step 10
+    assert joined_at == 10, joined_at
+    assert a.state == DONE and b.state == DONE
+
+
+def test_without_multi_step_a_new_request_joins_the_next_step():
+    e = v0_engine()
+    a, b = Req("a", prompt=50, output=40), Req("b", prompt=50, output=5)
+    e.add(a, 0.0)
+    t = 0.0
+    for _ in range(4):
+        t += e.schedule(t)
+        e.finish_step(t)
+    e.add(b, t)
+    g = e.g
+    e.schedule(t)
+    assert b.first_sched == t and e.g == g
+
+
+def test_unchunked_prefill_adds_its_own_step_to_the_decodes():
+    """V0 without chunked prefill: decodes wait for a prompt's own step (times add up); V1 fuses
+    the prompt into the decode step (one roofline, shorter)."""
+    gaps = {}
+    for chunked in (True, False):
+        e = v0_engine(enable_chunked_prefill=chunked)
+        a = Req("a", prompt=20, output=50)
+        e.add(a, 0.0)
+        t = 0.0
+        for _ in range(5):
+            t += e.schedule(t)
+            e.finish_step(t)
+        decode_only = e.schedule(t)
+        t += decode_only
+        e.finish_step(t)
+        b = Req("b", prompt=3000, output=5)
+        e.add(b, t)
+        mixed = e.schedule(t)
+        gaps[chunked] = (decode_only, mixed)
+        prefill_alone = StepModel(e.setup).step_time(3000, 1, 1, 3000 * 3001 / 2, 3000)
+        if not chunked:
+            assert mixed == pytest.approx(decode_only + prefill_alone, rel=0.02)
+    assert gaps[False][1] > gaps[True][1]
+    assert gaps[True][0] == pytest.approx(gaps[False][0])
+
+
+def test_unchunked_budget_defaults_to_max_model_len_and_takes_whole_prompts():
+    e = v0_engine(enable_chunked_prefill=False, max_model_len=4096)
+    assert e.budget == 4096
+    reqs = [Req(f"r{i}", prompt=3000, output=3) for i in range(2)]
+    for r in reqs:
+        e.add(r, 0.0)
+    e.schedule(0.0)
+    # one whole 3000-token prompt fits the 4096 budget; the second waits for the next step (not chunked)
+    assert [c[1] for c in e._chunks] == [3000]
+    with pytest.raises(Exception, match="num_scheduler_steps"):
+        resolve_instances(single_instance_config("tiny", "cpu", num_scheduler_steps=0))

@@ -28,7 +28,10 @@ the cpu profile 128 and 2048, times ``tp_size`` as vLLM-CPU does), ``gpu_memory_
 ``--block-size`` flag), ``enable_prefix_caching`` (true), ``kv_cache_gb`` (null: what memory
 leaves after weights; per device; the cpu profile uses 1 GiB like ``VLLM_CPU_KVCACHE_SPACE=1``),
 ``max_model_len`` (null: no limit but the KV cache), ``model_spec`` (null: from ``model_name``),
-``name`` (null: ``inst<i>``).
+``name`` (null: ``inst<i>``), and for older vLLM's (V0) scheduler ``num_scheduler_steps`` (1; N: new
+requests are scheduled only every N steps, as ``--num-scheduler-steps`` does) and
+``enable_chunked_prefill`` (true; false: a whole prompt is prefilled in a step of its own while the
+running decodes wait, the token budget defaulting to ``max(max_model_len, 2048)``).
 
 Any other key, or a bad value, raises :class:`SimConfigError` naming the JSON path::
 
@@ -100,6 +103,9 @@ class InstanceConfig(_Strict):
     lora_modules: list[str] = Field(default_factory=list)
     max_loras: int | None = Field(None, ge=0)
     lora_load_s: float = Field(0.1, ge=0)
+    # the scheduler of older vLLM (V0) runs: --num-scheduler-steps, --enable-chunked-prefill false
+    num_scheduler_steps: int = Field(1, ge=1, le=64)
+    enable_chunked_prefill: bool = True
 
 
 class NodeConfig(_Strict):
@@ -247,6 +253,8 @@ class InstanceSetup:
     lora_modules: tuple[str, ...] = ()  # adapters resident at the start (nbkit.sim.lora)
     max_loras: int = 0                  # adapters resident at once (0: serves no LoRA)
     lora_load_s: float = 0.0            # seconds to load one that is not resident
+    num_scheduler_steps: int = 1        # new requests join only every this many steps (vLLM V0 multi-step)
+    chunked_prefill: bool = True        # False: whole prompts in steps of their own (V0), decodes wait
 
     @property
     def kv_gb(self) -> float:
@@ -322,6 +330,8 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
         default_seqs = hw.max_num_seqs * scale
         max_seqs = inst.max_num_seqs or min(default_seqs, inst.max_num_batched_tokens or default_seqs)
         max_tokens = inst.max_num_batched_tokens or max(hw.max_num_batched_tokens * scale, max_seqs)
+        if not inst.enable_chunked_prefill and inst.max_num_batched_tokens is None:
+            max_tokens = max(inst.max_model_len or model.max_position_embeddings, 2048, max_seqs)  # vLLM V0's default
         link_bw = hw.tp_link_bw_gbs if hw.tp_link_bw_gbs is not None else cfg.link_bw
         link_lat = hw.tp_link_latency_ns if hw.tp_link_latency_ns is not None else cfg.link_latency
         out.append(InstanceSetup(
@@ -331,7 +341,8 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
             block_size=bs, num_blocks=blocks, enable_prefix_caching=inst.enable_prefix_caching,
             max_model_len=inst.max_model_len, dtype_bytes=nbytes, mem_bw_gbs=inst.npu_mem.mem_bw,
             mem_size_gb=inst.npu_mem.mem_size, weights_gb=weights / 1e9, tp_link_bw_gbs=link_bw,
-            tp_link_latency_ns=link_lat, **_lora_fields(inst, path)))
+            tp_link_latency_ns=link_lat, num_scheduler_steps=inst.num_scheduler_steps,
+            chunked_prefill=inst.enable_chunked_prefill, **_lora_fields(inst, path)))
     keys = [s.key for s in out]
     for s in out:
         if keys.count(s.key) > 1:

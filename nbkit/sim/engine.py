@@ -15,7 +15,9 @@ An :class:`Engine` is driven from outside, one step at a time, by the cluster's 
         for req in eng.finish_step(t):  # requests that finished in this step
             print(req.rid, req.first_token, req.finish_time)
 
-Scheduling, per step (vLLM v1 with chunked prefill):
+Scheduling, per step (vLLM v1 with chunked prefill; V0's where the setup says so: new requests
+join only every ``num_scheduler_steps``, and without ``chunked_prefill`` a prompt is prefilled whole
+in a step of its own, the decodes waiting: its time adds to theirs):
 
 1. every running request in decode takes one token of the ``max_num_batched_tokens`` budget
    (``max_num_seqs <= max_num_batched_tokens``, so they always fit); a decode that crosses into a
@@ -63,6 +65,9 @@ class Engine(PlannedRuns):
         self.max_seqs = setup.max_num_seqs
         self.budget = setup.max_num_batched_tokens
         self.caching = setup.enable_prefix_caching
+        self.sched_every = setup.num_scheduler_steps
+        self.chunked = setup.chunked_prefill
+        self._sched_g = -setup.num_scheduler_steps   # the step at which new requests last could join
         self.max_len = setup.max_model_len
         self.prefill_only = setup.pd_type == "prefill" if prefill_only is None else prefill_only
         self.hold_handoff = hold_handoff and self.prefill_only
@@ -397,8 +402,12 @@ class Engine(PlannedRuns):
                 r.sched_g = g
                 chunks.append((r, n, c))
                 budget -= n
-        # 3. waiting
-        if not preempted and self.waiting:
+        # 3. waiting (V0 multi-step: only at a scheduling step; V0 without chunking: the full budget)
+        if self.sched_every > 1 and (not self.D or g - self._sched_g >= self.sched_every):
+            self._sched_g = g
+        if not self.chunked:
+            budget = self.budget
+        if not preempted and self.waiting and (self.sched_every == 1 or self._sched_g == g):
             waiting, running = self.waiting, self.running
             cached = self.cached
             max_seqs = self.max_seqs
@@ -425,6 +434,8 @@ class Engine(PlannedRuns):
                 # one token left and its KV is the only thing missing: a decode from the start
                 decode_now = n == 1 and (r.generated > 0 or r.ext > 0)
                 if n > budget:
+                    if not self.chunked and chunks:
+                        break
                     n = budget
                 need = -(-(c + n) // bs) - hits
                 if need > self.free_plain + len(self.evictable) - evict_hits:
@@ -469,16 +480,25 @@ class Engine(PlannedRuns):
             self._dec_alloc = False
             return None
         ctx = self.B + D * g
-        T = D
-        L = D
-        P = ctx + D
-        R = ctx + D
+        T = L = S = 0
+        P = R = 0.0
         for r, n, c in chunks:
             T += n
             P += n * c + n * (n + 1) * 0.5
             R += c + n
             if c + n == r.prompt + r.generated:
                 L += 1
+        dt0 = 0.0
+        if not self.chunked and D and chunks:   # the prefill step of its own, then the decodes'
+            dt0 = self.model.step_time(T, len(chunks), L, P, R)
+            T = L = 0
+            P = R = 0.0
+        else:
+            S = len(chunks)
+        T += D
+        L += D
+        P += ctx + D
+        R += ctx + D
         self._chunks = chunks
         self._step_D = D
         self._in_step = True
@@ -486,8 +506,8 @@ class Engine(PlannedRuns):
         if self.collect:
             self.last_batch = [r for r in self.running if r.state == DECODE] + [c[0] for c in chunks]
         if self.record_steps:
-            self.step_log.append((now, T, D + len(chunks), L, P, R))
-        dt = self.model.step_time(T, D + len(chunks), L, P, R)
+            self.step_log.append((now, T, D + S, L, P, R))
+        dt = self.model.step_time(T, D + S, L, P, R) + dt0
         if self.macro and not chunks and not preempted and not self.waiting and not self.prefilling \
                 and not self._new_dec and not self.record_steps and not self.collect:
             self._make_plan(now, dt)
@@ -578,23 +598,3 @@ class Engine(PlannedRuns):
         for a, b in req.segs:
             out.extend(ends[a:b])
         return out
-
-    def _blocks_of(self, r: Req) -> int:
-        if r.state == DECODE:
-            t = r.c0 + self.g - r.g0 + (1 if self._dec_alloc and r.g0 <= self.g else 0)
-            return -(-t // self.bs)
-        return r.n_blocks
-
-    def check(self) -> None:
-        """Assert that the block accounting adds up (tests call it between steps)."""
-        assert self.free_plain >= 0, self.free_plain
-        assert all(v >= 0 for v in self.cached.values()), "negative refcount"
-        assert all(self.cached[h] == 0 for h in self.evictable), "evictable block still referenced"
-        assert all(b >= 0 for b in self.bucket) and self.D >= 0 and self.in_flight >= 0
-        holders = [*self.running, *self.handoff]
-        plain = sum(self._blocks_of(r) - len(r.held) for r in holders)
-        referenced = sum(1 for v in self.cached.values() if v > 0)
-        assert plain >= 0
-        assert plain + referenced == self.used_blocks(), (plain, referenced, self.used_blocks())
-        assert self.used_blocks() + self.free_blocks() == self.num_blocks
-        assert self.D == sum(1 for r in self.running if r.state == DECODE)
