@@ -174,7 +174,20 @@ def test_step_time_grows_with_batch_and_context():
     m = StepModel(resolve_instances(single_instance_config("meta-llama/Llama-3.1-8B", "H100"))[0])
     assert m.batch_time([(1, 100)] * 8) < m.batch_time([(1, 100)] * 64) < m.batch_time([(1, 4000)] * 64)
     assert m.batch_time([(512, 0)]) < m.batch_time([(4096, 0)])
-    assert m.batch_time([]) == pytest.approx(m.hw.step_overhead_s + m.m_const)
+    assert m.batch_time([]) == pytest.approx(m.hw.step_overhead_s + 32 * m.hw.layer_overhead_s + m.m_const)
+
+
+def test_the_per_layer_cost_is_not_divided_by_tensor_parallelism():
+    """layer_overhead_s: an 80-layer model pays 80 of it a step, at any TP size."""
+    def fixed(model, tp, **hw):
+        h = sim_hardware.get_hardware("H100").replace(**hw)
+        setup = resolve_instances(single_instance_config(model, "H100", tp_size=tp, mem_size=400),
+                                  hardware={"H100": h})[0]
+        return StepModel(setup).breakdown([(1, 10)])["overhead_s"]
+    base = dict(step_overhead_s=0.0005, layer_overhead_s=5e-5, seq_overhead_s=0.0)
+    assert fixed("meta-llama/Llama-3.1-8B", 1, **base) == pytest.approx(0.0005 + 32 * 5e-5)
+    assert fixed("meta-llama/Llama-3.1-70B", 4, **base) == pytest.approx(0.0005 + 80 * 5e-5)
+    assert fixed("meta-llama/Llama-3.1-70B", 1, **base) == fixed("meta-llama/Llama-3.1-70B", 4, **base)
 
 
 # ------------------------------------------------------------------------------ the cluster

@@ -48,21 +48,24 @@ def cfg_of(instances):
                                 "nodes": [{"num_instances": len(instances), "instances": instances}]})
 
 
+#: the H100 profile the golden summaries were recorded with (2 ms a step; before layer_overhead_s)
+H100_THEN = {"H100": H.get_hardware("H100").replace(step_overhead_s=0.002, layer_overhead_s=0.0)}
+
+
 def scenarios():
     yield "h100x4", Simulator(single_instance_config("meta-llama/Llama-3.1-8B", "H100", n=4), policy="LOAD",
-                              dtype="bfloat16", block_size=16), mixed(2000, 30.0)
+                              dtype="bfloat16", block_size=16, hardware=H100_THEN), mixed(2000, 30.0)
     # tiny KV: preemptions (requests with several token segments); decode_overhead on the first gap
     cpu = H.get_hardware("cpu").replace(decode_overhead_s=0.003)
     yield "cpu_preempt", Simulator(cfg_of([inst("tiny", "cpu", kv_cache_gb=0.02), inst("tiny", "cpu", kv_cache_gb=0.02)]),
                                    policy="power_of_two", hardware={"cpu": cpu}, seed=3), mixed(300, 8.0, seed=1)
     # prefill/decode split
     yield "pd", Simulator(cfg_of([inst(pd_type="prefill"), inst(pd_type="prefill"), inst(pd_type="decode"),
-                                  inst(pd_type="decode")]), policy="RR"), mixed(500, 20.0, seed=2)
+                                  inst(pd_type="decode")]), policy="RR", hardware=H100_THEN), mixed(500, 20.0, seed=2)
     # sessions on the prefix cache, and a request too long to fit
     subs = tuple(SubRequest(300, 40, tool_duration_ns=200_000_000) for _ in range(4))
     tr = [TraceSession(f"s{k}", k * 30_000_000, subs) for k in range(40)] + [TraceRequest(10_000_000, 5, 10)]
-    yield "sessions", Simulator(cfg_of([inst(), inst(max_model_len=20_000)]), policy="session"), tr
-
+    yield "sessions", Simulator(cfg_of([inst(), inst(max_model_len=20_000)]), policy="session", hardware=H100_THEN), tr
 
 
 KEYS = ("requests", "completed", "failed", "duration_s", "input_toks", "output_toks", "ttft_s", "tpot_s", "itl_s",
@@ -202,7 +205,7 @@ def test_planned_runs_change_nothing():
     a = sim.run(tr)
     planned = sum(1 for e in sim.engines if e.macro)
     sim2 = Simulator(single_instance_config("meta-llama/Llama-3.1-8B", "H100", n=4), policy="LOAD",
-                     dtype="bfloat16", block_size=16, log_interval=1e9, log_file=io.StringIO())
+                     dtype="bfloat16", block_size=16, log_interval=1e9, log_file=io.StringIO(), hardware=H100_THEN)
     b = sim2.run(tr)
     assert planned == 4 and not any(e.macro for e in sim2.engines)
     assert [(r.request_id, r.instance_id, r.ttft_s, r.e2e_s, r.itl_s) for r in a.records] == \

@@ -211,6 +211,9 @@ def calibrate(records: Sequence[RequestResult], config: ClusterConfig | dict | s
     if len(hw_names) != 1:
         raise ValueError(f"calibration needs one hardware profile in the config, found {sorted(hw_names)}")
     base = start or setups[0].hw
+    if base.layer_overhead_s:  # the fit sees one fixed cost per step: fold the per-layer part into it
+        base = base.replace(step_overhead_s=base.step_overhead_s + base.layer_overhead_s * setups[0].model.num_layers,
+                            layer_overhead_s=0.0)
     lockstep_or_pd = any(s.pd_type for s in setups) or any(
         sum(1 for t in setups if t.dp_group == s.dp_group) > 1 for s in setups if s.dp_group is not None)
     if method == "auto":

@@ -44,10 +44,17 @@ class UnknownHardwareError(ValueError):
 class HardwareProfile:
     """One device (one GPU, or the CPU cores given to one replica) and its step-time model.
 
-    step time = step_overhead_s + seq_overhead_s * sequences
+    step time = step_overhead_s + layer_overhead_s * layers + seq_overhead_s * sequences
               + max(FLOPs / (peak_flops * compute_eff), bytes / (mem_bw * mem_eff))   (per device)
               + all-reduce time (TP > 1)
 
+    ``layer_overhead_s`` is fixed device time per model layer and step: at decode batch sizes each
+    of a layer's dozen kernels (norms, rotary, attention, activation, the all-reduce's launch) costs a
+    few microseconds whatever its size, CUDA graphs or not, and tensor parallelism does not divide
+    it, so an 80-layer model pays 2.5x a 32-layer one's and a TP4 instance the same as TP1. On the
+    GPU profiles 0.5 ms per step + 47 us per layer is the 2 ms a step of a 32-layer model had
+    before (which matched vLLM's H200 latency test for Llama-3.1-8B, -3.8 %); the 80-layer rows of
+    ``benchmarks/sim_published.py`` test the split.
     ``request_overhead_s`` is a fixed latency per request outside the engine (HTTP, tokenization,
     the API server handing the request to the engine core and the first token back): a request
     reaches the engine that long after it arrives, so TTFT and E2E include it once.
@@ -67,6 +74,7 @@ class HardwareProfile:
     compute_eff: float = 0.6          # achieved fraction of peak_flops
     mem_eff: float = 0.8              # achieved fraction of mem_bw
     step_overhead_s: float = 0.002    # fixed cost per engine step (scheduling, launch, sampling)
+    layer_overhead_s: float = 0.0     # fixed device time per model layer per step (small kernels)
     seq_overhead_s: float = 0.0       # extra cost per scheduled sequence per step
     request_overhead_s: float = 0.0   # fixed latency per request before it reaches the engine
     decode_overhead_s: float = 0.0    # fixed extra time per request between its first token and the rest
@@ -99,15 +107,16 @@ class HardwareProfile:
         return asdict(self)
 
 
+_GPU = {"step_overhead_s": 0.0005, "layer_overhead_s": 4.7e-5}   # see HardwareProfile
 PROFILES: dict[str, HardwareProfile] = {p.name: p for p in [
-    HardwareProfile("H100", 989e12, 3350, 80, tp_link_bw_gbs=450, tp_link_latency_ns=8000,
+    HardwareProfile("H100", 989e12, 3350, 80, tp_link_bw_gbs=450, tp_link_latency_ns=8000, **_GPU,
                     notes="H100 SXM 80GB, NVLink 4"),
-    HardwareProfile("H200", 989e12, 4800, 141, tp_link_bw_gbs=450, tp_link_latency_ns=8000,
+    HardwareProfile("H200", 989e12, 4800, 141, tp_link_bw_gbs=450, tp_link_latency_ns=8000, **_GPU,
                     notes="H200 SXM 141GB, NVLink 4"),
-    HardwareProfile("A100-80G", 312e12, 2039, 80, tp_link_bw_gbs=300, tp_link_latency_ns=10000,
+    HardwareProfile("A100-80G", 312e12, 2039, 80, tp_link_bw_gbs=300, tp_link_latency_ns=10000, **_GPU,
                     notes="A100 SXM 80GB, NVLink 3"),
-    HardwareProfile("L40S", 362e12, 864, 48, notes="PCIe only: TP uses the cluster link"),
-    HardwareProfile("RTXPRO6000", 500e12, 1597, 96,
+    HardwareProfile("L40S", 362e12, 864, 48, **_GPU, notes="PCIe only: TP uses the cluster link"),
+    HardwareProfile("RTXPRO6000", 500e12, 1597, 96, **_GPU,
                     notes="RTX PRO 6000 Blackwell 96GB, PCIe only: TP uses the cluster link"),
     # cpu: fitted (``nbkit sim calibrate``) on a real bursty run (bursts of 1-64 requests, prompts
     # 16-512, outputs 8-64) of the tiny model on one core of this machine, then rounded: a decode

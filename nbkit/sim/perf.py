@@ -15,7 +15,7 @@ For a batch of sequences, each computing ``n`` new tokens on top of ``c`` cached
 
     FLOPs  = (linear_flops_per_token * T + head_flops * L + attn_flops_per_pair * P) / t
     bytes  = (weight_bytes + kv_bytes_per_token * (R + T)) / t
-    step   = step_overhead + seq_overhead * S
+    step   = step_overhead + layer_overhead * layers + seq_overhead * S
            + max(FLOPs / (peak_flops * compute_eff), bytes / (mem_bw * mem_eff))
            + 2 * layers * (link_latency + 2 (t-1)/t * T * hidden * dtype_bytes / link_bw)   (t > 1)
 
@@ -52,7 +52,7 @@ class StepModel:
         bw = setup.mem_bw_gbs * 1e9 * hw.mem_eff * t
         self.m_const = m.weight_bytes(nb) / bw
         self.m_kv = m.kv_bytes_per_token(nb) / bw
-        self.o_step = hw.step_overhead_s
+        self.o_step = hw.step_overhead_s + hw.layer_overhead_s * m.num_layers
         self.o_seq = hw.seq_overhead_s
         if t > 1:
             n_ar = 2 * m.num_layers
