@@ -474,3 +474,13 @@ def test_unchunked_budget_defaults_to_max_model_len_and_takes_whole_prompts():
     assert [c[1] for c in e._chunks] == [3000]
     with pytest.raises(Exception, match="num_scheduler_steps"):
         resolve_instances(single_instance_config("tiny", "cpu", num_scheduler_steps=0))
+
+
+def test_cpu_seq_overhead_adds_to_the_profile_per_sequence_and_is_validated():
+    def seq(**extra):
+        return resolve_instances(single_instance_config("meta-llama/Llama-3.1-8B", "A100-80G", **extra))[0].hw
+    base = seq()
+    assert seq(cpu_seq_overhead_s=5e-5).seq_overhead_s == pytest.approx(base.seq_overhead_s + 5e-5)
+    assert sim_hardware.get_hardware("A100-80G").seq_overhead_s == base.seq_overhead_s   # the shipped one untouched
+    with pytest.raises(Exception, match="cpu_seq_overhead_s"):
+        seq(cpu_seq_overhead_s=-1)

@@ -31,7 +31,10 @@ leaves after weights; per device; the cpu profile uses 1 GiB like ``VLLM_CPU_KVC
 ``name`` (null: ``inst<i>``), and for older vLLM's (V0) scheduler ``num_scheduler_steps`` (1; N: new
 requests are scheduled only every N steps, as ``--num-scheduler-steps`` does) and
 ``enable_chunked_prefill`` (true; false: a whole prompt is prefilled in a step of its own while the
-running decodes wait, the token budget defaulting to ``max(max_model_len, 2048)``).
+running decodes wait, the token budget defaulting to ``max(max_model_len, 2048)``) and
+``cpu_seq_overhead_s`` (0; host time per scheduled sequence per step that the device waits for, added
+to the profile's ``seq_overhead_s``: V0's Python scheduler, sampler bookkeeping and output processing,
+which V1 overlaps with the GPU's work).
 
 Any other key, or a bad value, raises :class:`SimConfigError` naming the JSON path::
 
@@ -106,6 +109,7 @@ class InstanceConfig(_Strict):
     # the scheduler of older vLLM (V0) runs: --num-scheduler-steps, --enable-chunked-prefill false
     num_scheduler_steps: int = Field(1, ge=1, le=64)
     enable_chunked_prefill: bool = True
+    cpu_seq_overhead_s: float = Field(0.0, ge=0)   # host time per sequence per step the device waits for
 
 
 class NodeConfig(_Strict):
@@ -292,6 +296,8 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
             hw = get_hardware(inst.hardware, hardware)
         except UnknownHardwareError as e:
             raise SimConfigError(f"{path}.hardware", str(e)) from None
+        if inst.cpu_seq_overhead_s:
+            hw = hw.replace(seq_overhead_s=hw.seq_overhead_s + inst.cpu_seq_overhead_s)
         tp = inst.tp_size
         if model.num_heads % tp:
             raise SimConfigError(f"{path}.tp_size", f"{tp} does not divide the {model.num_heads} attention "
