@@ -71,34 +71,41 @@ class Setup:
     instance: dict = field(default_factory=dict)    # extra instance keys (vLLM flags of the run)
 
 
-SETUPS = [
-    Setup("8B A100 TP1 4 rps", "meta-llama/Llama-3.1-8B", "A100-80G", 1, SOURCE_SGLANG, rate=4, prompts=1200,
-          published={"median_e2e_ms": 1691.97, "median_ttft_ms": 100.48, "median_tpot_ms": 14.14}),
-    Setup("8B A100 TP1 8 rps", "meta-llama/Llama-3.1-8B", "A100-80G", 1, SOURCE_SGLANG, rate=8, prompts=2400,
-          published={"median_e2e_ms": 2137.16, "median_ttft_ms": 120.39, "median_tpot_ms": 17.09}),
-    Setup("8B A100 TP1 offline", "meta-llama/Llama-3.1-8B", "A100-80G", 1, SOURCE_SGLANG, prompts=5000,
-          published={"request_throughput": 21.27, "output_throughput": 4132.37}),
-    Setup("70B H100 TP4 4 rps", "meta-llama/Llama-3.1-70B", "H100", 4, SOURCE_SGLANG, rate=4, prompts=1200,
-          published={"median_e2e_ms": 2915.60, "median_ttft_ms": 179.15, "median_tpot_ms": 23.58}),
-    Setup("70B H100 TP4 8 rps", "meta-llama/Llama-3.1-70B", "H100", 4, SOURCE_SGLANG, rate=8, prompts=2400,
-          published={"median_e2e_ms": 3752.38, "median_ttft_ms": 207.12, "median_tpot_ms": 29.15}),
-    Setup("70B H100 TP4 offline", "meta-llama/Llama-3.1-70B", "H100", 4, SOURCE_SGLANG, prompts=5000,
-          published={"request_throughput": 19.04, "output_throughput": 3700.64}),
-    Setup("8B H200 TP1 latency b8", "meta-llama/Llama-3.1-8B", "H200", 1, SOURCE_DASHBOARD, batch=(8, 32, 128),
-          published={"batch_latency_ms": 833.42}),
-    Setup("70B H200 TP4 latency b8", "meta-llama/Llama-3.1-70B", "H200", 4, SOURCE_DASHBOARD, batch=(8, 32, 128),
-          published={"batch_latency_ms": 2077.53}),
-]
-for s in SETUPS:
-    if s.source == SOURCE_SGLANG:
-        # vLLM 0.6.0's V0 scheduler as run there: --num-scheduler-steps 10 --max_model_len 4096; chunked
-        # prefill was off (0.6.0 turns it on by default only for max_model_len > 32k, and not with
-        # multi-step), so prompts are prefilled in steps of their own while the decodes wait
-        # V0 also did per-sequence Python work each step that the GPU waited for (building the batch's
-        # inputs, sampling metadata, output processing; vLLM's own v0.6.0 performance post puts most of
-        # the GPU's idle time there): one value for every V0 row, not measured per row
-        s.instance = {"max_model_len": 4096, "num_scheduler_steps": 10, "enable_chunked_prefill": False,
-                      "cpu_seq_overhead_s": V0_SEQ_OVERHEAD_S}
+L8, L70 = "meta-llama/Llama-3.1-8B", "meta-llama/Llama-3.1-70B"
+#: sglang's vLLM 0.6.0 rows, (model, hardware, TP) -> ({req/s: (median E2E, TTFT, TPOT ms)}, offline (req/s, tok/s))
+SGLANG_VLLM060 = {
+    (L8, "A100-80G", 1): ({4: (1691.97, 100.48, 14.14), 8: (2137.16, 120.39, 17.09)}, (21.27, 4132.37)),
+    (L70, "H100", 4): ({4: (2915.60, 179.15, 23.58), 8: (3752.38, 207.12, 29.15)}, (19.04, 3700.64)),
+}
+#: the dashboard's latency test on H200, (model, TP) -> mean batch latency ms
+DASHBOARD_H200 = {(L8, 1): 833.42, (L70, 4): 2077.53}
+# vLLM 0.6.0's V0 scheduler as run there: --num-scheduler-steps 10 --max_model_len 4096; chunked prefill
+# was off (0.6.0 turns it on by default only for max_model_len > 32k, and not with multi-step), so prompts
+# are prefilled in steps of their own while the decodes wait. V0 also did per-sequence Python work each
+# step that the GPU waited for (building the batch's inputs, sampling metadata, output processing; vLLM's
+# own v0.6.0 performance post puts most of the GPU's idle time there): one value for every V0 row, not
+# measured per row
+V0_INSTANCE = {"max_model_len": 4096, "num_scheduler_steps": 10, "enable_chunked_prefill": False,
+               "cpu_seq_overhead_s": V0_SEQ_OVERHEAD_S}
+
+
+def _setups() -> list[Setup]:
+    out = []
+    for (model, hw, tp), (online, (rps, tok)) in SGLANG_VLLM060.items():
+        short = f"{model.split('-')[-1]} {hw.split('-')[0]} TP{tp}"
+        for rate, (e2e, ttft, tpot) in online.items():
+            out.append(Setup(f"{short} {rate} rps", model, hw, tp, SOURCE_SGLANG, rate=rate, prompts=300 * rate,
+                             published={"median_e2e_ms": e2e, "median_ttft_ms": ttft, "median_tpot_ms": tpot},
+                             instance=V0_INSTANCE))
+        out.append(Setup(f"{short} offline", model, hw, tp, SOURCE_SGLANG, prompts=5000,
+                         published={"request_throughput": rps, "output_throughput": tok}, instance=V0_INSTANCE))
+    for (model, tp), ms in DASHBOARD_H200.items():
+        out.append(Setup(f"{model.split('-')[-1]} H200 TP{tp} latency b8", model, "H200", tp, SOURCE_DASHBOARD,
+                         batch=(8, 32, 128), published={"batch_latency_ms": ms}))
+    return out
+
+
+SETUPS = _setups()
 
 #: what each metric's simulated value rests on (the mechanism to look at when a row is off)
 MECHANISM = {
@@ -199,21 +206,15 @@ def run(seed: int) -> dict:
     rows = []
     for s in SETUPS:
         sim = simulate(s, seed)
+        workload = {k: round(sim[k], 2) if isinstance(sim[k], float) else sim[k]
+                    for k in ("mean_input", "mean_output", "median_output", "preemptions", "wall_s")}
         for metric, pub in s.published.items():
             v = sim[metric]
             err = (v - pub) / pub
             rows.append({"setup": s.name, "model": s.model, "hardware": s.hardware, "tp": s.tp, "source": s.source,
                          "metric": metric, "published": pub, "simulated": round(v, 3), "error": round(err, 4),
-                         "within_goal": abs(err) <= GOAL_EACH, "mechanism": MECHANISM[metric]})
-        rows[-1]["_sim"] = sim
-        s_info = {k: round(v, 2) if isinstance(v, float) else v for k, v in sim.items()
-                  if k in ("mean_input", "mean_output", "median_output", "preemptions", "wall_s")}
-        for r in rows:
-            if r["setup"] == s.name:
-                r["workload"] = s_info
-                r["implied_median_output"] = implied_median_output(s.published)
-    for r in rows:
-        r.pop("_sim", None)
+                         "within_goal": abs(err) <= GOAL_EACH, "mechanism": MECHANISM[metric],
+                         "workload": workload, "implied_median_output": implied_median_output(s.published)})
     errs = [abs(r["error"]) for r in rows]
     return {"rows": rows, "median_abs_error": statistics.median(errs), "max_abs_error": max(errs),
             "within_20pct": sum(r["within_goal"] for r in rows), "figures": len(rows),
