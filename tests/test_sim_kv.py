@@ -142,14 +142,15 @@ def test_a_late_subscriber_replays_the_earlier_blocks(cluster):
     name = cluster.ranks[0].name
     pre = doc(30)
     seed = cluster.client("round_robin")
-    try:
-        seed.sync.complete(pre, max_tokens=2, rank=name)
+    try:  # every rank caches something of its own (this test may be the first to use the cluster)
+        for i, r in enumerate(cluster.ranks):
+            seed.sync.complete(pre if r.name == name else doc(300 + i), max_tokens=2, rank=r.name)
     finally:
         seed.close()
     ids = tok.completion(pre)
     wait_for(lambda: ix.match(name, ids) >= len(ids) // BS * BS, what="the prefix in the cluster's index")
-    # the engine has published (sequence 0 is its first batch: with the suite spread over workers this
-    # test may be the first to use the module's cluster, so there need not be a later one)
+    wait_for(lambda: all(ix.blocks(r.name) > 0 for r in cluster.ranks), what="blocks on every rank")
+    # the engine has published (sequence 0 is its first batch, enough when no earlier test used it)
     assert ix.rank(name).last_seq is not None and ix.rank(name).stored > 0
     late = KVIndex()
     sub = KVEventSubscriber(late, port=free_ports(1, 27557)[0])  # nobody publishes live to this one
