@@ -78,6 +78,19 @@ def test_router_side_tokens_equal_the_replicas_own_tokenize(cluster):
                                                    "add_generation_prompt": True}, timeout=30).json()["tokens"]
         assert tok.chat(messages) == want, messages
         assert tok.token_ids({"messages": messages}) == want
+    # prompts that repeat a long system prompt: the router's prefix cache tokenizes only their
+    # tails, and the ids are still the replica's
+    system = "You answer from these notes.\n" + text(3, 300) + "\nEnd of notes.\n"
+    hits = tok.cache.stats()["hits"]
+    for i in range(3):
+        prompt = f"{system}Question {i}: {text(10 + i, 20)}"
+        want = httpx.post(f"{url}/tokenize", json={"model": model, "prompt": prompt}, timeout=30).json()["tokens"]
+        assert tok.completion(prompt) == want
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": f"Question {i}?"}]
+        want = httpx.post(f"{url}/tokenize", json={"model": model, "messages": messages,
+                                                   "add_generation_prompt": True}, timeout=30).json()["tokens"]
+        assert tok.chat(messages) == want
+    assert tok.cache.stats()["hits"] >= hits + 4
 
 
 def test_index_predicts_the_prefix_hits_vllm_reports_through_store_reuse_and_eviction(cluster):

@@ -32,8 +32,13 @@ class PromptTokenizer:
     ``served_names``: the model names requests may give for the base model (the cluster's model
     path and its served name); any other ``model`` is taken as a LoRA adapter's name."""
 
-    def __init__(self, model: str, served_names: Sequence[str] = (), *, send_ids: bool = True):
+    def __init__(self, model: str, served_names: Sequence[str] = (), *, send_ids: bool = True,
+                 prefix_cache: bool = True):
         self.model = str(model)
+        #: keep the ids of long shared prefixes (:class:`~nbkit.routing.token_cache.PrefixTokenCache`,
+        #: exact) so a prompt that repeats a system prompt tokenizes only what follows it
+        self.prefix_cache = bool(prefix_cache)
+        self.cache = None
         #: forward a completion's prompt as the token ids computed here (:meth:`token_prompt`), so the
         #: replica does not tokenize it a second time; off where the replica's tokenizer may differ
         self.send_ids = bool(send_ids)
@@ -52,13 +57,19 @@ class PromptTokenizer:
                     from transformers import AutoTokenizer
                     tok = AutoTokenizer.from_pretrained(self.model)
                     self._fast = _rust_tokenizer(tok)
+                    if self._fast is not None and self.prefix_cache:
+                        from nbkit.routing.token_cache import PrefixTokenCache
+                        self.cache = PrefixTokenCache.maybe(self._fast)
                     self._tok = tok
         return self._tok
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``: the Rust ``tokenizers`` object directly when the model has one
-        (the same ids as the ``transformers`` call, without its per-call Python overhead)."""
+        (the same ids as the ``transformers`` call, without its per-call Python overhead), through
+        the prefix cache where the tokenizer allows one."""
         tok = self.tokenizer
+        if self.cache is not None:
+            return self.cache.encode(text, add_special_tokens)
         if self._fast is not None:
             return self._fast.encode(text, add_special_tokens=add_special_tokens).ids
         return list(tok(text, add_special_tokens=add_special_tokens)["input_ids"])
