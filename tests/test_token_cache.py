@@ -27,7 +27,7 @@ def text(rng: random.Random, n: int) -> str:
     return "".join(rng.choice(PIECES) for _ in range(n))
 
 
-def variant(tiny_model_path: str, pattern: str | None) -> Tokenizer:
+def variant(tiny_model_path: str, pattern: str | None, trim: bool = False, bare: bool = False) -> Tokenizer:
     """The tiny model's byte-level BPE, with GPT-2's regex (as built) or a Llama-3-style
     Split + ByteLevel pre-tokenizer and a BOS post-processor; plus merges of whitespace runs and
     digits (so a cut a piece does not end at changes the ids) and added tokens with strip flags."""
@@ -46,15 +46,21 @@ def variant(tiny_model_path: str, pattern: str | None) -> Tokenizer:
                                             {"Sequence": {"id": "A", "type_id": 0}}],
                                  "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
                                  "special_tokens": {"<s>": {"id": "<s>", "ids": [1], "tokens": ["<s>"]}}}
+    if trim:   # GPT-2's own post-processor: offsets trimmed of whitespace
+        cfg["post_processor"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}
+    if bare:   # no added tokens at all: the cache keeps the least margin after a cut
+        cfg["added_tokens"] = []
+        return Tokenizer.from_str(json.dumps(cfg))
     tok = Tokenizer.from_str(json.dumps(cfg))
     tok.add_special_tokens([AddedToken("<|eot_id|>", special=True), AddedToken("<|x|>", lstrip=True, special=True),
                             AddedToken("<|r|>", rstrip=True, special=True)])
     return tok
 
 
-@pytest.mark.parametrize("pattern", [None, LLAMA3_PATTERN], ids=["gpt2-regex", "llama3-regex"])
-def test_cached_ids_equal_the_tokenizers_on_random_shared_prefix_texts(tiny_model_path, pattern):
-    tok = variant(tiny_model_path, pattern)
+@pytest.mark.parametrize("pattern,trim", [(None, False), (None, True), (LLAMA3_PATTERN, False)],
+                         ids=["gpt2-regex", "gpt2-regex-trimmed-offsets", "llama3-regex"])
+def test_cached_ids_equal_the_tokenizers_on_random_shared_prefix_texts(tiny_model_path, pattern, trim):
+    tok = variant(tiny_model_path, pattern, trim)
     cache = PrefixTokenCache(tok, min_chars=16, max_chars=200_000)
     rng = random.Random(7)
     checked = 0
@@ -63,7 +69,7 @@ def test_cached_ids_equal_the_tokenizers_on_random_shared_prefix_texts(tiny_mode
         convo = system
         for _ in range(6):
             for special in (True, False):   # other questions after the same system prompt
-                t = system + rng.choice(["\n", "\nQ", "", "<|eot_id|>", "\n\n"]) + text(rng, rng.randint(1, 40))
+                t = system + rng.choice(["\n", "\nQ", "", " ", "<|eot_id|>", "\n\n"]) + text(rng, rng.randint(1, 40))
                 assert cache.encode(t, special) == tok.encode(t, add_special_tokens=special).ids, repr(t)
                 checked += 1
             convo += rng.choice(["\nUser", "<|eot_id|>", "<s>", "\nassistant", "\n"]) + text(rng, rng.randint(1, 60))
@@ -75,16 +81,45 @@ def test_cached_ids_equal_the_tokenizers_on_random_shared_prefix_texts(tiny_mode
     assert s["saved_chars"] > 0 and 0 < s["chars"] <= 200_000
 
 
+@pytest.mark.parametrize("pattern,trim,bare", [(None, False, False), (None, True, False), (LLAMA3_PATTERN, False, False),
+                                               (None, False, True), (LLAMA3_PATTERN, False, True)],
+                         ids=["gpt2-regex", "gpt2-regex-trimmed-offsets", "llama3-regex", "gpt2-no-added-tokens",
+                              "llama3-no-added-tokens"])
+def test_every_safe_boundary_splits_the_ids_whatever_follows_the_shared_part(tiny_model_path, pattern, trim, bare):
+    """The claim the cache rests on, checked at every boundary it would pick: for a text shared up
+    to ``limit``, the ids before the cut ``c`` are the same whatever comes after ``limit``, and the
+    ids after it are those of ``text[c:]`` alone."""
+    tok = variant(tiny_model_path, pattern, trim, bare)
+    cache = PrefixTokenCache(tok, min_chars=1)
+    rng = random.Random(11)
+    cuts = 0
+    for _ in range(60):
+        shared = text(rng, rng.randint(10, 60))
+        for limit in range(2, len(shared) + 1):
+            c = cache.safe_cut(shared, limit)
+            if not c:
+                continue
+            cuts += 1
+            for _ in range(2):
+                t = shared[:limit] + text(rng, rng.randint(0, 6))
+                enc = tok.encode(t, add_special_tokens=False)
+                k = sum(1 for _, e in enc.offsets if e <= c)
+                assert enc.ids == enc.ids[:k] + tok.encode(t[c:], add_special_tokens=False).ids, (t[:c], t[c:])
+                other = tok.encode(shared[:limit] + text(rng, 4), add_special_tokens=False)
+                assert other.ids[:sum(1 for _, e in other.offsets if e <= c)] == enc.ids[:k], (t[:c], t[c:])
+    assert cuts > 1000
+
+
 def test_a_system_prompt_is_tokenized_once(tiny_model_path):
     tok = variant(tiny_model_path, None)
     cache = PrefixTokenCache(tok)
-    system = "You are a careful assistant.\n" + "Rules and facts follow, line after line.\n" * 60
+    system = "You are a careful assistant. " + "Rules and facts follow, word after word, " * 60
     for i in range(20):
-        t = f"{system}Question {i}: what is {i} + {i}?"
+        t = f"{system}question {i}: what is {i} + {i}?"
         assert cache.encode(t, True) == tok.encode(t, add_special_tokens=True).ids
     s = cache.stats()
     assert (s["hits"], s["misses"]) == (19, 1)
-    assert s["saved_chars"] >= 19 * len(system)
+    assert s["saved_chars"] >= 19 * (len(system) - 20)   # all but its last words ("word, ")
 
 
 def test_memory_is_bounded_by_the_characters_held(tiny_model_path):

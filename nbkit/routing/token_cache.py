@@ -2,29 +2,32 @@
 
 Router-side tokenization (:mod:`nbkit.routing.tokenize`) runs on every request a KV-aware policy
 routes. For a prompt of a thousand tokens most of that time is the pre-tokenizer's regex over the
-whole text (1.4 of 1.6 ms on this machine), and most prompts repeat a long system prompt or the
-conversation so far. :class:`PrefixTokenCache` remembers the token ids of such prefixes and
-tokenizes only the rest::
+whole text (1.4 of 1.6 ms on this machine), and most prompts repeat a long system prompt, a
+document or the conversation so far. :class:`PrefixTokenCache` keeps recent prompts with their
+ids and tokenizes only what a new prompt does not share with one of them::
 
     cache = PrefixTokenCache(tokenizers_tokenizer)       # None from .maybe() where it cannot be exact
-    ids = cache.encode(system_prompt + "\\nQuestion one?", add_special_tokens=True)   # tokenized whole
-    ids = cache.encode(system_prompt + "\\nQuestion two?", add_special_tokens=True)   # only the question
+    ids = cache.encode(system_prompt + " Question one?", add_special_tokens=True)   # tokenized whole
+    ids = cache.encode(system_prompt + " Question two?", add_special_tokens=True)   # only the question
 
-It is exact, not an estimate: a prompt is cut only at a *safe boundary*: where an added (special) token starts,
-as a chat template's ``<|start_header_id|>`` does (the tokenizer splits the text there before
-anything else), or at a position ``c`` where ``text[c-1]`` is a newline and ``text[c]`` a letter,
-with no added token within reach.
-For the byte-level BPE tokenizers it accepts (GPT-2's regex, or a ``Split`` with the
-Llama-3 / cl100k family's regex before a regex-free ``ByteLevel``; no normalizer, or NFC) a
-pre-tokenizer piece ends at such a ``c`` and no piece before it looks past ``text[c]``: the
-letter alternatives stop at the newline, the whitespace alternatives end at the newline because
-a letter follows, and nothing looks behind. BPE then works within pieces, so
-``ids(text) == ids(text[:c]) + ids(text[c:])``. The cut points kept for a prompt are the last
-``cuts_per_text`` safe boundaries of it (a question after a system prompt, the last turn of a
-conversation); a later prompt probes its own last ``max_probes`` boundaries, longest first.
-Memory is bounded by the characters held (``max_chars``), least recently used dropped first.
-``tests/test_token_cache.py`` checks equality with the tokenizer on random texts full of
-newlines, contractions, digits, unicode and special tokens, for both regex families.
+How: prompts are filed by their first ``min_chars`` characters; a new prompt finds the longest
+common prefix ``L`` with the recent prompts of its file (a binary search of string compares),
+then the last *safe boundary* ``c`` well inside it, takes the stored prompt's ids before ``c`` and
+tokenizes ``text[c:]``.
+
+It is exact, not an estimate. A safe boundary is where the text must split whatever follows: the
+start of an added (special) token, as a chat template's ``<|start_header_id|>`` (the tokenizer
+splits the text there before anything else; tokens that strip to their left or need a word
+boundary excluded), a letter after a newline, or a space between a letter and a non-space, with no
+added token within reach. For the byte-level BPE tokenizers it accepts (GPT-2's regex, or a ``Split`` with
+the Llama-3 / cl100k family's regex before a regex-free ``ByteLevel``; no normalizer, or NFC), a
+pre-tokenizer piece ends there and no piece before it looks past ``text[c]``: letter runs stop
+at the space or newline, whitespace runs stop at the letter, nothing looks behind, and
+the characters around ``c`` are shared with the stored prompt (``c + reach < L``). BPE then works within
+pieces, so ``ids(text) == ids(text)[:k] + ids(text[c:])``. Memory is bounded by the characters
+held (``max_chars``), least recently used prompts dropped first. ``tests/test_token_cache.py``
+checks equality with the tokenizer on random texts full of newlines, contractions, digits,
+whitespace runs, unicode and special tokens, for both regex families.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import logging
 import re
 import threading
 from array import array
+from bisect import bisect_right
 from collections import OrderedDict
 from typing import Any
 
@@ -74,16 +78,16 @@ def unsupported(config: dict) -> str | None:
 
 class PrefixTokenCache:
     """See the module docstring. ``tokenizer``: a ``tokenizers.Tokenizer`` (truncation and padding
-    off). Thread-safe."""
+    off). ``per_file``: recent prompts kept per first ``min_chars`` characters. Thread-safe."""
 
-    def __init__(self, tokenizer: Any, *, max_chars: int = 16_000_000, min_chars: int = 256,
-                 cuts_per_text: int = 4, max_probes: int = 8):
+    def __init__(self, tokenizer: Any, *, max_chars: int = 16_000_000, min_chars: int = 128, per_file: int = 8,
+                 max_scan: int = 512):
         why = unsupported(json.loads(tokenizer.to_str()))
         if why:
             raise ValueError(f"PrefixTokenCache: cannot cut this tokenizer's input exactly ({why})")
         self.tok = tokenizer
-        self.max_chars, self.min_chars = int(max_chars), int(min_chars)
-        self.cuts_per_text, self.max_probes = int(cuts_per_text), int(max_probes)
+        self.max_chars, self.min_chars = int(max_chars), max(1, int(min_chars))
+        self.per_file, self.max_scan = int(per_file), int(max_scan)
         added = [t for t in tokenizer.get_added_tokens_decoder().values() if t.content]
         contents = sorted({t.content for t in added}, key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
@@ -91,8 +95,10 @@ class PrefixTokenCache:
         # tokens a prompt may be cut in front of: their match cannot reach back before them
         self._starts = {t.content for t in added if not t.lstrip and not t.single_word
                         and not (t.normalized and tokenizer.normalizer is not None)}
+        self._first_chars = {t[0] for t in self._starts}
         self._pre, self._post = self._special_parts()
-        self._entries: OrderedDict[tuple[str, bool], array] = OrderedDict()   # (text[:c], letter) -> ids
+        # first min_chars characters -> prompt -> (ids, end offset of each token)
+        self._files: OrderedDict[str, OrderedDict[str, tuple[array, array]]] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -122,15 +128,16 @@ class PrefixTokenCache:
         raise ValueError("post-processor does more than add tokens around the sequence")
 
     # -- boundaries --------------------------------------------------------------------------------
-    def _safe(self, text: str, c: int) -> bool:
-        if self._added is None:
-            return True
-        return self._added.search(text, max(0, c - self._reach), min(len(text), c + self._reach)) is None
+    def _clear(self, text: str, c: int) -> bool:
+        """No added token within reach of ``c``."""
+        return self._added is None or self._added.search(
+            text, max(0, c - self._reach), min(len(text), c + self._reach)) is None
 
-    def _before_added(self, text: str, c: int, m: re.Match) -> bool:
-        """Whether ``c``, where an added token starts (``m``), is a boundary the tokenizer keeps: a
-        token that cannot strip or check what precedes it, and no other occurrence overlapping it."""
-        if m.group() not in self._starts:
+    def _before_added(self, text: str, c: int) -> bool:
+        """Whether an added token starts at ``c`` that the tokenizer splits in front of: one that
+        cannot strip or check what precedes it, and no other occurrence overlapping ``c``."""
+        m = self._added.match(text, c)
+        if m is None or m.group() not in self._starts:
             return False
         for p in range(max(0, c - self._reach), c):
             o = self._added.match(text, p)
@@ -138,82 +145,98 @@ class PrefixTokenCache:
                 return False
         return True
 
-    def cuts(self, text: str, limit: int, above: int = 0) -> list[tuple[int, bool]]:
-        """The last ``limit`` safe boundaries ``(c, letter)`` of ``text`` above ``max(above,
-        min_chars)``, longest first: a newline followed by a letter with no added token within
-        reach (``letter`` true), or the start of an added token (``<s>``, ``<|start_header_id|>``:
-        the tokenizer splits the text there before anything else). The ids of ``text[:c]`` differ
-        between the two (whitespace before a letter splits off its last character, before an
-        added token it ends a segment), so the cache keeps them apart."""
-        out: list[tuple[int, bool]] = []
-        lo = max(above, self.min_chars - 1)
-        end = len(text) - 1
-        while len(out) < limit:
-            p = text.rfind("\n", lo, end)
-            if p < 0:
-                break
-            end = p
-            if text[p + 1].isalpha() and self._safe(text, p + 1):
-                out.append((p + 1, True))
-        if self._added is not None and self._starts:
-            before = [(m.start(), False) for m in self._added.finditer(text, lo + 1)
-                      if self._before_added(text, m.start(), m)]
-            if before:
-                out = sorted(out + before, reverse=True)[:limit]
-        return out
+    def safe_cut(self, text: str, limit: int) -> int:
+        """The last safe boundary ``c`` of ``text`` with ``c + reach < limit`` (0 if none within
+        ``max_scan`` characters): see the module docstring."""
+        hi = min(limit - self._reach - 1, len(text) - 1)   # text[c + 1] is read too
+        for c in range(hi, max(0, hi - self.max_scan), -1):
+            ch, before = text[c], text[c - 1]
+            if (ch == " " and before.isalpha() and not text[c + 1].isspace()) or (before == "\n" and ch.isalpha()):
+                if self._clear(text, c):
+                    return c
+            elif ch in self._first_chars and self._before_added(text, c):
+                return c
+        return 0
 
     # -- the cache ---------------------------------------------------------------------------------
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
         """Token ids of ``text``, exactly as ``tokenizer.encode(text, add_special_tokens)``."""
-        base, ids, offset = 0, None, 0
-        if len(text) > self.min_chars:
-            probes = self.cuts(text, self.max_probes)
+        n = len(text)
+        base, ids, ends = 0, None, None
+        if n > self.min_chars:
+            key = text[:self.min_chars]
             with self._lock:
-                for c, letter in probes:
-                    key = (text[:c], letter)
-                    got = self._entries.get(key)
-                    if got is not None:
-                        self._entries.move_to_end(key)
-                        base, ids = c, got
-                        break
+                file = self._files.get(key)
+                if file is not None:
+                    self._files.move_to_end(key)
+                    best, match = 0, None
+                    for other, entry in reversed(file.items()):
+                        common = _common_prefix(text, other, self.min_chars)
+                        if common > best:
+                            best, match = common, (other, entry)
+                            if common >= n:
+                                break
+                    if match is not None:
+                        c = self.safe_cut(text, best)
+                        if c > 0:
+                            other, (oids, oends) = match
+                            k = bisect_right(oends, c)
+                            base, ids, ends = c, oids[:k], oends[:k]
+                            if best >= n and len(other) == n:
+                                file.move_to_end(other)
         if ids is None:
             self.misses += 1
             enc = self.tok.encode(text, add_special_tokens=False)
             out = enc.ids
+            if n > self.min_chars:
+                self._remember(text, array("l", out), array("l", [e for _, e in enc.offsets]))
         else:
             self.hits += 1
             self.saved_chars += base
             enc = self.tok.encode(text[base:], add_special_tokens=False)
-            out = ids.tolist() + enc.ids
-            offset = base
-        if len(text) > self.min_chars:
-            self._remember(text, out, enc, offset, len(out) - len(enc.ids))
+            ids.extend(enc.ids)
+            ends.extend([e + base for _, e in enc.offsets])
+            out = ids.tolist()
+            self._remember(text, ids, ends)
         if add_special_tokens and (self._pre or self._post):
             out = self._pre + out + self._post
         return out
 
-    def _remember(self, text: str, ids: list[int], enc: Any, offset: int, first: int) -> None:
-        """Keep ``text[:c]``'s ids for its last safe boundaries ``c`` beyond ``offset`` (the part
-        ``enc``, the encoding of ``text[offset:]``, covers; its tokens start at ``ids[first]``)."""
-        cuts = self.cuts(text, self.cuts_per_text, above=offset)
-        if not cuts:
-            return
+    def _remember(self, text: str, ids: array, ends: array) -> None:
+        key = text[:self.min_chars]
         with self._lock:
-            for c, letter in cuts:
-                key = (text[:c], letter)
-                if key in self._entries:
-                    self._entries.move_to_end(key)
-                    continue
-                k = enc.char_to_token(c - offset)
-                if k is None or enc.offsets[k][0] != c - offset:
-                    continue  # no token starts exactly here (cannot happen at a piece boundary)
-                self._entries[key] = array("l", ids[:first + k])
-                self._chars += c
-            while self._chars > self.max_chars and self._entries:
-                key, _ = self._entries.popitem(last=False)
-                self._chars -= len(key[0])
+            file = self._files.get(key)
+            if file is None:
+                file = self._files[key] = OrderedDict()
+            self._files.move_to_end(key)
+            if text in file:
+                file.move_to_end(text)
+                return
+            file[text] = (ids, ends)
+            self._chars += len(text)
+            if len(file) > self.per_file:
+                old, _ = file.popitem(last=False)
+                self._chars -= len(old)
+            while self._chars > self.max_chars and self._files:
+                _, dropped = self._files.popitem(last=False)
+                self._chars -= sum(map(len, dropped))
 
     def stats(self) -> dict[str, int]:
-        """Hits, misses, entries, characters held and characters not tokenized again."""
-        return {"hits": self.hits, "misses": self.misses, "entries": len(self._entries), "chars": self._chars,
-                "saved_chars": self.saved_chars}
+        """Hits, misses, prompts held, characters held and characters not tokenized again."""
+        return {"hits": self.hits, "misses": self.misses, "prompts": sum(map(len, self._files.values())),
+                "chars": self._chars, "saved_chars": self.saved_chars}
+
+
+def _common_prefix(a: str, b: str, known: int = 0) -> int:
+    """Length of the common prefix of ``a`` and ``b`` (their first ``known`` characters are equal):
+    a binary search of slice compares, each one C-level ``memcmp``."""
+    lo, hi = known, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while lo + 1 < hi:      # a[:lo] == b[:lo], a[:hi] != b[:hi]
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
