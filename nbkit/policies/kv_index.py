@@ -68,9 +68,11 @@ def block_keys(token_ids: Sequence[int], block_size: int, lora: str | None = Non
         n = min(n, limit)
     out = []
     h = parent
-    for i in range(n):
-        chunk = array("q", token_ids[i * block_size:(i + 1) * block_size]).tobytes()
-        h = hashlib.blake2b(h + chunk, digest_size=8).digest()
+    data = array("q", token_ids[:n * block_size]).tobytes()   # one conversion, sliced per block
+    step = 8 * block_size
+    blake2b = hashlib.blake2b
+    for i in range(0, n * step, step):
+        h = blake2b(h + data[i:i + step], digest_size=8).digest()
         out.append(h)
     return out
 
