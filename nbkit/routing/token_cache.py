@@ -148,7 +148,7 @@ class PrefixTokenCache:
     def safe_cut(self, text: str, limit: int) -> int:
         """The last safe boundary ``c`` of ``text`` with ``c + reach < limit`` (0 if none within
         ``max_scan`` characters): see the module docstring."""
-        hi = min(limit - self._reach - 1, len(text) - 1)   # text[c + 1] is read too
+        hi = min(limit - self._reach - 1, len(text) - 2)   # text[c + 1] is read too
         for c in range(hi, max(0, hi - self.max_scan), -1):
             ch, before = text[c], text[c - 1]
             if (ch == " " and before.isalpha() and not text[c + 1].isspace()) or (before == "\n" and ch.isalpha()):
