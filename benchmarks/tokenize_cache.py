@@ -36,7 +36,7 @@ def workloads(model: str, n: int) -> dict[str, list]:
 
     hf = AutoTokenizer.from_pretrained(model)
     w = bench.shared_prefix(32, -(-n // 32), 1024, 32, 32, seed=3, tokenizer=hf)
-    many = [{"prompt": it.prompt} for it in w.items[:n]]
+    many = [{"prompt": it.text} for it in w.items[:n]]
     tb, rng = text_builder(hf), np.random.default_rng(5)
     system = tb.text(512, rng)
     convs = [[{"role": "system", "content": system}] for _ in range(16)]
@@ -68,7 +68,9 @@ def main(argv=None) -> int:
     model = str(tiny_model())
     work = workloads(model, args.prompts)
     rows = {name: {"whole_ms": [], "cached_ms": [], "hit_rate": []} for name in work}
-    lines = [f"tokenize_cache.py: {args.prompts} prompts per workload, {args.rounds} rounds, tiny model's tokenizer"]
+    import os
+    lines = [f"tokenize_cache.py: {args.prompts} prompts per workload, {args.rounds} rounds, tiny model's tokenizer, "
+             f"load average {os.getloadavg()[0]:.2f} at the start"]
     for r in range(args.rounds):
         for name, bodies in work.items():
             whole, cached = PromptTokenizer(model, prefix_cache=False), PromptTokenizer(model)

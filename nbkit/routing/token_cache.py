@@ -8,12 +8,16 @@ ids and tokenizes only what a new prompt does not share with one of them::
 
     cache = PrefixTokenCache(tokenizers_tokenizer)       # None from .maybe() where it cannot be exact
     ids = cache.encode(system_prompt + " Question one?", add_special_tokens=True)   # tokenized whole
-    ids = cache.encode(system_prompt + " Question two?", add_special_tokens=True)   # only the question
+    ids = cache.encode(system_prompt + " Question two?", add_special_tokens=True)   # whole, and kept
+    ids = cache.encode(system_prompt + " Question six?", add_special_tokens=True)   # only the question
 
-How: prompts are filed by their first ``min_chars`` characters; a new prompt finds the longest
-common prefix ``L`` with the recent prompts of its file (a binary search of string compares),
-then the last *safe boundary* ``c`` well inside it, takes the stored prompt's ids before ``c`` and
-tokenizes ``text[c:]``.
+How: kept prompts are indexed by the hashes of their first ``j * min_chars`` characters for every
+``j``; a new prompt finds the kept prompt sharing the most whole chunks with it (a binary search
+over ``j``: a dozen dictionary lookups), their exact common prefix ``L`` (a binary search of slice
+compares), then the last *safe boundary* ``c`` well inside it, takes the kept prompt's ids before
+``c`` and tokenizes ``text[c:]``. A prompt is kept the second time its opening (first
+``min_chars`` characters) is seen, so traffic that shares nothing costs a remembered hash, not its
+ids. Interleaved conversations on one system prompt each continue from their own last turn.
 
 It is exact, not an estimate. A safe boundary is where the text must split whatever follows: the
 start of an added (special) token, as a chat template's ``<|start_header_id|>`` (the tokenizer
@@ -78,16 +82,17 @@ def unsupported(config: dict) -> str | None:
 
 class PrefixTokenCache:
     """See the module docstring. ``tokenizer``: a ``tokenizers.Tokenizer`` (truncation and padding
-    off). ``per_file``: recent prompts kept per first ``min_chars`` characters. Thread-safe."""
+    off). ``min_chars``: the chunk of the prefix index (and the shortest prompt it keeps).
+    ``max_openings``: openings remembered for the seen-twice rule. Thread-safe."""
 
-    def __init__(self, tokenizer: Any, *, max_chars: int = 16_000_000, min_chars: int = 128, per_file: int = 8,
-                 max_scan: int = 512):
+    def __init__(self, tokenizer: Any, *, max_chars: int = 16_000_000, min_chars: int = 128,
+                 max_openings: int = 100_000, max_scan: int = 512):
         why = unsupported(json.loads(tokenizer.to_str()))
         if why:
             raise ValueError(f"PrefixTokenCache: cannot cut this tokenizer's input exactly ({why})")
         self.tok = tokenizer
         self.max_chars, self.min_chars = int(max_chars), max(1, int(min_chars))
-        self.per_file, self.max_scan = int(per_file), int(max_scan)
+        self.max_openings, self.max_scan = int(max_openings), int(max_scan)
         added = [t for t in tokenizer.get_added_tokens_decoder().values() if t.content]
         contents = sorted({t.content for t in added}, key=len, reverse=True)
         self._added = re.compile("|".join(map(re.escape, contents))) if contents else None
@@ -97,8 +102,12 @@ class PrefixTokenCache:
                         and not (t.normalized and tokenizer.normalizer is not None)}
         self._first_chars = {t[0] for t in self._starts}
         self._pre, self._post = self._special_parts()
-        # first min_chars characters -> prompt -> (ids, end offset of each token)
-        self._files: OrderedDict[str, OrderedDict[str, tuple[array, array]]] = OrderedDict()
+        # prompt -> (ids, end offset of each token, the chunk hashes it put in _chunks), least recent first
+        self._prompts: OrderedDict[str, tuple[array, array, list[int]]] = OrderedDict()
+        # hash of a prompt's first j * min_chars characters -> a kept prompt that starts so
+        self._chunks: dict[int, str] = {}
+        # hashes of openings (first min_chars characters) seen once, whose prompts were not kept
+        self._openings: OrderedDict[int, None] = OrderedDict()
         self._chars = 0
         self._lock = threading.Lock()
         self.hits = self.misses = 0
@@ -164,32 +173,21 @@ class PrefixTokenCache:
         n = len(text)
         base, ids, ends = 0, None, None
         if n > self.min_chars:
-            key = text[:self.min_chars]
             with self._lock:
-                file = self._files.get(key)
-                if file is not None:
-                    self._files.move_to_end(key)
-                    best, match = 0, None
-                    for other, entry in reversed(file.items()):
-                        common = _common_prefix(text, other, self.min_chars)
-                        if common > best:
-                            best, match = common, (other, entry)
-                            if common >= n:
-                                break
-                    if match is not None:
-                        c = self.safe_cut(text, best)
-                        if c > 0:
-                            other, (oids, oends) = match
-                            k = bisect_right(oends, c)
-                            base, ids, ends = c, oids[:k], oends[:k]
-                            if best >= n and len(other) == n:
-                                file.move_to_end(other)
+                other = self._longest(text)
+                if other is not None:
+                    c = self.safe_cut(text, _common_prefix(text, other))
+                    if c > 0:
+                        oids, oends, _ = self._prompts[other]
+                        self._prompts.move_to_end(other)
+                        k = bisect_right(oends, c)
+                        base, ids, ends = c, oids[:k], oends[:k]
         if ids is None:
             self.misses += 1
             enc = self.tok.encode(text, add_special_tokens=False)
             out = enc.ids
             if n > self.min_chars:
-                self._remember(text, array("l", out), array("l", [e for _, e in enc.offsets]))
+                self._remember(text, out, None, enc)
         else:
             self.hits += 1
             self.saved_chars += base
@@ -202,28 +200,57 @@ class PrefixTokenCache:
             out = self._pre + out + self._post
         return out
 
-    def _remember(self, text: str, ids: array, ends: array) -> None:
-        key = text[:self.min_chars]
+    def _longest(self, text: str) -> str | None:
+        """A kept prompt sharing the most whole chunks with ``text`` (binary search over the chunk
+        count: a prompt sharing ``j`` chunks shares every shorter run), or None."""
+        size, chunks, prompts = self.min_chars, self._chunks, self._prompts
+        lo, hi, found = 0, len(text) // size, None
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            p = chunks.get(hash(text[:mid * size]))
+            if p is not None and p in prompts and p.startswith(text[:mid * size]):
+                lo, found = mid, p
+            else:
+                hi = mid - 1
+        return found
+
+    def _remember(self, text: str, ids: array | list[int], ends: array | None, enc: Any = None) -> None:
+        """Keep ``text``'s ids, if its opening was seen before (prompts that share nothing with
+        any other cost one remembered hash, not their ids)."""
+        size = self.min_chars
         with self._lock:
-            file = self._files.get(key)
-            if file is None:
-                file = self._files[key] = OrderedDict()
-            self._files.move_to_end(key)
-            if text in file:
-                file.move_to_end(text)
+            if text in self._prompts:
+                self._prompts.move_to_end(text)
                 return
-            file[text] = (ids, ends)
+            opening = hash(text[:size])
+            if opening not in self._chunks and opening not in self._openings:
+                self._openings[opening] = None
+                if len(self._openings) > self.max_openings:
+                    self._openings.popitem(last=False)
+                return
+            self._openings.pop(opening, None)
+            if ends is None:
+                ids, ends = array("l", ids), array("l", [e for _, e in enc.offsets])
+            mine = []
+            for j in range(len(text) // size, 0, -1):   # the chunk runs no kept prompt starts with yet
+                h = hash(text[:j * size])
+                p = self._chunks.get(h)
+                if p is not None and p in self._prompts:
+                    break
+                self._chunks[h] = text
+                mine.append(h)
+            self._prompts[text] = (ids, ends, mine)
             self._chars += len(text)
-            if len(file) > self.per_file:
-                old, _ = file.popitem(last=False)
+            while self._chars > self.max_chars and self._prompts:
+                old, (_, _, hashes) = self._prompts.popitem(last=False)
                 self._chars -= len(old)
-            while self._chars > self.max_chars and self._files:
-                _, dropped = self._files.popitem(last=False)
-                self._chars -= sum(map(len, dropped))
+                for h in hashes:
+                    if self._chunks.get(h) is old:
+                        del self._chunks[h]
 
     def stats(self) -> dict[str, int]:
         """Hits, misses, prompts held, characters held and characters not tokenized again."""
-        return {"hits": self.hits, "misses": self.misses, "prompts": sum(map(len, self._files.values())),
+        return {"hits": self.hits, "misses": self.misses, "prompts": len(self._prompts),
                 "chars": self._chars, "saved_chars": self.saved_chars}
 
 
