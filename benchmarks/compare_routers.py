@@ -563,7 +563,15 @@ def take_back_kv_events(cluster) -> None:
     rebuild the index from each engine's replay, for an in-process kv_aware client."""
     from nbkit.cluster.kv import kv_source
 
-    cluster.kv.listen(move=False)
+    deadline = time.monotonic() + 30.0
+    while True:   # the endpoint process that had the port, or a router given it as a free port, may hold it a moment
+        try:
+            cluster.kv.listen(move=False)
+            break
+        except ValueError as e:
+            if "cannot bind" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
     for plan in cluster.plans:
         for name in kv_source(plan)["names"].values() if kv_source(plan) else ():
             cluster.kv_index.forget(name)
