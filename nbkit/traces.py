@@ -83,6 +83,8 @@ def _int(obj: dict, key: str, where: str, *, minimum: int = 0, required: bool = 
 
 
 def _unknown(obj: dict, allowed: set[str], where: str) -> None:
+    if allowed.issuperset(obj):
+        return
     extra = sorted(set(obj) - allowed)
     if extra:
         raise TraceError(f"{where}: unknown field(s) {', '.join(extra)} (expected some of {', '.join(sorted(allowed))})")
@@ -101,6 +103,10 @@ def _who(obj: dict, where: str) -> tuple[str | None, str | int | None, str | Non
 
 def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
     """One decoded JSON object -> a :class:`TraceRequest` or :class:`TraceSession`."""
+    if type(obj) is dict and len(obj) == 3:     # the usual line, three counts: checked at once
+        n_in, n_out, t = obj.get("input_toks"), obj.get("output_toks"), obj.get("arrival_time_ns")
+        if type(n_in) is int and type(n_out) is int and type(t) is int and n_in >= 1 and n_out >= 1 and t >= 0:
+            return TraceRequest(n_in, n_out, t)
     if not isinstance(obj, dict):
         raise TraceError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     if "sub_requests" in obj or "session_id" in obj:
@@ -136,16 +142,20 @@ def parse_line(obj: Any, where: str = "line") -> TraceRequest | TraceSession:
 def iter_trace(path: str | os.PathLike) -> Iterator[TraceRequest | TraceSession]:
     """The items of a JSONL trace one by one, in file order (blank lines skipped): for a trace too
     large to hold, already sorted by arrival time. :func:`read_trace` reads it whole and sorts."""
+    loads = json.loads
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
-            where = f"{os.fspath(path)}:{n}"
             try:
-                obj = json.loads(line)
+                obj = loads(line)
             except json.JSONDecodeError as e:
-                raise TraceError(f"{where}: not valid JSON ({e.msg})") from None
-            yield parse_line(obj, where)
+                raise TraceError(f"{os.fspath(path)}:{n}: not valid JSON ({e.msg})") from None
+            try:
+                item = parse_line(obj)
+            except TraceError:          # read again, naming the line (its name made only then)
+                item = None
+            yield item if item is not None else parse_line(obj, f"{os.fspath(path)}:{n}")
 
 
 def read_trace(path: str | os.PathLike) -> list[TraceRequest | TraceSession]:

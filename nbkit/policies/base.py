@@ -93,18 +93,21 @@ def load_score(r: RankLoad, tokens_per_waiting: float = DEFAULT_TOKENS_PER_WAITI
         740.0
     """
     score = float(r.pending_prefill_tokens + r.pending_decode_tokens)
-    if not r.stale:
-        foreign = r.running + r.waiting - max(r.in_flight, r.in_flight_seen)
+    if not r.stale:     # (max/min spelt out: this runs for every candidate of every decision)
+        ours, seen = r.in_flight, r.in_flight_seen
+        foreign = r.running + r.waiting - (seen if seen > ours else ours)
         if foreign > 0:
             score += tokens_per_waiting * foreign
-        kv = min(max(float(r.kv_cache_usage), 0.0), 1.0)
+        kv = float(r.kv_cache_usage)
+        kv = 0.0 if kv < 0.0 else 1.0 if kv > 1.0 else kv
         score += kv_weight * kv * kv
     return score
 
 
 def _fmt(x: float) -> str:
     """12 for 12.0, 12.5 for 12.5: short numbers for reasons."""
-    return str(int(round(x))) if abs(x - round(x)) < 0.05 else f"{x:.1f}"
+    r = round(x)
+    return str(int(r)) if abs(x - r) < 0.05 else f"{x:.1f}"
 
 
 # ------------------------------------------------------------------------------------- policy
@@ -161,6 +164,32 @@ class Policy:
     def _select(self, candidates: Sequence[RankLoad], request: RequestInfo) -> Choice:
         raise NotImplementedError(f"{type(self).__name__} must override _select")
 
+    def cost_of(self) -> Callable[[RankLoad], float] | None:
+        """The cost this policy's choice is the least of, where that is all its choice is: the
+        healthy candidate of least ``cost(rank)`` (ties at random), each cost from that candidate's
+        RankLoad alone. A caller that keeps the costs of the ranks whose RankLoad did not change
+        since the last decision (the simulator's load view, :mod:`nbkit.sim.load_view`) then calls
+        :meth:`select_by_cost` instead of :meth:`select`::
+
+            cost = policy.cost_of()                      # None: call select()
+            costs = [cost(c) for c in candidates]        # kept up to date rank by rank
+            choice = policy.select_by_cost(candidates, costs, request)   # == policy.select(...)
+
+        Default: None. A subclass that overrides :meth:`select` or ``_select`` gets None too."""
+        return None
+
+    def select_by_cost(self, candidates: Sequence[RankLoad], costs: Sequence[float],
+                       request: RequestInfo) -> Choice:
+        """:meth:`select` given ``costs[k] == self.cost_of()(candidates[k])``, for a policy whose
+        :meth:`cost_of` is not None, every candidate healthy and a request that names no LoRA
+        adapter (for the others call :meth:`select`): the same choice, reason and random draws."""
+        raise NotImplementedError(f"{type(self).__name__} has no cost_of(): call select()")
+
+    def _plain(self, cls: type["Policy"]) -> bool:
+        """Whether this policy selects as ``cls`` does (no subclass overrides the selection)."""
+        t = type(self)
+        return t.select is Policy.select and t._select is cls._select
+
     def on_dispatch(self, choice: Choice, request: RequestInfo) -> None:
         """Called after the router has sent ``request`` to ``choice``. Default: nothing."""
 
@@ -184,6 +213,24 @@ class Policy:
         tied = [c for c, s in zip(candidates, costs) if s <= best + _EPS]
         pick = tied[0] if len(tied) == 1 else self.rng.choice(tied)
         return pick, best, costs
+
+    def _least_of(self, candidates: Sequence[RankLoad], costs: Sequence[float], label: str = "load"
+                  ) -> tuple[RankLoad, str]:
+        """The candidate of least cost (ties at random) and :meth:`_versus`'s text for it: what
+        :meth:`_pick_min` and :meth:`_versus` give, without sorting the costs."""
+        best = min(costs)
+        n = len(costs)
+        if n == 1:
+            return candidates[0], f"{label} {_fmt(best)} (only candidate)"
+        i = costs.index(best)
+        rest = list(costs)
+        rest[i] = math.inf
+        second = min(rest)                  # the runner-up: sorted(costs)[1]
+        if second > best + _EPS:
+            return candidates[i], f"{label} {_fmt(best)} vs {_fmt(second)} (min of {n})"
+        tied = [c for c, s in zip(candidates, costs) if s <= best + _EPS]
+        pick = self.rng.choice(tied)
+        return pick, f"{label} {_fmt(best)} vs {_fmt(second)} (min of {n}, tie of {len(tied)})"
 
     @staticmethod
     def _versus(best: float, costs: list[float], label: str = "load") -> str:

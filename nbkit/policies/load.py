@@ -17,8 +17,9 @@ class _LoadAware(Policy):
         return load_score(r, self.tokens_per_waiting, kv_weight=self.kv_weight)
 
     def _least_load(self, candidates, prefix: str = "least_load") -> Choice:
-        pick, best, costs = self._pick_min(candidates, self.score)
-        return Choice(pick.index, pick.key, f"{prefix}: " + self._versus(best, costs))
+        score = self.score
+        pick, why = self._least_of(candidates, [score(c) for c in candidates])
+        return Choice(pick.index, pick.key, f"{prefix}: " + why)
 
 
 @register("least_load")
@@ -28,6 +29,18 @@ class LeastLoadPolicy(_LoadAware):
 
     def _select(self, candidates, request):
         return self._least_load(candidates)
+
+    def cost_of(self):
+        if not self._plain(LeastLoadPolicy):
+            return None
+        if type(self).score is _LoadAware.score and (self.tokens_per_waiting, self.kv_weight) == (
+                DEFAULT_TOKENS_PER_WAITING, DEFAULT_KV_WEIGHT):
+            return load_score           # its defaults are the options: one call a candidate
+        return self.score
+
+    def select_by_cost(self, candidates, costs, request):
+        pick, why = self._least_of(candidates, costs)
+        return Choice(pick.index, pick.key, "least_load: " + why)
 
 
 @register("power_of_two")

@@ -50,9 +50,18 @@ class LeastOutstandingPolicy(Policy):
     uses_scrape = False
 
     def _select(self, candidates, request):
-        pick, best, costs = self._pick_min(candidates, lambda c: c.in_flight)
-        return Choice(pick.index, pick.key,
-                      "least_outstanding: " + self._versus(best, costs, "in_flight"))
+        return self.select_by_cost(candidates, [c.in_flight for c in candidates], request)
+
+    @staticmethod
+    def _in_flight(c: RankLoad) -> int:
+        return c.in_flight
+
+    def cost_of(self):
+        return self._in_flight if self._plain(LeastOutstandingPolicy) else None
+
+    def select_by_cost(self, candidates, costs, request):
+        pick, why = self._least_of(candidates, costs, "in_flight")
+        return Choice(pick.index, pick.key, "least_outstanding: " + why)
 
 
 

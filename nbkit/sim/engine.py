@@ -45,14 +45,23 @@ from array import array
 from collections import OrderedDict, deque
 
 from nbkit.sim.perf import StepModel
-from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes
-from nbkit.sim.runs import INF as _INF, PlannedRuns
+from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes, stored_events
+from nbkit.sim.runs import PlannedRuns
 
 __all__ = ["Engine"]
 
 
 class Engine(PlannedRuns):
     """One instance's scheduler, KV block pool and counters (see the module doc)."""
+
+    # slots: the event loop reads and writes these all the time (others may still be set)
+    __slots__ = ("setup", "key", "index", "model", "bs", "num_blocks", "max_seqs", "budget", "caching", "sched_every",
+                 "chunked", "_sched_g", "max_len", "prefill_only", "hold_handoff", "kv_bytes_per_token", "waiting",
+                 "running", "prefilling", "D", "B", "A", "bucket", "fin", "_seq", "g", "step_ends", "free_plain",
+                 "cached", "evictable", "handoff", "kv_events", "in_flight", "pend_prefill", "pend_dec_other",
+                 "prompt_tokens", "gen_tokens", "prefix_queries", "prefix_hits", "preemptions", "finished", "rejected",
+                 "steps", "busy_time", "_in_step", "_dec_alloc", "_chunks", "_new_dec", "_step_D", "_t_start", "busy",
+                 "dirty", "unit", "collect", "record_steps", "step_log", "last_batch", "__dict__")
 
     def __init__(self, setup, model: StepModel | None = None, *, prefill_only: bool | None = None,
                  hold_handoff: bool = True):
@@ -111,7 +120,7 @@ class Engine(PlannedRuns):
         self._step_D = 0
         self._t_start = 0.0
         self.busy = False               # a step is in progress (set by the driver)
-        self.dirty = True               # routing-visible state changed since the driver last read it
+        self.dirty = True               # routing-visible state changed since the driver last read it (runs.STEPS)
         self._init_runs()
         self.unit = None                # the lockstep DP group, if any (set by the simulator)
         self.collect = False            # keep last_batch (the live server streams from it)
@@ -254,24 +263,7 @@ class Engine(PlannedRuns):
             k += 1
         req.registered = k
         if new:
-            self._stored(req, new)
-
-    def _stored(self, req: Req, blocks: list[int]) -> None:
-        """``BlockStored`` events for ``req``'s newly cached blocks, one per run of consecutive blocks
-        (the event carries their token ids when the request has them, as vLLM's does)."""
-        bs, hs, ids = self.bs, req.hashes, req.ids
-        events, run = [], [blocks[0]]
-        for k in blocks[1:] + [None]:
-            if k is not None and k == run[-1] + 1:
-                run.append(k)
-                continue
-            a, b = run[0], run[-1] + 1
-            events.append({"type": "BlockStored", "block_hashes": hs[a:b], "parent_block_hash": hs[a - 1] if a else None,
-                           "token_ids": list(ids[a * bs:b * bs]) if ids is not None else [], "block_size": bs,
-                           "lora_name": None, "medium": "GPU"})
-            if k is not None:
-                run = [k]
-        self.kv_events(events)
+            self.kv_events(stored_events(req, new, self.bs))
 
     def _release(self, req: Req) -> None:
         """Free ``req``'s blocks; hashed ones stay cached (evictable) once unreferenced."""
@@ -349,6 +341,9 @@ class Engine(PlannedRuns):
     # -- one step ----------------------------------------------------------------------------------
     def schedule(self, now: float) -> float | None:
         """Build the next batch at time ``now``; its duration in seconds, or None if empty."""
+        dt = self._decode_step(now)         # decodes only, the usual step (nbkit.sim.runs)
+        if dt is not None:
+            return dt
         dt = self._schedule(now)
         if dt is None and self.waiting and not self.running:
             dt = self._schedule(now)  # everything was preempted: admit from the queue now
@@ -508,19 +503,14 @@ class Engine(PlannedRuns):
         if self.record_steps:
             self.step_log.append((now, T, D + S, L, P, R))
         dt = self.model.step_time(T, D + S, L, P, R) + dt0
-        if self.macro and not chunks and not preempted and not self.waiting and not self.prefilling \
-                and not self._new_dec and not self.record_steps and not self.collect:
+        if self.macro and self._plannable(chunks, preempted):
             self._make_plan(now, dt)
         return dt
 
     def finish_step(self, now: float) -> list[Req]:
         """End the step scheduled last at time ``now``: emit tokens; returns finished requests."""
         if self._plan is not None:  # the last step of a planned run: the ones before it first
-            self.sync(now)
-            if self._p_last == len(self._plan[1]) - 1:     # not cut: plan longer runs
-                self._plan_cap = min(self._plan_cap * 2, self.PLAN_STEPS)
-            self._plan = None
-            self.next_sync = _INF
+            self._end_run(now)
         g = self.g
         self.dirty = True
         self.step_ends.append(now)
@@ -529,12 +519,7 @@ class Engine(PlannedRuns):
         self.busy_time += now - self._t_start
         self._in_step = False
         done: list[Req] = []
-        D = self._step_D
-        self.gen_tokens += D
-        for r in self._new_dec:
-            if r.first_token is None:
-                r.first_token = now
-                self.pend_prefill -= r.prompt
+        self.gen_tokens += self._step_D
         # decodes that emitted their last token
         self._dec_alloc = False
         fin = self.fin
@@ -545,7 +530,16 @@ class Engine(PlannedRuns):
             del self.running[r]
             self._leave_decode(r)
             self._finish(r, now, done)
-        # prefill chunks
+        self._step_tokens(now, g, done)
+        return done
+
+    def _step_tokens(self, now: float, g: int, done: list) -> None:
+        """Step ``g`` ended at ``now``: the first tokens of the requests that started decoding in it,
+        and its prefill chunks (a prompt done: its first token, then decode or finish)."""
+        for r in self._new_dec:
+            if r.first_token is None:
+                r.first_token = now
+                self.pend_prefill -= r.prompt
         bs = self.bs
         for r, n, c in self._chunks:
             if r.state != PREFILL or r.sched_g != g:
@@ -569,9 +563,7 @@ class Engine(PlannedRuns):
                     self._finish(r, now, done)
                 else:
                     self._enter_decode(r, g + 1)
-        self._chunks = []
-        self._new_dec = []
-        return done
+        self._chunks = self._new_dec = ()   # (nothing, until the next step is scheduled)
 
     def _finish(self, r: Req, now: float, done: list) -> None:
         r.state = DONE

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Req", "block_hashes", "WAITING", "PREFILL", "DECODE", "DONE", "ABORTED"]
+__all__ = ["Req", "block_hashes", "stored_events", "WAITING", "PREFILL", "DECODE", "DONE", "ABORTED"]
 
 WAITING, PREFILL, DECODE, DONE, ABORTED = 0, 1, 2, 3, 4
 
@@ -32,6 +32,25 @@ def block_hashes(ids, block_size: int) -> list[int]:
         h = hash((h, ids[i:i + block_size]))
         out.append(h)
     return out
+
+
+def stored_events(req: "Req", blocks: list[int], block_size: int) -> list[dict]:
+    """vLLM's ``BlockStored`` events (as :attr:`nbkit.sim.engine.Engine.kv_events` gets them) for
+    ``req``'s newly cached ``blocks`` (ascending indexes), one per run of consecutive blocks; an
+    event carries its blocks' token ids when the request has them, as vLLM's does."""
+    bs, hs, ids = block_size, req.hashes, req.ids
+    events, run = [], [blocks[0]]
+    for k in blocks[1:] + [None]:
+        if k is not None and k == run[-1] + 1:
+            run.append(k)
+            continue
+        a, b = run[0], run[-1] + 1
+        events.append({"type": "BlockStored", "block_hashes": hs[a:b], "parent_block_hash": hs[a - 1] if a else None,
+                       "token_ids": list(ids[a * bs:b * bs]) if ids is not None else [], "block_size": bs,
+                       "lora_name": None, "medium": "GPU"})
+        if k is not None:
+            run = [k]
+    return events
 
 
 class Req:

@@ -110,7 +110,7 @@ def count_gaps(wd: array, raw: array, ends, segs, late: float) -> None:
     delay of tokens 2..n (added to the first gap)."""
     need = segs[-1][1] + 1
     if len(wd) < need:
-        wd.frombytes(bytes(8 * (need - len(wd) + 4096)))
+        wd.frombytes(bytes(wd.itemsize * (need - len(wd) + 4096)))
     first = late > 0          # the first gap still lacks the late offset
     prev_b = -1
     for a, b in segs:
@@ -145,7 +145,7 @@ def add_counted_gaps(acc: Summarizer, step_ends: Sequence[array], counted: Seque
         if n < 2 or not len(wd):
             continue
         ends = np.frombuffer(se, dtype=float)
-        w = np.cumsum(np.frombuffer(wd, dtype=np.int64))[1:n]
+        w = np.cumsum(np.frombuffer(wd, dtype=f"i{wd.itemsize}"), dtype=np.int64)[1:n]
         gaps = ends[1:len(w) + 1] - ends[:len(w)]
         used = w > 0
         acc.add_itl(gaps[used], w[used])

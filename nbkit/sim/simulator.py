@@ -17,7 +17,9 @@ position in the config) and ``key`` its name (``inst0``). ``RequestInfo.prefix``
 token ids joined by spaces when the trace has them (a synthetic per-session string for sessions),
 computed only for policies that read it (prefix_affinity, custom). A policy object gets the same
 RankLoads at every decision, refreshed in place for the instances whose state changed (a custom
-function gets fresh ones: it may keep them).
+function gets fresh ones: it may keep them); a policy whose choice is the least of per-rank costs
+(least load, least outstanding) gets its decision from the costs of the changed ranks computed
+again and the others' kept (:mod:`nbkit.sim.load_view`).
 
 Prefill/decode split: requests are routed among the ``pd_type: "prefill"`` instances; after the
 first token the prompt's KV (``kv_bytes_per_token * input_toks``) crosses the cluster link in
@@ -43,10 +45,13 @@ other). A request that can never fit an instance (``max_model_len``, KV capacity
 ``outcome="http_400"``, as vLLM answers; one over its tenant's limit ``"http_429"``. At fleet
 scale ``run(trace, rows=writer.write, token_detail=False)`` streams them instead (finish order,
 no inter-token lists; ``python -m nbkit.sim`` does so): memory then grows with the engine steps
-(16 bytes each), not with the tokens, and the summary is gathered as requests finish.
+(12 bytes each), not with the tokens, and the summary is gathered as requests finish.
 
-Speed: a run of decode-only steps is planned ahead and driven as one event (:mod:`nbkit.sim.runs`;
-the same step times to the bit); most of a fleet-scale run is the policy's per-candidate scoring.
+Speed: a run of decode-only steps (after the step that finishes a prompt, too) is planned ahead and
+driven as one event (:mod:`nbkit.sim.runs`; the same step times to the bit); a least-cost policy's
+decision scores again only the instances whose state changed (:mod:`nbkit.sim.load_view`). At fleet
+scale most of the time is then the per-arrival refresh of the instances whose step ended since the
+last arrival, the two runs planned per request and its record.
 
 Admission (``tenants``, ``max_per_rank``, ``max_concurrency``): the live router's queue, fair share
 and rate limits on simulated time (:mod:`nbkit.sim.admission`).
@@ -77,6 +82,7 @@ from nbkit.sim.config import ClusterConfig, InstanceSetup, load_cluster_config, 
 from nbkit.sim.admission import SimAdmission
 from nbkit.sim.engine import Engine
 from nbkit.sim.interval_log import IntervalLog, instance_stats
+from nbkit.sim.load_view import LoadView
 from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index, job_info
 from nbkit.sim.lora import SimAdapters
 from nbkit.sim.hardware import HardwareProfile
@@ -159,37 +165,6 @@ class Simulator:
     def _needs_prefix(policy: Policy) -> bool:
         return isinstance(policy, (PrefixAffinityPolicy, CustomPolicy))
 
-    @staticmethod
-    def _loads(engines: Sequence[Engine]) -> list[RankLoad]:
-        return [RankLoad(e.key, e.index, e.in_flight, e.pend_prefill, e.pend_dec_other + e.A - e.D * e.g,
-                         len(e.running), len(e.waiting),
-                         (e.num_blocks - e.free_plain - len(e.evictable)) / e.num_blocks, False)
-                for e in engines]
-
-    @staticmethod
-    def _load_view(engines: Sequence[Engine]) -> Callable[[float], list[RankLoad]]:
-        """``loads(engines)`` kept up to date in place: only engines whose state changed since the
-        last call are read again (at 64 instances most are unchanged between two arrivals)."""
-        view = [RankLoad(e.key, e.index, stale=False) for e in engines]
-        pairs = list(zip(engines, view))
-        for e in engines:
-            e.dirty = True
-
-        def refresh(now: float) -> list[RankLoad]:
-            for e, r in pairs:
-                if e.next_sync <= now:
-                    e.sync(now)
-                if e.dirty:
-                    e.dirty = False
-                    r.in_flight = e.in_flight
-                    r.pending_prefill_tokens = e.pend_prefill
-                    r.pending_decode_tokens = e.pend_dec_other + e.A - e.D * e.g
-                    r.running = len(e.running)
-                    r.waiting = len(e.waiting)
-                    r.kv_cache_usage = (e.num_blocks - e.free_plain - len(e.evictable)) / e.num_blocks
-            return view
-        return refresh
-
     # -- the run -----------------------------------------------------------------------------------
     def run(self, trace: Iterable[TraceRequest | TraceSession], *,
             rows: Callable[[RequestResult], Any] | None = None, token_detail: bool = True,
@@ -210,7 +185,7 @@ class Simulator:
         acc = None if keep and token_detail else Summarizer()
         acc_add = acc.add if acc is not None else None
         per_inst: dict[str, int] = {}
-        counted = [array("q") for _ in self.setups]   # per engine: +1/-1 where a run of counted gaps starts/ends
+        counted = [array("i") for _ in self.setups]   # per engine: +1/-1 where a run of counted gaps starts/ends
         raw_gaps = array("d")                         # gaps that are no step gap (preemption jumps, late first)
         engines = [Engine(s, StepModel(s)) for s in self.setups]
         self.engines = engines
@@ -244,19 +219,14 @@ class Simulator:
         api_free: dict[int, float] = {}  # per instance: when its API server is free again (api_serial_s)
         push = heapq.heappush
         link_bw, link_lat = self.link_bw, self.link_latency
-        loads = self._loads
-        # a custom function may keep the candidates it is given: fresh ones for it; policy objects
-        # get the same RankLoads, refreshed in place, at every decision
-        def fresh(group):
-            def view(now):
-                for e in group:
-                    if e.next_sync <= now:
-                        e.sync(now)
-                return loads(group)
-            return view
-        entry_loads = self._load_view(entry) if not isinstance(policy, CustomPolicy) else fresh(entry)
-        decode_loads = (self._load_view(decode) if decode and not isinstance(dpolicy, CustomPolicy)
-                        else fresh(decode))
+        def hook(bound, base):          # None where the policy keeps the base class's, which does nothing
+            return None if getattr(bound, "__func__", None) is base else bound
+        release, dispatched = hook(policy.on_release, Policy.on_release), hook(policy.on_dispatch, Policy.on_dispatch)
+        # what the policies see of the engines, and their decisions (nbkit.sim.load_view)
+        entry_view = LoadView(entry, policy)
+        decode_view = LoadView(decode, dpolicy) if decode else None
+        entry_loads = entry_view
+        decode_loads = decode_view
         # runs of decode-only steps take one event (Engine.sync applies them when read); not with
         # per-step logs (calibration), interval lines or lockstep DP ranks
         for e in engines:
@@ -308,8 +278,8 @@ class Simulator:
                 u.busy = False
 
         def record(job: Job, e: Engine | None, r: Req | None, outcome: str = "ok") -> None:
-            if job.choice is not None:
-                policy.on_release(job.choice, job.info)
+            if job.choice is not None and release is not None:
+                release(job.choice, job.info)
             if job.held is not None:    # its slot frees: the queue may move
                 gate.release(job.held)
                 job.held = None
@@ -318,6 +288,7 @@ class Simulator:
                     counter[0] += 1
                     push(heap, (now, counter[0], _PUMP, None))
             ent = job.entry
+            job.entry = None            # the request is over: no Job <-> Req cycle left to the collector
             qw = (ent.first_sched - job.arrival) if ent is not None and ent.first_sched is not None else None
             if outcome != "ok" or r is None or e is None:
                 done(RequestResult(
@@ -408,8 +379,9 @@ class Simulator:
             info = job.info = job_info(job, need_prefix, need_ids, gate is not None)
             if adapters is not None and job.lora:  # RankLoad.loras: the policy's LoRA affinity reads them
                 adapters.annotate(cands)
-            choice = policy.select(cands, info)
-            policy.on_dispatch(choice, info)
+            choice = entry_view.select(cands, info)
+            if dispatched is not None:
+                dispatched(choice, info)
             job.choice = choice
             if gate is not None:
                 gate.hold(choice.index)
@@ -480,7 +452,7 @@ class Simulator:
             e.release_handoff(r)
             kick(e, t)
             info = job.info
-            choice = dpolicy.select(decode_loads(t), info)
+            choice = decode_view.select(decode_loads(t), info)
             dpolicy.on_dispatch(choice, info)
             d = engines[choice.index]
             r2 = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session,
@@ -526,13 +498,15 @@ class Simulator:
         seq_id = 0
         while True:
             if heap and heap[0][0] <= ta:
-                ev = pop(heap)
-                if ev[2] == _STEP and type(ev[3]) is Engine and ev[3].ev != ev[1]:
-                    continue        # a planned run's end that moved earlier
-                now, _, kind, x = ev
+                te, c, kind, x = pop(heap)
                 if kind == _STEP:
+                    if type(x) is Engine and x.ev != c:
+                        continue    # a planned run's end that moved earlier
+                    now = end = te
                     step_end(x, now)
-                elif kind == _SUB:
+                    continue
+                now = te
+                if kind == _SUB:
                     start_sub(x, now)
                 elif kind == _ADMIT:
                     admit(x[0], x[1], now)
