@@ -216,8 +216,8 @@ class Policy:
 
     def _least_of(self, candidates: Sequence[RankLoad], costs: Sequence[float], label: str = "load"
                   ) -> tuple[RankLoad, str]:
-        """The candidate of least cost (ties at random) and :meth:`_versus`'s text for it: what
-        :meth:`_pick_min` and :meth:`_versus` give, without sorting the costs."""
+        """The candidate of least cost (ties at random, drawn as :meth:`_pick_min` draws) and the
+        text for it: ``'load 12 vs 340 (min of 2)'``, the winner against the runner-up."""
         best = min(costs)
         n = len(costs)
         if n == 1:
@@ -231,17 +231,6 @@ class Policy:
         tied = [c for c, s in zip(candidates, costs) if s <= best + _EPS]
         pick = self.rng.choice(tied)
         return pick, f"{label} {_fmt(best)} vs {_fmt(second)} (min of {n}, tie of {len(tied)})"
-
-    @staticmethod
-    def _versus(best: float, costs: list[float], label: str = "load") -> str:
-        """'load 12 vs 340 (min of 2)': the winner against the runner-up."""
-        rest = sorted(costs)[1:]
-        n = len(costs)
-        if not rest:
-            return f"{label} {_fmt(best)} (only candidate)"
-        ties = sum(1 for s in costs if s <= best + _EPS)
-        tie = f", tie of {ties}" if ties > 1 else ""
-        return f"{label} {_fmt(best)} vs {_fmt(rest[0])} (min of {n}{tie})"
 
 
 def register(name: str) -> Callable[[type[Policy]], type[Policy]]:

@@ -174,9 +174,9 @@ class PrefixTokenCache:
         base, ids, ends = 0, None, None
         if n > self.min_chars:
             with self._lock:
-                other = self._longest(text)
+                other, shared = self._longest(text)
                 if other is not None:
-                    c = self.safe_cut(text, _common_prefix(text, other))
+                    c = self.safe_cut(text, _common_prefix(text, other, shared))
                     if c > 0:
                         oids, oends, _ = self._prompts[other]
                         self._prompts.move_to_end(other)
@@ -200,9 +200,10 @@ class PrefixTokenCache:
             out = self._pre + out + self._post
         return out
 
-    def _longest(self, text: str) -> str | None:
+    def _longest(self, text: str) -> tuple[str | None, int]:
         """A kept prompt sharing the most whole chunks with ``text`` (binary search over the chunk
-        count: a prompt sharing ``j`` chunks shares every shorter run), or None."""
+        count: a prompt sharing ``j`` chunks shares every shorter run) and the characters those
+        chunks hold, or ``(None, 0)``."""
         size, chunks, prompts = self.min_chars, self._chunks, self._prompts
         lo, hi, found = 0, len(text) // size, None
         while lo < hi:
@@ -212,7 +213,7 @@ class PrefixTokenCache:
                 lo, found = mid, p
             else:
                 hi = mid - 1
-        return found
+        return found, lo * size
 
     def _remember(self, text: str, ids: array | list[int], ends: array | None, enc: Any = None) -> None:
         """Keep ``text``'s ids, if its opening was seen before (prompts that share nothing with
