@@ -69,8 +69,19 @@ SSE_CHUNK = b"data: " + json.dumps({
 SSE_DONE = b"data: [DONE]\n\n"
 
 
-def _stream_params(body: bytes) -> tuple[int, float] | None:
-    """(chunks, seconds between them) when ``body`` asks for a stream, else None."""
+def _ids_chunk(i: int, first: bool, prompt_ids) -> bytes:
+    """A vLLM-like SSE event of a request that asked ``return_token_ids``: the token's id in the
+    choice, the prompt's ids in the first event (as vLLM sends them)."""
+    choice = {"index": 0, "text": "!", "logprobs": None, "finish_reason": None, "stop_reason": None,
+              "token_ids": [i % 500], "prompt_token_ids": prompt_ids if first else None}
+    return b"data: " + json.dumps({"id": "cmpl-mock", "object": "text_completion", "created": 0, "model": "m",
+                                   "choices": [choice], "usage": None}, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _stream_params(body: bytes) -> tuple[int, float, object] | None:
+    """(chunks, seconds between them, prompt ids or None) when ``body`` asks for a stream, else
+    None. The prompt ids are given when the body asks ``return_token_ids``: then every event
+    carries its token's id, as vLLM's do."""
     if b"stream" not in body:          # the common case costs one bytes search, no JSON parse
         return None
     try:
@@ -83,14 +94,18 @@ def _stream_params(body: bytes) -> tuple[int, float] | None:
     n = 16 if not isinstance(n, int) or isinstance(n, bool) or n < 0 else n
     gap = d.get("chunk_interval_ms", 0)
     gap = float(gap) / 1000.0 if isinstance(gap, (int, float)) and gap > 0 else 0.0
-    return n, gap
+    ids = None
+    if d.get("return_token_ids") is True:
+        prompt = d.get("prompt")
+        ids = prompt if isinstance(prompt, list) else list(range(len(str(prompt)) // 4))
+    return n, gap, ids
 
 
-async def _sse(n: int, gap: float):
-    for _ in range(n):
+async def _sse(n: int, gap: float, ids=None):
+    for i in range(n):
         if gap:
             await asyncio.sleep(gap)
-        yield SSE_CHUNK
+        yield SSE_CHUNK if ids is None else _ids_chunk(i, i == 0, ids)
     if gap:
         await asyncio.sleep(gap)
     yield SSE_DONE

@@ -238,6 +238,62 @@ def test_a_client_that_goes_away_closes_the_upstream_connection():
     assert_clean(ep.router)
 
 
+def test_a_client_that_goes_away_mid_stream_closes_the_upstream_stream():
+    """A streaming client that disconnects after its first tokens: the endpoint stops relaying,
+    closes the replica's stream (vLLM aborts it), says nothing more to the client, and the record
+    says cancelled with the tokens it got; a second stream on the same endpoint is unaffected."""
+    fake, ep = make_endpoint(1)
+    gate = asyncio.Event()
+    event = b'data: {"choices":[{"index":0,"text":"a","finish_reason":null}]}\n\n'
+    bodies = []
+
+    async def streamed(request):
+        body = Body([event] * 3 + [b"data: [DONE]\n\n"], gate=gate if not bodies else None)
+        bodies.append(body)
+        return httpx.Response(200, headers={"content-type": "text/event-stream"}, stream=body)
+
+    fake.on["r0"] = streamed
+
+    async def one(disconnect_after_first: bool):
+        gone = asyncio.Event()
+        messages, first = [], asyncio.Event()
+        request = [{"type": "http.request", "body": json.dumps(
+            {"prompt": "x", "model": "m", "stream": True, "max_tokens": 3}).encode(), "more_body": False}]
+
+        async def receive():
+            if request:
+                return request.pop()
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            messages.append(message)
+            if message.get("body"):
+                first.set()
+
+        scope = {"type": "http", "method": "POST", "path": "/v1/completions", "headers": [], "query_string": b""}
+        task = asyncio.ensure_future(ep.app(scope, receive, send))
+        if disconnect_after_first:
+            await asyncio.wait_for(first.wait(), 5)
+            gone.set()
+        await asyncio.wait_for(task, 5)
+        return messages
+
+    async def main():
+        cut = await one(True)
+        assert cut[0]["type"] == "http.response.start" and cut[0]["status"] == 200
+        assert [m["body"] for m in cut[1:]] == [event]  # nothing after the client left, no final chunk
+        whole = await one(False)
+        assert b"".join(m.get("body", b"") for m in whole[1:]).count(b"data:") == 4
+        assert whole[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
+
+    run(main())
+    assert bodies[0].closed and bodies[0].sent == 1  # the replica's stream was closed after one event
+    assert [r.outcome for r in ep.router.records] == ["cancelled", "ok"]
+    assert [r.tokens_out for r in ep.router.records] == [1, 3]
+    assert_clean(ep.router)
+
+
 def test_client_over_a_cluster_that_was_never_started_says_so():
     class NotStarted:
         running = False

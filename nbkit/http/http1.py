@@ -77,7 +77,7 @@ class Http1Response:
     """A response whose head has arrived; the body is read with :meth:`aread` or :meth:`aiter_bytes`."""
 
     __slots__ = ("status_code", "headers", "_conn", "_chunks", "_buffered", "_done", "_exc", "_waiter",
-                 "_decoder", "_slot", "_whole")
+                 "_decoder", "_slot", "_whole", "_loop")
 
     def __init__(self, conn: "_Connection", status: int, raw_headers: list[tuple[bytes, bytes]]):
         self.status_code = status
@@ -92,6 +92,7 @@ class Http1Response:
         self._waiter: asyncio.Future | None = None
         self._slot = conn.slot
         conn.slot = None
+        self._loop = conn.pool._loop  # its pool's loop: asyncio.get_running_loop() costs a getpid() call
         enc = self.headers.get("content-encoding", "identity").strip().lower()
         if enc in ("identity", ""):
             self._decoder = None
@@ -135,7 +136,7 @@ class Http1Response:
 
     # -- read by the caller ----------------------------------------------------------------------
     async def _wait(self) -> None:
-        self._waiter = asyncio.get_running_loop().create_future()
+        self._waiter = self._loop.create_future()
         try:
             await self._waiter
         finally:

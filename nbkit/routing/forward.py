@@ -96,10 +96,12 @@ class Upstream:
         h["x-nbkit-rank"] = self.lease.rank.name
         return h
 
-    def raw_headers(self, content_length: int) -> list[tuple[bytes, bytes]]:
-        """:meth:`headers` as ASGI wants them, with the length of the body read whole."""
+    def raw_headers(self, content_length: int | None = None) -> list[tuple[bytes, bytes]]:
+        """:meth:`headers` as ASGI wants them, with the length of a body read whole (None: a
+        stream, sent chunked)."""
         h = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in self._passed_headers()]
-        h.append((b"content-length", str(content_length).encode()))
+        if content_length is not None:
+            h.append((b"content-length", str(content_length).encode()))
         h.append((b"x-nbkit-rank", self.lease.rank.name.encode("latin-1")))
         return h
 
@@ -114,14 +116,12 @@ class Upstream:
             while True:
                 try:
                     if first:
-                        self._account(first)
-                        out = state.feed(first) if state is not None else first
+                        out = self._pass(first, state)
                         first = b""
                         if out:
                             yield out
                     async for chunk in self._it:
-                        self._account(chunk)
-                        out = state.feed(chunk) if state is not None else chunk
+                        out = self._pass(chunk, state)
                         if out:
                             yield out
                     if state is None or state.done:
@@ -160,10 +160,28 @@ class Upstream:
             await self.response.aclose()
             self.lease.release(outcome, error)
 
-    def _account(self, chunk: bytes) -> None:
-        n = sse_events(chunk)
+    async def abandon(self) -> None:
+        """Give up a stream that was not (or not fully) iterated: close the replica's connection
+        (vLLM aborts the request) and release the lease as cancelled. Nothing to do once
+        :meth:`aiter` has ended, however it ended."""
+        if not self.lease.released:
+            await self.response.aclose()
+            self.lease.release("cancelled")
+
+    def _pass(self, chunk: bytes, state: "migrate.StreamState | None") -> bytes:
+        """Count one raw chunk's tokens and return what the client gets of it. A stream that may
+        move is parsed by its state anyway, which counts the token ids exactly; the others (and
+        one whose chunks stopped carrying ids) are counted by their SSE events."""
+        if state is None:
+            n = sse_events(chunk)
+            out = chunk
+        else:
+            before = state.tokens
+            out = state.feed(chunk)
+            n = state.tokens - before if state.exact else sse_events(chunk)
         if n:
             self.lease.token(n)
+        return out
 
     def finish(self) -> None:
         """For a body read whole: take the token counts from ``usage`` and release (done by open())."""
