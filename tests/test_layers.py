@@ -21,11 +21,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1] / "nbkit"
 
-BASE = {"nbkit.loop", "nbkit.sched_slice", "nbkit.tiny", "nbkit.traces"}
+BASE = {"nbkit.loop", "nbkit.tiny", "nbkit.traces"}
 ALLOWED = {
     "nbkit.http": set(),
-    "nbkit.sched_slice": set(),
-    "nbkit.loop": {"nbkit.sched_slice"},    # its thread's scheduler slice
+    "nbkit.loop": set(),
     "nbkit.tiny": set(),
     "nbkit.traces": set(),
     "nbkit.policies": set(),
