@@ -24,8 +24,6 @@ prefix-cache hit rate >= 1.0, each round and pooled):
 --routers ...,client adds nbkit's routing inside the load generator's process (cluster.client(), the
 notebook's front door: no router hop; kv_aware reads this process's index, which takes the KV
 events back from the endpoint processes for its runs), with the goals above for it too.
---routers ...,noslice adds nbkit's endpoint with its loop thread's short scheduler slice turned off
-(NBKIT_SCHED_SLICE_US=0, see nbkit.sched_slice): what asking the kernel for it is worth, side by side.
 --routers ...,direct adds the floor no router reaches: no router process, the load generator sends
 each system prompt to one replica, the same number to each (perfect affinity, no balancing by
 load, no hop). Every router row shows its process's CPU per request (the replicas share the
@@ -102,14 +100,10 @@ from router_overhead import Children, _finite, announce_machine, free_port, vers
 
 NBKIT_POLICIES = ("round_robin", "least_outstanding", "least_load", "power_of_two", "prefix_affinity", "kv_aware")
 PEERS = {"sglang": ("round_robin", "cache_aware", "power_of_two"), "vllm": ("round_robin", "cache_aware"),
-         "client": ("kv_aware",), "direct": ("static_prefix",), "noslice": ("kv_aware",)}
+         "client": ("kv_aware",), "direct": ("static_prefix",)}
 DEFAULT_ROUTERS = ("nbkit", "sglang", "vllm")
 LABELS = {"nbkit": "nbkit endpoint", "sglang": "sglang-router", "vllm": "vllm-router",
-          "client": "nbkit in-process client", "direct": "no router",
-          "noslice": "nbkit endpoint, slice off"}
-#: nbkit's endpoint process, as a router kind: "noslice" is the same process with its loop thread's
-#: short scheduler slice turned off (NBKIT_SCHED_SLICE_US=0), to show what that slice is worth
-ENDPOINT_KINDS = ("nbkit", "noslice")
+          "client": "nbkit in-process client", "direct": "no router"}
 WORKLOADS = ("shared-prefix", "mixed", "many-prefixes", "hot-prefixes")
 DEFAULT_WORKLOADS = ("shared-prefix", "mixed")  # the full comparison (compare_routers.json)
 
@@ -120,7 +114,6 @@ GOAL_TOLERANCE = 0.05    # "at least matches": within 5% (run-to-run noise on a 
 KV_GOAL_WORKLOADS = ("many-prefixes", "hot-prefixes")
 KV_GOAL_PAIR = (("nbkit", "kv_aware"), ("sglang", "cache_aware"))
 KV_GOAL_PAIR_CLIENT = (("client", "kv_aware"), ("sglang", "cache_aware"))
-KV_GOAL_PAIR_NOSLICE = (("noslice", "kv_aware"), ("sglang", "cache_aware"))
 KV_GOALS = (  # (row field, what, how kv_aware / cache_aware compares, threshold)
     ("ttft_p50_ms", "p50 TTFT", "<=", 0.7),
     ("e2e_p99_ms", "E2E p99", "<=", 0.9),
@@ -161,7 +154,7 @@ def uses_kv_index(policy: str) -> bool:
 def router_argv(kind: str, policy: str, port: int, urls: list[str], args, kv: dict | None = None) -> list[str] | str:
     """The command line of a router, or why it cannot run. ``kv`` (the replicas' KV-event port, their
     ``topic=replay_port`` sources and the served model) goes to an nbkit policy that reads the index."""
-    if kind in ENDPOINT_KINDS:
+    if kind == "nbkit":
         # the same endpoint process as router_overhead.py's (`--serve-endpoint`, http1, gc.freeze)
         argv = [sys.executable, str(HERE / "router_overhead.py"), "--serve-endpoint", "--port", str(port),
                 "--policy", policy, "--parent-pid", str(os.getpid())]
@@ -404,7 +397,7 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
     row = {"workload": wname, "router": kind, "policy": policy, "label": label, "rate": rate, "round": rnd}
     port = free_port()
     kv = ctx.get("kv")
-    reads_kv = kind in ENDPOINT_KINDS and uses_kv_index(policy)
+    reads_kv = kind == "nbkit" and uses_kv_index(policy)
     proc = None
     if kind == "direct":
         url = static_prefix_target(cluster.urls, cluster.model, label)
@@ -420,8 +413,6 @@ async def one_run(kind: str, policy: str, wname: str, warm, work, rate: float, c
             row["error"] = argv
             return row
         env = dict(os.environ, PYTHONUNBUFFERED="1", RUST_LOG=os.environ.get("RUST_LOG", "warn"))
-        if kind == "noslice":
-            env["NBKIT_SCHED_SLICE_US"] = "0"
         proc = children.start(f"{kind}-{policy}", argv, env=env)
         url = f"http://127.0.0.1:{port}"
     try:
@@ -693,7 +684,7 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
                      "req/s, tok/s, prefix, cpu/req and share: mean of the rounds)")
         ok = [r for r in rows if "error" not in r and r["completed"] == r["sent"]]
         nb = [r for r in ok if r["router"] == "nbkit"]  # the endpoint: a router process like the peers
-        peers = [r for r in ok if r["router"] not in ("nbkit", "client", "direct", "noslice")]
+        peers = [r for r in ok if r["router"] not in ("nbkit", "client", "direct")]
         if nb and peers:
             best_nb = min(nb, key=lambda r: r["ttft_p99_ms"])
             best_peer = min(peers, key=lambda r: r["ttft_p99_ms"])
@@ -723,10 +714,6 @@ def report(out: dict, args) -> tuple[list[str], list[dict]]:
         goals += kv
         if kv and any(r["router"] == "client" and r["policy"] == "kv_aware" for r in out["rows"]):
             kv = kv_goals(out, KV_GOAL_PAIR_CLIENT, workload=w)  # the same goals for nbkit's routing without a hop
-            lines += kv_goal_lines(kv)
-            goals += kv
-        if kv and any(r["router"] == "noslice" and r["policy"] == "kv_aware" for r in out["rows"]):
-            kv = kv_goals(out, KV_GOAL_PAIR_NOSLICE, workload=w)  # the endpoint without its short slice
             lines += kv_goal_lines(kv)
             goals += kv
     if goals:
@@ -850,16 +837,13 @@ def parse_args(argv=None):
     ap.add_argument("--rounds", type=int, default=2,
                     help="interleaved rounds: every router runs once per round (every other round in reverse "
                          "order); figures pool all rounds' requests (default 2)")
-    ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS), help="comma-separated from nbkit,sglang,vllm,client,direct,noslice")
+    ap.add_argument("--routers", default=",".join(DEFAULT_ROUTERS), help="comma-separated from nbkit,sglang,vllm,client,direct")
     ap.add_argument("--nbkit-policies", default=",".join(NBKIT_POLICIES))
     ap.add_argument("--sglang-policies", default=",".join(PEERS["sglang"]))
     ap.add_argument("--vllm-policies", default=",".join(PEERS["vllm"]))
     ap.add_argument("--client-policies", default=",".join(PEERS["client"]),
                     help="router 'client' (not in the default --routers): nbkit's routing inside the load "
                          "generator's process (cluster.client(), as a notebook uses it): no router hop")
-    ap.add_argument("--noslice-policies", default=",".join(PEERS["noslice"]),
-                    help="router 'noslice' (not in the default --routers): nbkit's endpoint with its loop "
-                         "thread's short scheduler slice off (NBKIT_SCHED_SLICE_US=0; see nbkit.sched_slice)")
     ap.add_argument("--direct-policies", default=",".join(PEERS["direct"]),
                     help="router 'direct' (not in the default --routers): no router at all, the load generator "
                          "sends each system prompt to one replica (by its first 256 characters, equal numbers of "

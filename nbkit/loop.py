@@ -13,9 +13,6 @@ thread (PR_SET_PDEATHSIG) only fires when the whole process dies.
 
 The loop is uvloop's when uvloop is installed (it comes with uvicorn[standard] and vLLM), which
 roughly halves the router's CPU time per request; ``NBKIT_LOOP=asyncio`` picks asyncio's own.
-The thread asks the kernel for a short scheduler slice (:mod:`nbkit.sched_slice`,
-``NBKIT_SCHED_SLICE_US``, default 100, 0: off), so that on cores busy with replicas its wakeups,
-each on some request's critical path, are not held back by a running compute thread.
 """
 
 from __future__ import annotations
@@ -61,13 +58,10 @@ def get_loop() -> asyncio.AbstractEventLoop:
     global _loop, _thread
     with _lock:
         if _loop is None or _loop.is_closed() or _thread is None or not _thread.is_alive():
-            from nbkit.sched_slice import request_short_slice, slice_from_env
-            slice_us = slice_from_env()  # a bad NBKIT_SCHED_SLICE_US fails here, in the caller
             loop = new_loop()
             ready = threading.Event()
 
             def _run() -> None:
-                request_short_slice(slice_us)  # its wakeups do not wait behind the replicas' threads
                 asyncio.set_event_loop(loop)
                 loop.call_soon(ready.set)
                 loop.run_forever()
