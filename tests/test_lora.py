@@ -288,6 +288,31 @@ def test_sim_adapters_evict_the_least_recently_used_and_serialise_loads():
     assert SimAdapters.of([type("N", (), {"max_loras": 0})()]) is None
 
 
+def test_the_simulated_prefix_cache_keys_blocks_by_adapter():
+    """The same prompt under another adapter is other KV (vLLM hashes the adapter into its blocks):
+    no prefix hit across adapters, hits under the same one; the engine's KV events name the
+    adapter, so kv_aware's index (fed by them) sends a repeat to the rank that cached it under it."""
+    ids = tuple(range(7, 7 + 512))
+    trace = [TraceRequest(512, 2, int(t * 1e9), input_tok_ids=ids, lora=lora) for t, lora in
+             [(0, "sql"), (5, "chat"), (10, "sql"), (15, "chat"), (20, None), (25, None)]]
+    cfg = config(lora_load_s=0.0, lora_modules=["sql", "chat"], max_loras=4)
+    cfg["nodes"][0]["num_instances"] = 1
+    cfg["nodes"][0]["instances"] = cfg["nodes"][0]["instances"][:1]
+    res = Simulator(cfg, policy="least_load").run(trace)
+    cached = [r.cached_tokens for r in res.records]
+    assert cached[0] == cached[1] == cached[4] == 0  # first under each adapter, and the base model
+    assert cached[2] > 256 and cached[3] > 256 and cached[5] > 256
+    two = config(lora_load_s=0.0, lora_modules=["sql", "chat"], max_loras=4)
+    two["nodes"][0]["instances"][1].update(lora_modules=["sql", "chat"], max_loras=4)
+    pinned = [TraceRequest(512, 2, int(t * 1e9), input_tok_ids=ids, lora=lora) for t, lora in
+              [(0, "sql"), (5, "chat"), (10, "sql"), (15, "chat")]]
+    sim = Simulator(two, policy="kv_aware")
+    out = sim.run(pinned)
+    ranks = [r.rank for r in out.records]
+    assert ranks[2] == ranks[0] and ranks[3] == ranks[1], ranks  # each repeat where its adapter's KV is
+    assert all(r.cached_tokens > 256 for r in out.records[2:]), [r.cached_tokens for r in out.records]
+
+
 def test_trace_requests_carry_their_adapter(tmp_path):
     item = parse_line({"input_toks": 3, "output_toks": 2, "arrival_time_ns": 0, "lora": "sql"})
     assert item.lora == "sql"

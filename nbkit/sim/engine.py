@@ -172,7 +172,7 @@ class Engine(PlannedRuns):
         req.state = WAITING
         if self.caching and req.hashes is None:
             if req.ids is not None:
-                req.hashes = block_hashes(req.ids, self.bs)
+                req.hashes = block_hashes(req.ids, self.bs, req.lora)
             elif req.session is not None:
                 req.hashes = []
         self.waiting.append(req)
@@ -238,7 +238,7 @@ class Engine(PlannedRuns):
     def _session_hashes(self, req: Req, n: int) -> None:
         hs = req.hashes
         if len(hs) < n:
-            sid = req.session
+            sid = req.session if req.lora is None else (req.session, req.lora)  # an adapter's KV is its own
             hs.extend(hash((sid, k)) for k in range(len(hs), n))
 
     def _register(self, req: Req, upto: int) -> None:

@@ -23,11 +23,13 @@ __all__ = ["Req", "block_hashes", "stored_events", "WAITING", "PREFILL", "DECODE
 WAITING, PREFILL, DECODE, DONE, ABORTED = 0, 1, 2, 3, 4
 
 
-def block_hashes(ids, block_size: int) -> list[int]:
-    """Chained hashes of the full ``block_size`` blocks of token ``ids`` (a tuple)."""
+def block_hashes(ids, block_size: int, lora: str | None = None) -> list[int]:
+    """Chained hashes of the full ``block_size`` blocks of token ``ids`` (a tuple). The chain of a
+    LoRA adapter's request starts from the adapter's name, as vLLM's block hashes include it: the
+    same tokens under another adapter (or the base model) are other KV, never a cache hit."""
     ids = tuple(ids)
     out = []
-    h = 0
+    h = 0 if lora is None else hash(("lora", lora))
     for i in range(0, len(ids) - block_size + 1, block_size):
         h = hash((h, ids[i:i + block_size]))
         out.append(h)
@@ -47,7 +49,7 @@ def stored_events(req: "Req", blocks: list[int], block_size: int) -> list[dict]:
         a, b = run[0], run[-1] + 1
         events.append({"type": "BlockStored", "block_hashes": hs[a:b], "parent_block_hash": hs[a - 1] if a else None,
                        "token_ids": list(ids[a * bs:b * bs]) if ids is not None else [], "block_size": bs,
-                       "lora_name": None, "medium": "GPU"})
+                       "lora_name": req.lora, "medium": "GPU"})
         if k is not None:
             run = [k]
     return events
@@ -57,16 +59,18 @@ class Req:
     """A request inside one engine. ``prompt``/``output`` are token counts; ``ids`` (optional
     token ids of the prompt) or ``session`` (a conversation key whose block ``k`` is the same in
     every turn) enable prefix caching. ``computed`` > 0 at admission means KV that arrived from
-    elsewhere (the decode side of a prefill/decode split)."""
+    elsewhere (the decode side of a prefill/decode split). ``lora``: the adapter it runs under (part
+    of its blocks' identity in the prefix cache)."""
 
     __slots__ = ("rid", "prompt", "output", "ids", "session", "hashes", "computed", "generated",
                  "n_blocks", "held", "registered", "state", "g0", "c0", "q0", "fin_g", "sched_g",
                  "arrival", "first_sched", "first_token", "finish_time", "segs", "preemptions",
-                 "cached_tokens", "ext", "data", "_hit_key")
+                 "cached_tokens", "ext", "data", "_hit_key", "lora")
 
     def __init__(self, rid: Any, prompt: int, output: int, *, ids=None, session: str | None = None,
-                 computed: int = 0, data: Any = None):
+                 computed: int = 0, data: Any = None, lora: str | None = None):
         self.rid = rid
+        self.lora = lora
         self.prompt = prompt
         self.output = output
         self.ids = ids

@@ -387,7 +387,8 @@ class Simulator:
                 gate.hold(choice.index)
                 job.held = choice.index
             e = engines[choice.index]
-            r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job)
+            r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job,
+                    lora=job.lora if adapters is not None else None)
             job.entry = r
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
@@ -456,7 +457,7 @@ class Simulator:
             dpolicy.on_dispatch(choice, info)
             d = engines[choice.index]
             r2 = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session,
-                     computed=job.prompt - 1, data=job)
+                     computed=job.prompt - 1, data=job, lora=job.lora if self.adapters is not None else None)
             if d._plan is not None:
                 cut(d, t)
             if not d.add(r2, t):
