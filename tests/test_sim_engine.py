@@ -98,6 +98,29 @@ def test_every_request_finishes_and_blocks_return():
         assert r.first_sched >= r.arrival
 
 
+def test_priority_scheduling_preempts_the_lowest_priority_and_admits_by_priority():
+    """``scheduling_policy="priority"``: when KV runs out, the running request last in (priority,
+    arrival) order is preempted, not the newest; the waiting queue is served in that order."""
+    kw = dict(block_size=16, kv_cache_gb=40 * 16 * 1024 / 1e9, max_num_seqs=64)
+    for policy in ("fcfs", "priority"):
+        e = engine(scheduling_policy=policy, **kw)
+        assert e.by_priority == (policy == "priority")
+        # batch requests first, then interactive ones: together they outgrow 40 blocks while decoding
+        reqs = [(0.0, Req(f"b{i}", prompt=100, output=150, priority=10)) for i in range(3)]
+        reqs += [(0.001, Req(f"i{i}", prompt=100, output=150, priority=0)) for i in range(2)]  # these 2 fit
+        done = drive(e, reqs)
+        assert len(done) == 5 and e.preemptions > 0
+        hit = {r.rid: r.preemptions for r in done}
+        if policy == "priority":
+            assert hit["i0"] + hit["i1"] == 0, hit  # only batch requests gave way
+        else:
+            assert hit["i0"] + hit["i1"] > 0, hit   # FCFS preempts the newest: interactive ones
+    w = engine(scheduling_policy="priority", **kw)
+    for rid, prio in (("x", 10), ("y", 0), ("z", 10), ("u", 0)):
+        w.add(Req(rid, prompt=8, output=2, priority=prio), now=0.0)
+    assert [r.rid for r in w.waiting] == ["y", "u", "x", "z"]
+
+
 def test_preemption_when_kv_is_tiny_and_everyone_finishes():
     # 40 blocks of 16 tokens: a handful of requests fill it
     e = engine(block_size=16, kv_cache_gb=40 * 16 * 1024 / 1e9, max_num_seqs=64)

@@ -159,3 +159,29 @@ def test_the_command_line_takes_tenants_and_slots(tmp_path):
     assert bad.returncode != 0 and "tenants.a.weight" in bad.stderr
     bad = subprocess.run(base + ["--max-per-rank", "0"], capture_output=True, text=True, timeout=60)
     assert bad.returncode != 0 and "max_per_rank=0" in bad.stderr
+
+
+def test_engines_with_priority_scheduling_serve_interactive_requests_ahead_of_a_backlog():
+    """``scheduling_policy: "priority"`` (vLLM's --scheduling-policy priority): with no router-side
+    admission at all, the engine's own waiting queue puts interactive requests ahead of a batch
+    backlog; FCFS engines make them wait behind it. Bad values name the field."""
+    def config(policy):
+        c = cfg(1)
+        raw = c.model_dump()
+        raw["nodes"][0]["instances"][0]["scheduling_policy"] = policy
+        return load_cluster_config(raw)
+
+    trace = sorted(poisson(1.0, 30, "a", 200, 32, seed=1, priority="interactive")
+                   + poisson(60.0, 30, "b", 1000, 300, seed=2, priority="batch"), key=lambda r: r.arrival_time_ns)
+    fcfs = Simulator(config("fcfs"), policy="round_robin").run(trace)
+    prio = Simulator(config("priority"), policy="round_robin").run(trace)
+
+    def p99(res, tenant):
+        ttft = sorted(r.ttft_s for r in res.records if r.tenant == tenant and r.ttft_s is not None)
+        return ttft[int(0.99 * (len(ttft) - 1))]
+
+    assert p99(prio, "a") * 5 < p99(fcfs, "a"), (p99(prio, "a"), p99(fcfs, "a"))
+    assert len(prio.records) == len(fcfs.records) == len(trace)
+    assert sum(r.output_toks for r in prio.records) == sum(r.output_toks for r in fcfs.records)  # nothing lost
+    with pytest.raises(Exception, match="scheduling_policy"):
+        config("lifo")

@@ -34,7 +34,10 @@ requests are scheduled only every N steps, as ``--num-scheduler-steps`` does) an
 running decodes wait, the token budget defaulting to ``max(max_model_len, 2048)``) and
 ``cpu_seq_overhead_s`` (0; host time per scheduled sequence per step that the device waits for, added
 to the profile's ``seq_overhead_s``: V0's Python scheduler, sampler bookkeeping and output processing,
-which V1 overlaps with the GPU's work).
+which V1 overlaps with the GPU's work), and ``scheduling_policy`` (``"fcfs"``; ``"priority"``: as
+``--scheduling-policy priority``, waiting requests go in (priority, arrival) order, lower first, and
+the running request preempted for KV blocks is the lowest in that order; a request's priority is its
+trace ``priority``, or its tenant's with ``tenants=``, as nbkit's router sets vLLM's field).
 
 Any other key, or a bad value, raises :class:`SimConfigError` naming the JSON path::
 
@@ -110,6 +113,7 @@ class InstanceConfig(_Strict):
     num_scheduler_steps: int = Field(1, ge=1, le=64)
     enable_chunked_prefill: bool = True
     cpu_seq_overhead_s: float = Field(0.0, ge=0)   # host time per sequence per step the device waits for
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"   # vLLM's --scheduling-policy
 
 
 class NodeConfig(_Strict):
@@ -259,6 +263,7 @@ class InstanceSetup:
     lora_load_s: float = 0.0            # seconds to load one that is not resident
     num_scheduler_steps: int = 1        # new requests join only every this many steps (vLLM V0 multi-step)
     chunked_prefill: bool = True        # False: whole prompts in steps of their own (V0), decodes wait
+    scheduling_policy: str = "fcfs"     # "priority": vLLM's --scheduling-policy priority (nbkit.sim.engine)
 
     @property
     def kv_gb(self) -> float:
@@ -348,7 +353,8 @@ def resolve_instances(cfg: ClusterConfig, *, dtype: str = "float16", block_size:
             max_model_len=inst.max_model_len, dtype_bytes=nbytes, mem_bw_gbs=inst.npu_mem.mem_bw,
             mem_size_gb=inst.npu_mem.mem_size, weights_gb=weights / 1e9, tp_link_bw_gbs=link_bw,
             tp_link_latency_ns=link_lat, num_scheduler_steps=inst.num_scheduler_steps,
-            chunked_prefill=inst.enable_chunked_prefill, **_lora_fields(inst, path)))
+            chunked_prefill=inst.enable_chunked_prefill, scheduling_policy=inst.scheduling_policy,
+            **_lora_fields(inst, path)))
     keys = [s.key for s in out]
     for s in out:
         if keys.count(s.key) > 1:

@@ -24,11 +24,13 @@ in a step of its own, the decodes waiting: its time adds to theirs):
    new KV block allocates it;
 2. running requests part-way through their prompt continue their chunked prefill with what is
    left of the budget;
-3. if nothing was preempted in this step, waiting requests are admitted in FIFO order while the
+3. if nothing was preempted in this step, waiting requests are admitted in FIFO order (with
+   ``scheduling_policy: "priority"``: (priority, arrival) order) while the
    budget lasts and fewer than ``max_num_seqs`` run; a new request first reuses the cached blocks
    of its longest cached prefix (chained block hashes of its token ids), then allocates the rest.
 
-When a step needs more free blocks than there are, the newest running request is preempted
+When a step needs more free blocks than there are, the newest running request (by priority: the
+last in that order) is preempted
 (recompute: its blocks are freed, it goes back to the head of the queue and later recomputes
 prompt + generated tokens, partly from the prefix cache). Freed blocks that hold a hash stay
 cached and are evicted least-recently-freed first when plain free blocks run out.
@@ -45,7 +47,8 @@ from array import array
 from collections import OrderedDict, deque
 
 from nbkit.sim.perf import StepModel
-from nbkit.sim.request import ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes, stored_events
+from nbkit.sim.request import (ABORTED, DECODE, DONE, PREFILL, WAITING, Req, block_hashes, enqueue_by_priority,
+                               priority_key, stored_events)
 from nbkit.sim.runs import PlannedRuns
 
 __all__ = ["Engine"]
@@ -74,6 +77,7 @@ class Engine(PlannedRuns):
         self.max_seqs = setup.max_num_seqs
         self.budget = setup.max_num_batched_tokens
         self.caching = setup.enable_prefix_caching
+        self.by_priority = getattr(setup, "scheduling_policy", "fcfs") == "priority"  # --scheduling-policy
         self.sched_every = setup.num_scheduler_steps
         self.chunked = setup.chunked_prefill
         self._sched_g = -setup.num_scheduler_steps   # the step at which new requests last could join
@@ -175,7 +179,7 @@ class Engine(PlannedRuns):
                 req.hashes = block_hashes(req.ids, self.bs, req.lora)
             elif req.session is not None:
                 req.hashes = []
-        self.waiting.append(req)
+        enqueue_by_priority(self.waiting, req) if self.by_priority else self.waiting.append(req)
         self.in_flight += 1
         self.dirty = True
         if req.first_token is None and req.generated == 0:
@@ -322,7 +326,7 @@ class Engine(PlannedRuns):
         req.fin_g = -1
 
     def _preempt_newest(self) -> Req:
-        victim = next(reversed(self.running))
+        victim = max(self.running, key=priority_key) if self.by_priority else next(reversed(self.running))
         del self.running[victim]
         if victim.state == DECODE:
             self._leave_decode(victim)
@@ -335,7 +339,7 @@ class Engine(PlannedRuns):
         victim.state = WAITING
         victim.preemptions += 1
         self.preemptions += 1
-        self.waiting.appendleft(victim)
+        enqueue_by_priority(self.waiting, victim) if self.by_priority else self.waiting.appendleft(victim)
         return victim
 
     # -- one step ----------------------------------------------------------------------------------

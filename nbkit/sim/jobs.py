@@ -10,7 +10,7 @@ from nbkit.policies import RequestInfo
 from nbkit.policies.kv_index import KVIndex
 from nbkit.sim.request import Req
 
-__all__ = ["Job", "Session", "Unit", "feed_kv_index", "job_info"]
+__all__ = ["Job", "Session", "Unit", "feed_kv_index", "job_info", "vllm_priority"]
 
 
 class Unit:
@@ -74,6 +74,16 @@ class Session:
     def __init__(self, sid: str, subs, tenant: str = "", priority: Any = None, lora: str | None = None):
         self.sid, self.subs, self.k, self.context = sid, subs, 0, 0
         self.tenant, self.priority, self.lora = tenant, priority, lora
+
+
+def vllm_priority(job: Job, applies: bool = True) -> int:
+    """The ``priority`` vLLM's engine would get for ``job`` (where ``applies``: its instance runs
+    ``--scheduling-policy priority``; else 0): its trace priority, or its tenant's once the
+    admission has classified it, as nbkit's router sets vLLM's field; none: 0."""
+    if not applies or job.priority is None:
+        return 0
+    from nbkit.policies.tenants import parse_priority
+    return parse_priority(job.priority, where=f"request {job.rid}: priority")
 
 
 def session_prefix(sid: str, tokens: int) -> str:

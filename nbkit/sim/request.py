@@ -18,7 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Req", "block_hashes", "stored_events", "WAITING", "PREFILL", "DECODE", "DONE", "ABORTED"]
+__all__ = ["Req", "block_hashes", "stored_events", "enqueue_by_priority", "WAITING", "PREFILL", "DECODE", "DONE",
+           "ABORTED"]
 
 WAITING, PREFILL, DECODE, DONE, ABORTED = 0, 1, 2, 3, 4
 
@@ -55,6 +56,27 @@ def stored_events(req: "Req", blocks: list[int], block_size: int) -> list[dict]:
     return events
 
 
+def enqueue_by_priority(waiting, req: "Req") -> None:
+    """Put ``req`` in the ``waiting`` deque in vLLM's priority order, (priority, arrival), lower
+    first: behind every request it does not precede, so equal keys keep their order.
+
+    >>> from collections import deque
+    >>> w = deque([Req("a", 1, 1, priority=0), Req("b", 1, 1, priority=10)])
+    >>> enqueue_by_priority(w, Req("c", 1, 1, priority=0)); [r.rid for r in w]
+    ['a', 'c', 'b']
+    """
+    key = (req.prio, req.arrival)
+    i = len(waiting)
+    while i and (waiting[i - 1].prio, waiting[i - 1].arrival) > key:
+        i -= 1
+    waiting.insert(i, req)
+
+
+def priority_key(req: "Req") -> tuple:
+    """What vLLM's priority scheduling orders by: the lowest runs first, the highest is preempted."""
+    return req.prio, req.arrival
+
+
 class Req:
     """A request inside one engine. ``prompt``/``output`` are token counts; ``ids`` (optional
     token ids of the prompt) or ``session`` (a conversation key whose block ``k`` is the same in
@@ -65,12 +87,13 @@ class Req:
     __slots__ = ("rid", "prompt", "output", "ids", "session", "hashes", "computed", "generated",
                  "n_blocks", "held", "registered", "state", "g0", "c0", "q0", "fin_g", "sched_g",
                  "arrival", "first_sched", "first_token", "finish_time", "segs", "preemptions",
-                 "cached_tokens", "ext", "data", "_hit_key", "lora")
+                 "cached_tokens", "ext", "data", "_hit_key", "lora", "prio")
 
     def __init__(self, rid: Any, prompt: int, output: int, *, ids=None, session: str | None = None,
-                 computed: int = 0, data: Any = None, lora: str | None = None):
+                 computed: int = 0, data: Any = None, lora: str | None = None, priority: int = 0):
         self.rid = rid
         self.lora = lora
+        self.prio = priority  # vLLM's request priority (used by --scheduling-policy priority)
         self.prompt = prompt
         self.output = output
         self.ids = ids

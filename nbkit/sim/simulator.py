@@ -83,7 +83,7 @@ from nbkit.sim.admission import SimAdmission
 from nbkit.sim.engine import Engine
 from nbkit.sim.interval_log import IntervalLog, instance_stats
 from nbkit.sim.load_view import LoadView
-from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index, job_info
+from nbkit.sim.jobs import Job, Session, Unit, feed_kv_index, job_info, vllm_priority
 from nbkit.sim.lora import SimAdapters
 from nbkit.sim.hardware import HardwareProfile
 from nbkit.sim.perf import StepModel
@@ -388,7 +388,7 @@ class Simulator:
                 job.held = choice.index
             e = engines[choice.index]
             r = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session, data=job,
-                    lora=job.lora if adapters is not None else None)
+                    lora=job.lora if adapters is not None else None, priority=vllm_priority(job, e.by_priority))
             job.entry = r
             if e.setup.pd_type == "prefill":
                 job.prefill_inst = e.index
@@ -457,7 +457,8 @@ class Simulator:
             dpolicy.on_dispatch(choice, info)
             d = engines[choice.index]
             r2 = Req(job.rid, job.prompt, job.output, ids=job.ids, session=job.session,
-                     computed=job.prompt - 1, data=job, lora=job.lora if self.adapters is not None else None)
+                     computed=job.prompt - 1, data=job, lora=job.lora if self.adapters is not None else None,
+                     priority=vllm_priority(job, d.by_priority))
             if d._plan is not None:
                 cut(d, t)
             if not d.add(r2, t):
