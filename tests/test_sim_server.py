@@ -322,3 +322,37 @@ def test_ignore_eos_accepted():
         assert r.status_code == 400
 
     run_app(fn)
+
+
+def test_priority_scheduling_serves_the_lowest_priority_value_first(server):
+    """``--scheduling-policy priority``: with one sequence at a time, a priority-0 request sent
+    behind a queue of priority-10 ones is served before them (vLLM's order); a replica without the
+    flag refuses a priority as vLLM does (400), and a non-integer priority is a 400 naming it."""
+    import asyncio
+
+    r = httpx.post(f"{server}/v1/completions", json={"prompt": "x", "max_tokens": 2, "priority": 5}, timeout=10)
+    assert r.status_code == 400 and "Priority scheduling is not enabled" in r.json()["message"]
+    port = free_port(18790)
+    p = start(port, "--max-num-seqs", "1", "--scheduling-policy", "priority")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "x", "max_tokens": 2, "priority": "high"}, timeout=10)
+        assert r.status_code == 400 and "priority='high'" in r.json()["message"]
+
+        async def main():
+            done: list[str] = []
+            async with httpx.AsyncClient(timeout=60) as c:
+                async def one(name, prio, delay):
+                    await asyncio.sleep(delay)
+                    r = await c.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 150,
+                                                                    "ignore_eos": True, "priority": prio})
+                    assert r.status_code == 200, r.text
+                    done.append(name)
+                await asyncio.gather(*(one(f"batch{i}", 10, 0.05 * i) for i in range(4)), one("urgent", 0, 0.3))
+            return done
+
+        order = asyncio.run(main())
+        assert order.index("urgent") <= 1, order  # at most the batch request already running finishes first
+    finally:
+        p.terminate()
+        p.wait(10)

@@ -144,7 +144,7 @@ class SimReplica:
             "model_name": model, "model_spec": spec_name, "hardware": hw.name, "tp_size": args.tensor_parallel_size,
             "npu_mem": {"mem_size": args.mem_size_gb or hw.mem_size_gb, "mem_bw": hw.mem_bw_gbs, "mem_latency": 0},
             "enable_prefix_caching": args.enable_prefix_caching,
-            "gpu_memory_utilization": args.gpu_memory_utilization}
+            "gpu_memory_utilization": args.gpu_memory_utilization, "scheduling_policy": args.scheduling_policy}
         # unset: vLLM's defaults for the hardware (the config resolves them)
         if args.max_num_seqs:
             inst["max_num_seqs"] = args.max_num_seqs
@@ -289,9 +289,13 @@ class SimReplica:
         # vLLM's internal DP balancing: waiting * 4 + running
         return min(range(n), key=lambda i: (len(self.engines[i].waiting) * 4 + len(self.engines[i].running), i))
 
-    def submit(self, ids: list[int], max_tokens: int, engine: int = 0) -> TokenStream:
+    def submit(self, ids: list[int], max_tokens: int, engine: int = 0, priority: int = 0) -> TokenStream:
         """Queue a request of prompt token ``ids``; tokens arrive on the returned stream's queue
-        (counts, then ``None`` at the end). Raises ValueError if it cannot fit."""
+        (counts, then ``None`` at the end). ``priority``: vLLM's (lower first), which only a replica
+        started with ``--scheduling-policy priority`` takes, as vLLM does. Raises ValueError if it
+        cannot fit, or for a priority the replica does not schedule by."""
+        if priority and not self.engines[engine].by_priority:
+            raise ValueError(f"Got priority {priority} but Priority scheduling is not enabled.")
         n_in = len(ids)
         if n_in + max_tokens > self.max_model_len:
             raise ValueError(f"This model's maximum context length is {self.max_model_len} tokens. However, you "
@@ -299,7 +303,7 @@ class SimReplica:
                              f"the completion). Please reduce the length of the messages or completion.")
         e = self.engines[engine]
         s = TokenStream(engine, n_in)
-        r = Req(uuid.uuid4().hex, n_in, max_tokens, ids=tuple(ids), data=s)
+        r = Req(uuid.uuid4().hex, n_in, max_tokens, ids=tuple(ids), data=s, priority=priority)
         s.req = r
         if not e.fits(n_in, max_tokens):
             e.rejected += 1
@@ -404,6 +408,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--scheduling-policy", choices=["fcfs", "priority"], default="fcfs",
+                    help="as vLLM's: priority serves waiting requests by their body's priority (lower first)")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer.json for prompt token counts")
     ap.add_argument("--default-max-tokens", type=int, default=256, help="chat answers without max_tokens")
     ap.add_argument("--speed", type=float, default=1.0, help="simulated seconds per wall second")

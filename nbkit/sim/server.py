@@ -182,8 +182,11 @@ def build_app(replica: SimReplica):
             for flag in ("return_token_ids", "ignore_eos", "continue_final_message", "add_generation_prompt"):
                 if body.get(flag) is not None and not isinstance(body[flag], bool):
                     raise ValueError(f"{flag}={body[flag]!r}: must be a boolean")
+            prio = body.get("priority", 0)
+            if isinstance(prio, bool) or not isinstance(prio, int):
+                raise ValueError(f"priority={prio!r}: must be an integer")
             engine = replica.pick_engine(request.headers.get("x-data-parallel-rank"))
-            s = replica.submit(ids, mt, engine)
+            s = replica.submit(ids, mt, engine, priority=prio)
         except ValueError as e:
             return error(400, str(e))
         rid = ("chatcmpl-" if chat else "cmpl-") + s.req.rid
