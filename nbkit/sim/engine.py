@@ -77,7 +77,7 @@ class Engine(PlannedRuns):
         self.max_seqs = setup.max_num_seqs
         self.budget = setup.max_num_batched_tokens
         self.caching = setup.enable_prefix_caching
-        self.by_priority = getattr(setup, "scheduling_policy", "fcfs") == "priority"  # --scheduling-policy
+        self.by_priority = setup.scheduling_policy == "priority"  # --scheduling-policy
         self.sched_every = setup.num_scheduler_steps
         self.chunked = setup.chunked_prefill
         self._sched_g = -setup.num_scheduler_steps   # the step at which new requests last could join

@@ -8,6 +8,7 @@ from typing import Any
 
 from nbkit.policies import RequestInfo
 from nbkit.policies.kv_index import KVIndex
+from nbkit.policies.tenants import parse_priority
 from nbkit.sim.request import Req
 
 __all__ = ["Job", "Session", "Unit", "feed_kv_index", "job_info", "vllm_priority"]
@@ -82,7 +83,6 @@ def vllm_priority(job: Job, applies: bool = True) -> int:
     admission has classified it, as nbkit's router sets vLLM's field; none: 0."""
     if not applies or job.priority is None:
         return 0
-    from nbkit.policies.tenants import parse_priority
     return parse_priority(job.priority, where=f"request {job.rid}: priority")
 
 

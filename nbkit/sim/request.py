@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Req", "block_hashes", "stored_events", "enqueue_by_priority", "WAITING", "PREFILL", "DECODE", "DONE",
-           "ABORTED"]
+__all__ = ["Req", "block_hashes", "stored_events", "enqueue_by_priority", "priority_key", "WAITING", "PREFILL",
+           "DECODE", "DONE", "ABORTED"]
 
 WAITING, PREFILL, DECODE, DONE, ABORTED = 0, 1, 2, 3, 4
 
@@ -65,9 +65,9 @@ def enqueue_by_priority(waiting, req: "Req") -> None:
     >>> enqueue_by_priority(w, Req("c", 1, 1, priority=0)); [r.rid for r in w]
     ['a', 'c', 'b']
     """
-    key = (req.prio, req.arrival)
+    key = priority_key(req)
     i = len(waiting)
-    while i and (waiting[i - 1].prio, waiting[i - 1].arrival) > key:
+    while i and priority_key(waiting[i - 1]) > key:
         i -= 1
     waiting.insert(i, req)
 
