@@ -144,8 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "OpenAI-compatible endpoint, and the replicas use --port-start")
     s.add_argument("--port-start", type=_port, default=None, metavar="PORT", help="first port of the replicas (default: port+1)")
     s.add_argument("--host", default="127.0.0.1", help="address of the endpoint and replicas")
-    s.add_argument("--policy", default="least_load", help="routing policy of the endpoint (N > 1): a name, or "
-                                                          "name:option=value,... (e.g. prefix_affinity:affinity_weight=0.5)")
+    s.add_argument("--policy", default=None, help="routing policy of the endpoint (N > 1): a name, or "
+                                                  "name:option=value,... (e.g. prefix_affinity:affinity_weight=0.5); "
+                                                  "default kv_aware (routes on the replicas' KV-cache events)")
     s.add_argument("--enable-request-affinity", action="store_true",
                    help="sticky routing: requests with the same X-Session-Id header or `user` field go to "
                         "the same instance (policy 'session', least load for requests without a key)")
@@ -284,7 +285,7 @@ class ServeSetup:
     device: str
     spec_kwargs: dict
     cluster_kwargs: dict
-    policy: str
+    policy: str | None               # None: the cluster's default_policy()
     endpoint_options: dict
 
     def specs(self, model: str | None = None) -> list:
@@ -383,6 +384,8 @@ def _serve(args, passthrough: list[str]) -> int:
         if per >= 1:
             cluster = Cluster.replicas(setup.model, n=1, tp=setup.tp, device=setup.device, cores=tuple(
                 cluster.plans[0].cores[:per]), cluster_kwargs=setup.cluster_kwargs, **setup.spec_kwargs)
+    if policy is None:
+        policy = cluster.default_policy()
     if args.no_progress:
         progress = open_progress(False)
     elif sys.stderr.isatty():
@@ -429,10 +432,11 @@ def _tenants(path):
         raise ValueError(f"--tenants {e}") from None
 
 
-def _check_endpoint(args, policy: str, endpoint_options: dict, listen: bool = True) -> None:
+def _check_endpoint(args, policy: str | None, endpoint_options: dict, listen: bool = True) -> None:
     """Raise ValueError naming the first endpoint option that cannot work (before anything starts)."""
     from nbkit.policies import get_policy
-    get_policy(policy)  # fail on a bad name before launching anything
+    if policy is not None:   # (None: the cluster's default, kv_aware or least_load)
+        get_policy(policy)   # fail on a bad name before launching anything
     from nbkit.routing.router import check_admission
     check_admission(max_per_rank=endpoint_options["max_per_rank"], max_queue=args.max_queue,
                     queue_timeout=args.queue_timeout, interactive_headroom=args.interactive_headroom)

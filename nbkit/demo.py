@@ -68,13 +68,15 @@ def summarize(records: Iterable[RequestRecord], wall_s: float):
 
 
 def run_demo(n: int = 2, requests: int = 300, concurrency: int = 32, max_tokens: int = 32,
-             model: str | None = None, policy: str = "least_load", **spec_kwargs):
-    """Start ``n`` replicas, send ``requests`` through the router, print and return the table, stop."""
+             model: str | None = None, policy: str | None = None, **spec_kwargs):
+    """Start ``n`` replicas, send ``requests`` through the router, print and return the table, stop.
+    ``policy`` None: the cluster's default (``kv_aware``: it routes on the replicas' KV-cache events)."""
     t = time.perf_counter()
     with Cluster.replicas(model, n=n, **spec_kwargs) as cluster:
         print(f"{n} replicas healthy in {time.perf_counter() - t:.1f} s:")
         for s in cluster.status():
             print(f"  {s.name}: {s.url}  pinned to {s.pinning}  pid {s.pid}  rss {s.rss_gib} GiB")
+        policy = policy or cluster.default_policy()
         print(f"sending {requests} requests ({concurrency} at a time, {max_tokens} tokens each, policy {policy}) ...")
         with cluster.client(policy) as client:
             wall = loop.run(closed_loop(client, requests, concurrency, max_tokens))

@@ -165,7 +165,7 @@ def test_help_shows_every_option_with_its_default_and_version_prints(capsys):
         cli.main(["serve", "--help"])
     out = " ".join(capsys.readouterr().out.split())  # the help wraps at the terminal's width
     for needle in ("-tp N, --tensor-parallel-size N", "--max-batch-size N", "--cuda-devices IDS",
-                   "(default: 8000)", "(default: least_load)", "(default: 600.0)", "vLLM's own flags"):
+                   "(default: 8000)", "default kv_aware", "(default: 600.0)", "vLLM's own flags"):
         assert needle in out, needle
     assert "(default: None)" not in out and "(default: False)" not in out
     with pytest.raises(SystemExit) as e:

@@ -282,6 +282,43 @@ def test_replicas_publish_to_the_routers_port_with_a_topic_and_replay_port_each(
     assert "--kv-events-config" not in none[0].argv
 
 
+def test_a_cluster_routes_by_kv_aware_unless_it_has_no_kv_events_to_route_on(tiny_model_path, tmp_path, caplog):
+    """What ``cluster.client()``, ``cluster.endpoint()`` and ``nbkit serve`` route by when no policy is
+    named: kv_aware where the cluster follows its replicas' KV-cache events, least_load where it
+    cannot (events off, a prefill/decode split, simulated replicas of a model it cannot tokenize)."""
+    import logging
+
+    from nbkit.cluster.cluster import Cluster
+    from nbkit.cluster.pd import pd_specs
+    from nbkit.cluster.spec import Inventory, ReplicaSpec
+    inv = Inventory(cores=(0, 1, 2, 3))
+
+    def cluster(specs, **kw):
+        return Cluster(specs, inventory=inv, run_dir=tmp_path, port_start=free_ports(1, 18200)[0], **kw)
+
+    two = [ReplicaSpec(model=tiny_model_path, cores=(0,)), ReplicaSpec(model=tiny_model_path, cores=(1,))]
+    c = cluster(two)
+    assert c.default_policy() == "kv_aware"
+    with caplog.at_level(logging.INFO, logger="nbkit.cluster.cluster"):
+        client = c.client()
+    try:
+        assert client.router.policy.name == "kv_aware" and client.router.kv_index is c.kv_index
+        assert "routing by kv_aware (the replicas' KV-cache events)" in caplog.text
+    finally:
+        client.close()
+    named = c.client("round_robin")           # a policy named is the policy used
+    assert named.router.policy.name == "round_robin"
+    named.close()
+    assert cluster(two, kv_events=False).default_policy() == "least_load"
+    pd = pd_specs(tiny_model_path, prefill=1, decode=1, connector="example", shared_dir=str(tmp_path), device="cpu")
+    assert cluster(pd).default_policy() == "least_load"
+    sim = [ReplicaSpec(model="meta-llama/Llama-3.1-8B", engine="sim"), ReplicaSpec(model="meta-llama/Llama-3.1-8B",
+                                                                                     engine="sim")]
+    assert cluster(sim).default_policy() == "least_load"
+    sim_tiny = [ReplicaSpec(model=tiny_model_path, engine="sim")] * 2
+    assert cluster(sim_tiny).default_policy() == "kv_aware"
+
+
 # ------------------------------------------------------------------------------- simulator
 def test_kv_aware_runs_in_the_simulator_on_the_engines_own_events():
     """The simulated engines publish BlockStored/BlockRemoved from their prefix caches into one

@@ -285,3 +285,36 @@ def test_real_vllm_metrics_parse_the_same_through_the_line_filter():
         M.relevant_lines = real_filter
     assert filtered == everything
     assert filtered["0"].generation_tokens == 4.0 and filtered["0"].requests_finished == 1.0
+
+
+def test_sample_lines_read_as_prometheus_clients_parser_reads_them():
+    """The regular-expression path for plain lines and the library for the rest give exactly the
+    samples prometheus_client's parser gives: a whole real vLLM page, and lines the expression
+    leaves to the library (escaped quotes, a brace in a label value, a timestamp, +Inf/NaN)."""
+    import math
+    from pathlib import Path
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from nbkit.routing.metrics import samples
+
+    def reference(text):
+        return [(s.name, s.labels, s.value) for f in text_string_to_metric_families(text) for s in f.samples]
+
+    page = (Path(__file__).parent / "data" / "vllm_0.32_cpu_metrics.txt").read_text()
+    body = "\n".join(line for line in page.splitlines() if line and not line.startswith("#")) + "\n"
+    assert len(reference(body)) > 300 and list(samples(body)) == reference(body)
+    odd = ('vllm:num_requests_running{engine="0",model_name="a \\"quoted\\" name"} 2.0\n'
+           'vllm:num_requests_waiting{engine="0",model_name="x}y"} 4.0\n'
+           'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.5 1700000000000\n'
+           'vllm:prompt_tokens_total{engine="0"} +Inf\n'
+           'vllm:generation_tokens_total NaN\n'
+           'vllm:request_success_total{engine="0",} 7\n')
+    def norm(ss):   # NaN is not equal to itself; the library's order of the lines it reads may differ
+        return sorted(((n, sorted(lb.items()), "nan" if math.isnan(v) else v) for n, lb, v in ss), key=str)
+
+    got = list(samples(odd))
+    assert len(got) == 6 and norm(got) == norm(reference(odd))
+    m = parse_metrics(odd)
+    assert m["0"].running == 2.0 and m["0"].waiting == 4.0 and m["1"].kv_cache_usage == 0.5
+    assert m["0"].prompt_tokens == math.inf and m["0"].requests_finished == 7.0

@@ -57,11 +57,12 @@ def test_serve_one_instance_on_port_until_sigint(tiny_model_path, tmp_path):
 
 @pytest.fixture(scope="module")
 def serve2(tiny_model_path, tmp_path_factory):
-    """`nbkit serve -n 2` with its endpoint on 8466 (replicas 8467, 8468), shared by the tests below."""
+    """`nbkit serve -n 2` with its endpoint on 8466 (replicas 8467, 8468), shared by the tests below; no
+    --policy: the default, kv_aware on the replicas' KV-cache events."""
     out_path = tmp_path_factory.mktemp("serve2") / "serve2.out"
     log = open(out_path, "w+")
     proc = subprocess.Popen([sys.executable, "-m", "nbkit", "serve", tiny_model_path, "-n", "2", "--port", "8466",
-                             "--port-start", "8467", "--policy", "round_robin", "--device", "cpu",
+                             "--port-start", "8467", "--device", "cpu",
                              "--log-interval", "0.5"],
                             stdout=log, stderr=subprocess.STDOUT, text=True)
     pids: list[int] = []
@@ -82,14 +83,18 @@ def serve2(tiny_model_path, tmp_path_factory):
 
 def test_serve_two_instances_behind_one_endpoint(serve2):
     out_path = serve2.out
+    assert "endpoint http://127.0.0.1:8466 (OpenAI-compatible, policy kv_aware)" in out_path.read_text()
     assert httpx.get("http://127.0.0.1:8466/health").status_code == 200
-    seen = set()
-    for _ in range(4):
-        r = httpx.post("http://127.0.0.1:8466/v1/completions", timeout=120,
-                       json={"prompt": "Hello", "max_tokens": 3})
-        assert r.status_code == 200
-        seen.add(r.headers["x-nbkit-rank"])
-    assert seen == {"replica0", "replica1"}  # round robin over both instances
+
+    async def together():    # in flight at once: the second goes where the first's work is not
+        async with httpx.AsyncClient(timeout=120) as http:
+            return await asyncio.gather(*(http.post("http://127.0.0.1:8466/v1/completions", json={
+                "prompt": f"Hello {k}", "max_tokens": 24, "ignore_eos": True}) for k in range(4)))
+
+    rs = asyncio.run(together())
+    assert [r.status_code for r in rs] == [200] * 4
+    assert {r.headers["x-nbkit-rank"] for r in rs} == {"replica0", "replica1"}  # both instances serve
+    assert metric(serve2.url, "nbkit_kv_fallbacks_total") == 0   # decided on the replicas' own KV-cache events
     time.sleep(1.5)
     lines = [l for l in out_path.read_text().splitlines() if l.startswith("[INFO] step=")]
     assert lines and "inst0_batch=" in lines[-1] and "inst1_batch=" in lines[-1] and "npu_mem=[" in lines[-1]
@@ -141,7 +146,7 @@ def test_serve_keeps_serving_through_a_killed_replica(serve2, tiny_model_path):
                     killed.set()
             return on, usage, len(ids)
 
-        streams = [asyncio.ensure_future(streamed(k)) for k in range(2)]  # round robin: one per replica
+        streams = [asyncio.ensure_future(streamed(k)) for k in range(2)]  # one per replica: the second sees the first's load
         await asyncio.sleep(0.5)
         plains = [asyncio.ensure_future(plain(k)) for k in range(40)]
         return await asyncio.gather(*streams), await asyncio.gather(*plains, return_exceptions=True)

@@ -311,12 +311,12 @@ class AttachedCluster(Cluster):
                               rss_gib=0.0, log="", restarts=0) for i, p in enumerate(self.plans)]
 
     # -- routing ----------------------------------------------------------------------------------
-    def client(self, policy="least_load", **options):
+    def client(self, policy=None, **options):
         c = super().client(policy, **options)
         self._users.add(c)
         return c
 
-    def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy="least_load", start: bool = True,
+    def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy=None, start: bool = True,
                  **options):
         ep = super().endpoint(port, host=host, policy=policy, start=start, **options)
         self._users.add(ep)

@@ -43,7 +43,7 @@ from nbkit.cluster.process import ReplicaProcess, preload
 from nbkit.cluster import startup
 from nbkit.routing.metrics import EngineMetrics
 from nbkit.routing.probes import Probe
-from nbkit.cluster.kv import ClusterKV
+from nbkit.cluster.kv import ClusterKV, default_policy
 from nbkit.http.ports import port_is_free
 from nbkit.cluster.spec import (DEFAULT_PORT_START, Inventory, LaunchPlan, ReplicaSpec, SpecError, check_port, discover,
                                 resolve_device)
@@ -535,23 +535,33 @@ class Cluster:
         return pd.DataFrame([asdict(s) for s in self.status(probe)]).set_index("index")
 
     # -- routing ---------------------------------------------------------------------------------
-    def client(self, policy="least_load", **options):
-        """A :class:`~nbkit.routing.client.RoutedClient` over this cluster's ranks (follows scale())."""
-        from nbkit.routing.client import RoutedClient
+    def default_policy(self) -> str:
+        """The policy of :meth:`client`/:meth:`endpoint` named None: kv_aware or least_load (:func:`default_policy`)."""
+        return default_policy(self)[0]
+
+    def _routing(self, policy, options: dict):
+        """The policy to route by, and what a router over this cluster reads (into ``options``)."""
+        if policy is None:
+            policy, why = default_policy(self)
+            log.info("cluster: routing by %s (%s)", policy, why)
         options.setdefault("kv_index", self.kv_index)
         options.setdefault("tokenizer", self.tokenizer)
         options.setdefault("loras", self.lora)
+        return policy
+
+    def client(self, policy=None, **options):
+        """A :class:`~nbkit.routing.client.RoutedClient` over the ranks (follows scale()); policy None: the default."""
+        from nbkit.routing.client import RoutedClient
+        policy = self._routing(policy, options)
         c = RoutedClient(self, policy, **options)
         self.add_router(c.router)
         return c
 
-    def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy="least_load", start: bool = True,
+    def endpoint(self, port: int = 8000, *, host: str = "127.0.0.1", policy=None, start: bool = True,
                  **options):
-        """An OpenAI-compatible :class:`~nbkit.routing.endpoint.Endpoint` over this cluster (started unless start=False)."""
+        """An OpenAI-compatible :class:`~nbkit.routing.endpoint.Endpoint` (started unless start=False)."""
         from nbkit.routing.endpoint import Endpoint
-        options.setdefault("kv_index", self.kv_index)
-        options.setdefault("tokenizer", self.tokenizer)
-        options.setdefault("loras", self.lora)
+        policy = self._routing(policy, options)
         ep = Endpoint(self, host=host, port=port, policy=policy, **options)
         self.add_router(ep.router)
         return ep.start() if start else ep
