@@ -146,9 +146,22 @@ def process_cpu_s(pid: int) -> float | None:
     return total
 
 
+#: an nbkit policy's name may end in a variant of the endpoint: ``kv_aware+no_migration`` runs it
+#: with ``migration_limit=0`` (streams pass untouched: no ``return_token_ids``, no parsing)
+VARIANTS = {"+no_migration": ["--migration-limit", "0"]}
+
+
+def split_variant(policy: str) -> tuple[str, list[str]]:
+    """``(policy, the endpoint's extra arguments)`` of an nbkit policy name with a variant suffix."""
+    for suffix, extra in VARIANTS.items():
+        if policy.endswith(suffix):
+            return policy[:-len(suffix)], extra
+    return policy, []
+
+
 def uses_kv_index(policy: str) -> bool:
     from nbkit.policies import get_policy
-    return bool(get_policy(policy).uses_kv_index)
+    return bool(get_policy(split_variant(policy)[0]).uses_kv_index)
 
 
 def router_argv(kind: str, policy: str, port: int, urls: list[str], args, kv: dict | None = None) -> list[str] | str:
@@ -156,8 +169,9 @@ def router_argv(kind: str, policy: str, port: int, urls: list[str], args, kv: di
     ``topic=replay_port`` sources and the served model) goes to an nbkit policy that reads the index."""
     if kind == "nbkit":
         # the same endpoint process as router_overhead.py's (`--serve-endpoint`, http1, gc.freeze)
+        policy, extra = split_variant(policy)
         argv = [sys.executable, str(HERE / "router_overhead.py"), "--serve-endpoint", "--port", str(port),
-                "--policy", policy, "--parent-pid", str(os.getpid())]
+                "--policy", policy, "--parent-pid", str(os.getpid()), *extra]
         if kv is not None and uses_kv_index(policy):
             argv += ["--kv-events-port", str(kv["port"]), "--model", kv["model"], "--kv-sources", *kv["sources"]]
         return argv + ["--urls", *urls]

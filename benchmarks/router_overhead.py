@@ -566,6 +566,7 @@ def serve_endpoint(args) -> None:
         kv_note = " kv_events=none (no --kv-events-port): the policy falls back to prefix_affinity"
     try:
         ep = Endpoint(ranks, port=args.port, policy=policy, log_level="warning", transport=args.transport,
+                      migration_limit=args.migration_limit,
                       kv_index=kv.index if kv else None, tokenizer=kv.tokenizer if kv else None)
         ep.start()
         import gc
@@ -850,6 +851,7 @@ def parse_args(argv=None):
     ap.add_argument("--kv-sources", nargs="*", help=argparse.SUPPRESS)
     ap.add_argument("--kv-replay-timeout", type=float, default=20.0, help=argparse.SUPPRESS)
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--migration-limit", type=int, default=3, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.rates = [float(r) for r in args.rates.split(",") if r.strip()]
     args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]

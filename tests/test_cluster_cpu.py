@@ -88,6 +88,23 @@ def test_metrics_are_parsed_per_replica(cluster):
     assert 0.0 <= after["replica0"].kv_cache_usage <= 1.0
 
 
+def test_a_replica_renders_only_the_series_the_router_asks_for(cluster):
+    """The replicas run with nbkit's /metrics filter (vllm serve --middleware): the probe's query
+    gets the few series it reads, not vLLM's whole page, and parses the same."""
+    from nbkit.routing.metrics import METRIC_NAMES, parse_metrics
+    from nbkit.routing.probes import METRICS_QUERY
+
+    url = cluster.ranks[0].url
+    full = httpx.get(f"{url}/metrics", timeout=30).text
+    named = httpx.get(f"{url}/metrics{METRICS_QUERY}", timeout=30).text
+    series = [ln for ln in named.splitlines() if ln and not ln.startswith("#")]
+    assert 0 < len(series) < 40 and full.count("\n") > 300 and len(named) * 10 < len(full)
+    assert {ln.split("{")[0].split(" ")[0] for ln in series} <= {*METRIC_NAMES, *(
+        n.removesuffix("_total") + "_created" for n in METRIC_NAMES)}
+    a, b = parse_metrics(named)["0"], parse_metrics(full)["0"]
+    assert (a.prompt_tokens, a.requests_finished) == (b.prompt_tokens, b.requests_finished)  # idle: the same counts
+
+
 def test_awaitable_forms_work_from_another_event_loop(cluster):
     async def main():
         health = await cluster.acheck_health()

