@@ -164,7 +164,8 @@ def default_policy(cluster) -> tuple[str, str]:
     p99 2294 vs 3600 ms)."""
     if cluster.kv is None:
         return "least_load", "no KV-cache events"
-    if any(getattr(r, "role", "both") != "both" for r in cluster.ranks):
+    from nbkit.routing.pd_forward import pd_connector   # (the forwarding stack: not at import time)
+    if pd_connector(cluster) is not None:
         return "least_load", "a prefill/decode split"
     if all(p.device == "sim" and not Path(str(p.model)).is_dir() for p in cluster.plans):
         return "least_load", "simulated replicas of a model with no local tokenizer"

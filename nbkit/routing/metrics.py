@@ -2,8 +2,8 @@
 
 Only the sample lines of the names nbkit reads are parsed: plain ones (``name{a="x",b="y"} 1.0``,
 what vLLM writes) by one regular expression, anything else (escaped label values, odd spacing) by
-prometheus_client's text parser, which takes ~0.15 ms a line here against the expression's ~5 us
-(the router scrapes every replica four times a second). Series are split by their ``engine``
+prometheus_client's text parser, which took 2.2 ms for vLLM's 16 such lines here against the
+expression's 0.4 ms (the router scrapes every replica four times a second). Series are split by their ``engine``
 label, so a data-parallel group yields one :class:`EngineMetrics` per rank::
 
     snaps = parse_metrics(text_of_metrics)       # or: await Probe().metrics(url) (nbkit.routing.probes)

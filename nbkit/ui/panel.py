@@ -182,7 +182,7 @@ class Panel(W.VBox):
         self.chart = W.HTML()
         self.decisions = W.HTML()
         self.policy = W.Dropdown(options=[p for p in available_policies() if p != "custom"],
-                                 value=self._current_policy() or self._default_policy(), description="policy")
+                                 value=self._current_policy() or cluster.default_policy(), description="policy")
         conc = self._current_concurrency()
         self.concurrency = W.IntSlider(value=conc, min=0, max=max(512, conc), step=1, readout=False,
                                        description="max conc.", tooltip="0 = unlimited")
@@ -244,11 +244,6 @@ class Panel(W.VBox):
     def _current_policy(self):
         rs = self._routers()
         return rs[0].policy.name if rs else None
-
-    def _default_policy(self) -> str:
-        """What the cluster's routers route by when none is named (a Cluster: kv_aware or least_load)."""
-        default = getattr(self.cluster, "default_policy", None)
-        return default() if callable(default) else "least_load"
 
     def _current_concurrency(self) -> int:
         rs = self._routers()
